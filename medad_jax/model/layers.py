@@ -1,0 +1,113 @@
+"""Shared building blocks: a LoRA-capable ``Linear``, ``RMSNorm`` and ``Embed``.
+
+Axis legend (used in every model file of this package):
+  B batch        T query length      S key/value length      D model width     F MLP width
+  N query heads  K key/value heads   H head dim              V vocabulary      P patch vector (C*Tp*p*p)
+  L patches (vision tokens)          I input features        O output features R LoRA rank
+
+Parameter layout follows the Hugging Face names so the checkpoint table in ``checkpoint.py`` stays declarative:
+a ``Linear`` named ``q_proj`` holds ``kernel[I, O]`` (= HF ``weight.T``) and optionally ``bias[O]``.
+
+LoRA adapters live in the same ``Linear`` but in their own variable type (``nnx.LoRAParam``), so
+``nnx.state(model, nnx.LoRAParam)`` is the adapter subtree and ``nnx.state(model, nnx.Param)`` the untouched base.
+Adapters are switched off for a forward pass with ``with lora_disabled(): ...``; this is read while tracing, so a
+single jitted function can run the policy (adapters on) and the reference (adapters off) side by side, and with
+adapters off the computation is exactly the base one (bit-identical).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_LORA_ENABLED = contextvars.ContextVar('medad_lora_enabled', default=True)
+
+
+@contextlib.contextmanager
+def lora_disabled():
+  """Within this context (at trace time) every LoRA adapter is skipped."""
+  tok = _LORA_ENABLED.set(False)
+  try:
+    yield
+  finally:
+    _LORA_ENABLED.reset(tok)
+
+
+def lora_enabled() -> bool:
+  return _LORA_ENABLED.get()
+
+
+def _dtype(name_or_dtype):
+  return jnp.dtype(name_or_dtype)
+
+
+class Linear(nnx.Module):
+  """``y = x @ kernel + bias`` with an optional low-rank adapter ``(x @ lora_a) @ lora_b * scale``."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs,
+               dtype='float32', param_dtype='float32', init_std: float = 0.02):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = _dtype(dtype)
+    pd = _dtype(param_dtype)
+    self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), pd))
+    self.bias = nnx.Param(jnp.zeros((out_features,), pd)) if use_bias else None
+    self.lora_a = None
+    self.lora_b = None
+    self.lora_scale = 0.0
+    self.lora_dropout = 0.0
+
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dropout: float = 0.0):
+    """Attaches an adapter (A ~ N(0, 1/rank)-scaled Kaiming-like, B = 0 so the adapted model starts equal)."""
+    pd = self.kernel.value.dtype
+    self.lora_a = nnx.LoRAParam(
+        jax.random.normal(rngs.params(), (self.in_features, rank), pd) / jnp.sqrt(self.in_features).astype(pd))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), pd))
+    self.lora_scale = float(alpha) / float(rank)
+    self.lora_dropout = float(dropout)
+
+  def __call__(self, x_I: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    x = x_I.astype(self.dtype)
+    y = x @ self.kernel.value.astype(self.dtype)
+    if self.bias is not None:
+      y = y + self.bias.value.astype(self.dtype)
+    if self.lora_a is not None and lora_enabled():
+      xa = x
+      if self.lora_dropout > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
+        xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
+      y_R = xa @ self.lora_a.value.astype(self.dtype)
+      y = y + (y_R @ self.lora_b.value.astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """Qwen2 RMSNorm: statistics in float32, scale applied after casting back (as transformers does)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype='float32'):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), _dtype(param_dtype)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(var + self.eps)
+    return self.scale.value.astype(in_dtype) * x32.astype(in_dtype)
+
+
+class Embed(nnx.Module):
+  """Token embedding ``embedding[V, D]``; ``attend`` gives logits for a tied head."""
+
+  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
+    self.dtype = _dtype(dtype)
+    self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), _dtype(param_dtype)))
+
+  def __call__(self, ids_BT: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding.value, ids_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: jax.Array) -> jax.Array:
+    return x_BTD @ self.embedding.value.astype(self.dtype).T

@@ -1,0 +1,1 @@
+"""Helpers shared by tests and benchmarks: tiny random Hugging Face checkpoints built with transformers."""
