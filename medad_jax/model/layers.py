@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The frozen base parameters: every ``nnx.Param`` that is not a LoRA adapter (``LoRAParam`` subclasses ``Param``).
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+LORA_PARAMS = nnx.LoRAParam
+
 _LORA_ENABLED = contextvars.ContextVar('medad_lora_enabled', default=True)
 
 
