@@ -59,8 +59,9 @@ class Linear(nnx.Module):
     pd = _dtype(param_dtype)
     self.kernel = nnx.Param(init_std * jax.random.normal(rngs.params(), (in_features, out_features), pd))
     self.bias = nnx.Param(jnp.zeros((out_features,), pd)) if use_bias else None
-    self.lora_a = None
-    self.lora_b = None
+    # nnx.data: the slots start empty but may later hold LoRAParams (NNX would otherwise mark None as static).
+    self.lora_a = nnx.data(None)
+    self.lora_b = nnx.data(None)
     self.lora_scale = 0.0
     self.lora_dropout = 0.0
 

@@ -1,0 +1,223 @@
+"""MedAD VQA record schema, label vocabularies, and the prompt/target text shared with the trainer and rewards.
+
+One ``MedADRecord`` is one multiple-choice question about one image (paper §3.1): an image gets one record per
+task, and records of the same image share ``image_id``. JSON form (one object per line of a ``*.jsonl`` file)::
+
+  {"id": "bratsXYZ-loc", "image_id": "bratsXYZ", "image": "images/bratsXYZ.png", "modality": "MRI",
+   "anatomy": "Brain", "task": "lesion_localization", "question": "Where is the lesion?",
+   "options": ["Left Upper", "Center Region", "Right Lower", "No lesion"], "answer": "B",
+   "cot": "...", "region": "Center Region", "pathology": "Mass", "abnormal": true,
+   "source": "BraTS2021", "split": "train"}
+
+``options`` may also be an object ``{"A": ..., "B": ..., "C": ..., "D": ...}``; ``answer`` may be the letter or the
+exact text of one option. ``image`` is a path relative to the dataset directory (or absolute). ``cot``, ``region``,
+``pathology``, ``abnormal`` and ``image_id`` are optional (``image_id`` defaults to the image path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+from typing import Any, Mapping
+
+from PIL import Image
+
+from medad_jax.data.regions import REGIONS
+
+MODALITIES: tuple[str, ...] = ('MRI', 'CT', 'OCT', 'Ultrasound', 'Dermoscopy', 'CE-MRI', 'Endoscopy', 'Fundus',
+                               'X-ray', 'Microscopy')
+ANATOMIES: tuple[str, ...] = ('Brain', 'Liver', 'Retina', 'Breast', 'Skin', 'Lung', 'Thyroid', 'Alimentary', 'Chest',
+                              'Lymph Node')
+TASKS: tuple[str, ...] = ('anatomy_identification', 'modality_classification', 'anomaly_detection',
+                          'pathology_characterization', 'lesion_localization')
+TASK_TITLES: dict[str, str] = {t: t.replace('_', ' ').title() for t in TASKS}
+LETTERS: tuple[str, ...] = ('A', 'B', 'C', 'D')
+SPLITS: tuple[str, ...] = ('train', 'validation', 'test')
+
+
+def _key(s: str) -> str:
+  return re.sub(r'[^a-z0-9]', '', s.casefold())
+
+
+def _vocab(names, aliases=()) -> dict[str, str]:
+  table = {_key(n): n for n in names}
+  table.update({_key(a): n for a, n in aliases})
+  return table
+
+
+_MODALITY = _vocab(MODALITIES, [('contrast-enhanced MRI', 'CE-MRI'), ('X ray', 'X-ray'), ('radiograph', 'X-ray')])
+_ANATOMY = _vocab(ANATOMIES, [('lymph', 'Lymph Node'), ('gastrointestinal', 'Alimentary'), ('GI tract', 'Alimentary')])
+_TASK = _vocab(TASKS)
+_REGION = _vocab(REGIONS, [('Upper Left', 'Left Upper'), ('Upper Right', 'Right Upper'), ('Lower Left', 'Left Lower'),
+                           ('Lower Right', 'Right Lower'), ('Center', 'Center Region'), ('Centre', 'Center Region'),
+                           ('Centre Region', 'Center Region'), ('Central', 'Center Region')])
+_SPLIT = _vocab(SPLITS, [('val', 'validation'), ('valid', 'validation'), ('dev', 'validation')])
+
+# Why each record was rejected; the loader's skip report counts records by these codes.
+REASONS: tuple[str, ...] = ('malformed_json', 'missing_field', 'bad_type', 'bad_options', 'bad_answer',
+                            'unknown_task', 'unknown_modality', 'unknown_anatomy', 'unknown_region', 'bad_split',
+                            'inconsistent_labels', 'missing_image', 'corrupt_image', 'duplicate_id')
+
+
+class RecordError(ValueError):
+  """A record that breaks the schema. ``where`` is ``file:line`` once the loader knows it."""
+
+  def __init__(self, reason: str, field: str, expected: str, got: Any, where: str = ''):
+    assert reason in REASONS, reason
+    self.reason, self.field, self.expected, self.got, self.where = reason, field, expected, got, where
+    super().__init__(self._message())
+
+  def _message(self) -> str:
+    got = repr(self.got)
+    got = got if len(got) <= 120 else got[:117] + '...'
+    prefix = f'{self.where}: ' if self.where else ''
+    return f"{prefix}[{self.reason}] field '{self.field}': expected {self.expected}, got {got}"
+
+  def at(self, where: str) -> 'RecordError':
+    return RecordError(self.reason, self.field, self.expected, self.got, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class MedADRecord:
+  """One four-option VQA item. ``image`` is a file path or encoded image bytes (PNG/JPEG)."""
+  id: str
+  image_id: str
+  image: str | bytes
+  modality: str
+  anatomy: str
+  task: str
+  question: str
+  options: tuple[str, str, str, str]
+  answer: str  # 'A'..'D'
+  source: str
+  split: str
+  cot: str | None = None
+  region: str | None = None  # lesion region (one of REGIONS) when the image has a localized lesion
+  pathology: str | None = None
+  abnormal: bool | None = None
+
+  @property
+  def answer_index(self) -> int:
+    return LETTERS.index(self.answer)
+
+  @property
+  def answer_text(self) -> str:
+    return self.options[self.answer_index]
+
+
+def format_question(record: MedADRecord) -> str:
+  """The user turn shown to the policy: the question, then one ``L. option`` line per option."""
+  lines = [record.question.strip()] + [f'{l}. {o}' for l, o in zip(LETTERS, record.options)]
+  return '\n'.join(lines)
+
+
+def format_target(record: MedADRecord) -> str:
+  """The SFT target ``<think>{cot}</think><answer>{letter}</answer>``; a record without CoT cannot be one."""
+  if record.cot is None:
+    raise ValueError(f'record {record.id!r} has no cot, so it has no think-then-answer SFT target')
+  return f'<think>{record.cot.strip()}</think><answer>{record.answer}</answer>'
+
+
+def load_image(record: MedADRecord) -> Image.Image:
+  """The record's image as an RGB PIL image (decoded now; raises on a missing or corrupt image)."""
+  src = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
+  with Image.open(src) as im:
+    im.load()
+    return im.convert('RGB')
+
+
+# ---------------------------------------------------------------------------------------------- JSON parsing
+
+
+def _text(obj: Mapping[str, Any], field: str, *, required: bool = True) -> str | None:
+  v = obj.get(field)
+  if v is None:
+    if required:
+      raise RecordError('missing_field', field, 'a non-empty string', v)
+    return None
+  if not isinstance(v, str) or (required and not v.strip()):
+    raise RecordError('bad_type' if not isinstance(v, str) else 'missing_field', field, 'a non-empty string', v)
+  return v
+
+
+def _lookup(table: dict[str, str], v: Any, field: str, reason: str, names) -> str:
+  if not isinstance(v, str) or _key(v) not in table:
+    raise RecordError(reason, field, f'one of {list(names)}', v)
+  return table[_key(v)]
+
+
+def _options(v: Any) -> tuple[str, str, str, str]:
+  if isinstance(v, Mapping):
+    if sorted(v) != list(LETTERS):
+      raise RecordError('bad_options', 'options', 'exactly the keys A, B, C, D', sorted(v))
+    v = [v[l] for l in LETTERS]
+  if not isinstance(v, (list, tuple)):
+    raise RecordError('bad_options', 'options', 'a list of exactly 4 strings', v)
+  if len(v) != 4:
+    raise RecordError('bad_options', 'options', f'exactly 4 options, found {len(v)}', v)
+  if not all(isinstance(o, str) and o.strip() for o in v):
+    raise RecordError('bad_options', 'options', '4 non-empty strings', v)
+  if len({o.strip().casefold() for o in v}) != 4:
+    raise RecordError('bad_options', 'options', '4 distinct options', v)
+  return tuple(o.strip() for o in v)
+
+
+def _answer(v: Any, options: tuple[str, ...]) -> str:
+  if isinstance(v, str) and v.strip().upper() in LETTERS:
+    return v.strip().upper()
+  if isinstance(v, str):
+    for l, o in zip(LETTERS, options):
+      if v.strip().casefold() == o.casefold():
+        return l
+  raise RecordError('bad_answer', 'answer', f'a letter A-D or the text of one of the options {list(options)}', v)
+
+
+def record_from_dict(obj: Any, *, base_dir: str | None = None,
+                     defaults: Mapping[str, Any] | None = None) -> MedADRecord:
+  """Validates one JSON object and returns the record.
+
+  Image paths are made absolute against ``base_dir``; ``defaults`` fills fields the object lacks (e.g. the split
+  named by the file, or ``source`` for a release that does not carry it).
+  """
+  if not isinstance(obj, Mapping):
+    raise RecordError('bad_type', '<record>', 'a JSON object', obj)
+  obj = {**(defaults or {}), **obj}
+  rid = _text(obj, 'id')
+  image = _text(obj, 'image')
+  if base_dir is not None and not os.path.isabs(image):
+    image = os.path.join(base_dir, image)
+  task = _lookup(_TASK, obj.get('task'), 'task', 'unknown_task', TASKS)
+  modality = _lookup(_MODALITY, obj.get('modality'), 'modality', 'unknown_modality', MODALITIES)
+  anatomy = _lookup(_ANATOMY, obj.get('anatomy'), 'anatomy', 'unknown_anatomy', ANATOMIES)
+  question = _text(obj, 'question')
+  options = _options(obj.get('options'))
+  answer = _answer(obj.get('answer'), options)
+  split_v = obj.get('split')
+  if split_v is None:
+    raise RecordError('missing_field', 'split', f'one of {list(SPLITS)} (or a file named <split>.jsonl)', None)
+  split = _lookup(_SPLIT, split_v, 'split', 'bad_split', SPLITS)
+  region_v = obj.get('region')
+  region = None if region_v in (None, '') else _lookup(_REGION, region_v, 'region', 'unknown_region', REGIONS)
+  abnormal = obj.get('abnormal')
+  if abnormal is not None and not isinstance(abnormal, bool):
+    raise RecordError('bad_type', 'abnormal', 'true, false or null', abnormal)
+  if abnormal is False and region is not None:
+    raise RecordError('inconsistent_labels', 'region', 'no lesion region for an image labelled abnormal=false', region)
+  cot = _text(obj, 'cot', required=False)
+  return MedADRecord(
+      id=rid, image_id=_text(obj, 'image_id', required=False) or _text(obj, 'image'), image=image,
+      modality=modality, anatomy=anatomy, task=task, question=question, options=options, answer=answer,
+      source=_text(obj, 'source'), split=split, cot=cot if cot and cot.strip() else None, region=region,
+      pathology=_text(obj, 'pathology', required=False) or None, abnormal=abnormal)
+
+
+def record_to_dict(record: MedADRecord, image: str | None = None) -> dict[str, Any]:
+  """JSON form of ``record``; ``image`` replaces the image field (records holding bytes need a path to be saved)."""
+  d = dataclasses.asdict(record)
+  d['options'] = list(record.options)
+  d['image'] = image if image is not None else record.image
+  if not isinstance(d['image'], str):
+    raise ValueError(f'record {record.id!r} holds image bytes; pass the path they were written to')
+  return d

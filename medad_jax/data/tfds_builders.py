@@ -1,0 +1,262 @@
+"""TFDS builders (``array_record``, no TensorFlow needed) for ``medad-synth`` and a MedAD-38K directory, and a
+random-access record source over a built split for grain.
+
+One TFDS example = one image with all its questions (``qa`` sequence), so an image is stored once however many
+questions it has. The features avoid everything that needs TensorFlow at write time (ragged nested text does:
+options are four ``Text`` fields), images are PNG bytes, and ``disable_shuffling=True`` keeps examples in
+generation order so that ``info.metadata`` can hold each split's ``image_ids`` and per-image question counts.
+``RecordSource`` uses those to map a flat question index to ``(example, question)`` without decoding anything, and
+reads images with ``SkipDecoding`` so records carry PNG bytes (decoded later, by the preprocessing function).
+
+Build with ``build_synth(cfg, data_dir)`` / ``build_medad38k(manual_dir, data_dir)`` or the CLI
+(``python -m medad_jax.data build ...``); read with ``RecordSource(builder_dir, split)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from medad_jax.data import loader, synth
+from medad_jax.data.regions import REGIONS
+from medad_jax.data.schema import ANATOMIES, LETTERS, MODALITIES, TASKS, MedADRecord
+
+log = logging.getLogger(__name__)
+
+_NO_REGION = 'none'
+_IMAGE_FIELDS = ('modality', 'anatomy', 'region', 'pathology', 'abnormal', 'source')
+
+
+def features() -> tfds.features.FeaturesDict:
+  """One example per image; ``qa`` holds its questions. Empty text / ``abnormal = -1`` mean "not given"."""
+  return tfds.features.FeaturesDict({
+      'image_id': tfds.features.Text(),
+      'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+      'modality': tfds.features.ClassLabel(names=MODALITIES),
+      'anatomy': tfds.features.ClassLabel(names=ANATOMIES),
+      'region': tfds.features.ClassLabel(names=(_NO_REGION,) + REGIONS),
+      'pathology': tfds.features.Text(),
+      'abnormal': np.int8,
+      'source': tfds.features.Text(),
+      'qa': tfds.features.Sequence({
+          'id': tfds.features.Text(),
+          'task': tfds.features.ClassLabel(names=TASKS),
+          'question': tfds.features.Text(),
+          **{f'option_{l.lower()}': tfds.features.Text() for l in LETTERS},
+          'answer': tfds.features.ClassLabel(names=LETTERS),
+          'cot': tfds.features.Text(),
+      }),
+  })
+
+
+def _png(image: str | bytes) -> bytes:
+  """PNG bytes of an image file or encoded bytes (re-encoded as RGB unless already an RGB PNG)."""
+  raw = image if isinstance(image, bytes) else open(image, 'rb').read()
+  with Image.open(io.BytesIO(raw)) as im:
+    if im.format == 'PNG' and im.mode == 'RGB':
+      return raw
+    buf = io.BytesIO()
+    im.convert('RGB').save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def example_from_records(records: Sequence[MedADRecord], png: bytes | None = None) -> dict:
+  """The TFDS example of one image. All records must share the image and its image-level labels."""
+  r0 = records[0]
+  for r in records[1:]:
+    for f in ('image',) + _IMAGE_FIELDS:
+      if getattr(r, f) != getattr(r0, f):
+        raise ValueError(f'records {r0.id!r} and {r.id!r} of image {r0.image_id!r} disagree on {f!r}: '
+                         f'{getattr(r0, f)!r} vs {getattr(r, f)!r}')
+  return {
+      'image_id': r0.image_id, 'image': png if png is not None else _png(r0.image), 'modality': r0.modality,
+      'anatomy': r0.anatomy, 'region': r0.region or _NO_REGION, 'pathology': r0.pathology or '',
+      'abnormal': -1 if r0.abnormal is None else int(r0.abnormal), 'source': r0.source,
+      'qa': [{'id': r.id, 'task': r.task, 'question': r.question,
+              **{f'option_{l.lower()}': o for l, o in zip(LETTERS, r.options)},
+              'answer': r.answer, 'cot': r.cot or ''} for r in records],
+  }
+
+
+def _s(b) -> str:
+  return b.decode('utf-8') if isinstance(b, bytes) else str(b)
+
+
+def records_from_example(ex: dict, split: str) -> list[MedADRecord]:
+  """Inverse of ``example_from_records`` for an example read with ``SkipDecoding`` on the image."""
+  qa = ex['qa']
+  region = ([_NO_REGION] + list(REGIONS))[int(ex['region'])]
+  abnormal = int(ex['abnormal'])
+  out = []
+  for q in range(len(qa['id'])):
+    cot = _s(qa['cot'][q])
+    out.append(MedADRecord(
+        id=_s(qa['id'][q]), image_id=_s(ex['image_id']), image=bytes(ex['image']),
+        modality=MODALITIES[int(ex['modality'])], anatomy=ANATOMIES[int(ex['anatomy'])],
+        task=TASKS[int(qa['task'][q])], question=_s(qa['question'][q]),
+        options=tuple(_s(qa[f'option_{l.lower()}'][q]) for l in LETTERS), answer=LETTERS[int(qa['answer'][q])],
+        source=_s(ex['source']), split=split, cot=cot or None, region=None if region == _NO_REGION else region,
+        pathology=_s(ex['pathology']) or None, abnormal=None if abnormal < 0 else bool(abnormal)))
+  return out
+
+
+def group_by_image(records: Iterable[MedADRecord]) -> dict[str, dict[str, list[MedADRecord]]]:
+  """``{split: {image_id: [records]}}`` in first-seen order; an image may not span splits."""
+  out: dict[str, dict[str, list[MedADRecord]]] = collections.defaultdict(dict)
+  split_of: dict[str, str] = {}
+  for r in records:
+    if split_of.setdefault(r.image_id, r.split) != r.split:
+      raise ValueError(f'image {r.image_id!r} appears in splits {split_of[r.image_id]!r} and {r.split!r} '
+                       f'(record {r.id!r}): a 70/30 split must be by image')
+    out[r.split].setdefault(r.image_id, []).append(r)
+  return dict(out)
+
+
+def _set_index_metadata(info: tfds.core.DatasetInfo, groups: dict[str, dict[str, list]]) -> None:
+  info.metadata['image_ids'] = {s: list(g) for s, g in groups.items()}
+  info.metadata['qa_counts'] = {s: [len(v) for v in g.values()] for s, g in groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------- builders
+
+
+@dataclasses.dataclass(eq=False)
+class MedadSynthConfig(tfds.core.BuilderConfig):
+  synth: synth.SynthConfig = synth.SynthConfig()
+
+
+def synth_builder_config(cfg: synth.SynthConfig) -> MedadSynthConfig:
+  name = f'n{cfg.num_images}_s{cfg.seed}_px{cfg.image_size}_{cfg.pairs}'
+  return MedadSynthConfig(name=name, synth=cfg, description=f'medad-synth {cfg}')
+
+
+class MedadSynth(tfds.core.GeneratorBasedBuilder):
+  """``medad-synth`` images with five VQA questions each (see ``medad_jax.data.synth``)."""
+  VERSION = tfds.core.Version('1.0.0')
+  BUILDER_CONFIGS = [synth_builder_config(c) for c in (synth.SynthConfig.tiny(), synth.SynthConfig.small(),
+                                                       synth.SynthConfig.full())]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features(),
+                                 metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    cfg = self.builder_config.synth
+    plan = synth.SynthPlan(cfg)
+    ids = {s: [k for k in range(cfg.num_images) if plan.split(k) == s] for s in ('train', 'test')}
+    self.info.metadata['image_ids'] = {s: [f'synth{cfg.seed}-{k:06d}' for k in ks] for s, ks in ids.items()}
+    self.info.metadata['qa_counts'] = {s: [len(TASKS)] * len(ks) for s, ks in ids.items()}
+    return {s: self._generate_examples(ks) for s, ks in ids.items() if ks}
+
+  def _generate_examples(self, indices):
+    cfg = self.builder_config.synth
+    for img, recs in synth.generate(cfg, indices):
+      yield img.image_id, example_from_records(recs, png=img.png)
+
+
+@dataclasses.dataclass(eq=False)
+class Medad38kConfig(tfds.core.BuilderConfig):
+  policy: str = 'strict'
+  check_images: bool = True
+
+
+class Medad38k(tfds.core.GeneratorBasedBuilder):
+  """MedAD-38K (paper §3.1) from a directory of ``*.jsonl`` + images (``medad_jax.data.loader`` layout)."""
+  VERSION = tfds.core.Version('1.0.0')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      'MedAD-38K is gated until the paper is accepted. Put its JSONL annotation files and images in one directory '
+      '(see medad_jax/data/loader.py for the layout) and pass it as manual_dir.')
+  BUILDER_CONFIGS = [Medad38kConfig(name='strict', policy='strict'), Medad38kConfig(name='skip', policy='skip')]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features(),
+                                 metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    root = str(dl_manager.manual_dir)
+    records, report = loader.load_jsonl_dir(root, policy=self.builder_config.policy,
+                                            check_images=self.builder_config.check_images)
+    groups = group_by_image(records)
+    _set_index_metadata(self.info, groups)
+    self.info.metadata['load_report'] = {'loaded': report.loaded, 'skipped': report.counts(),
+                                         'skipped_records': [dataclasses.asdict(s) for s in report.skipped]}
+    return {s: self._generate_examples(g) for s, g in groups.items()}
+
+  def _generate_examples(self, groups):
+    for image_id, recs in groups.items():
+      yield image_id, example_from_records(recs)
+
+
+def build_synth(cfg: synth.SynthConfig, data_dir: str) -> str:
+  """Builds (or reuses) the ``array_record`` dataset for ``cfg``; returns its builder directory."""
+  b = MedadSynth(config=synth_builder_config(cfg), data_dir=data_dir, file_format='array_record')
+  b.download_and_prepare()
+  return str(b.data_dir)
+
+
+def build_medad38k(manual_dir: str, data_dir: str, policy: str = 'strict', check_images: bool = True) -> str:
+  """Builds the MedAD-38K dataset from ``manual_dir``; returns its builder directory."""
+  cfg = Medad38kConfig(name=policy if check_images else f'{policy}_nocheck', policy=policy,
+                       check_images=check_images)
+  b = Medad38k(config=cfg, data_dir=data_dir, file_format='array_record')
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return str(b.data_dir)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class RecordSource:
+  """Random access to the questions of one split of a built dataset: ``len`` = number of questions, item ``i``
+  is a ``MedADRecord`` whose ``image`` holds PNG bytes. Picklable (reopens the files), so grain workers can use it.
+  """
+
+  def __init__(self, builder_dir: str, split: str):
+    self.builder_dir, self.split = builder_dir, split
+    self._open()
+
+  def _open(self):
+    builder = tfds.builder_from_directory(self.builder_dir)
+    meta = builder.info.metadata
+    if meta is None or 'qa_counts' not in meta or self.split not in meta['qa_counts']:
+      raise ValueError(f'{self.builder_dir}: no qa_counts for split {self.split!r} in the dataset metadata; '
+                       f'was it built by medad_jax.data.tfds_builders?')
+    self._ds = builder.as_data_source(split=self.split, decoders={'image': tfds.decode.SkipDecoding()})
+    self._image_ids = list(meta['image_ids'][self.split])
+    counts = np.asarray(meta['qa_counts'][self.split], np.int64)
+    if len(counts) != len(self._ds):
+      raise ValueError(f'{self.builder_dir}/{self.split}: metadata lists {len(counts)} images, files hold '
+                       f'{len(self._ds)}')
+    self._offsets = np.concatenate([[0], np.cumsum(counts)])
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, i: int) -> MedADRecord:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f'question index {i} outside [0, {len(self)})')
+    j = int(np.searchsorted(self._offsets, i, side='right')) - 1
+    ex = self._ds[j]
+    if _s(ex['image_id']) != self._image_ids[j]:
+      raise ValueError(f'{self.builder_dir}/{self.split}: example {j} is {_s(ex["image_id"])!r}, metadata says '
+                       f'{self._image_ids[j]!r} (examples were reordered?)')
+    return records_from_example(ex, self.split)[i - int(self._offsets[j])]
+
+  def __getstate__(self):
+    return {'builder_dir': self.builder_dir, 'split': self.split}
+
+  def __setstate__(self, state):
+    self.builder_dir, self.split = state['builder_dir'], state['split']
+    self._open()
+
+  def __repr__(self) -> str:
+    return f'RecordSource({self.builder_dir!r}, split={self.split!r}, questions={len(self)})'

@@ -1,0 +1,323 @@
+"""Qwen2.5-VL vision encoder (``Qwen2_5_VisionTransformerPretrainedModel``) in Flax NNX.
+
+Axis legend (extends the one in ``layers.py``; letters not listed there are defined here):
+  L patches (vision tokens)        P patch vector (C*Tp*p*p)         D vision width      F MLP width
+  N heads                          H head dim                        E rotary frequencies (H // 4)
+  M merged tokens (L // U)         U patches per merged token (merge**2)
+  O out_hidden_size (LLM width)    G images/videos (grid_thw rows)   X any trailing feature axes
+
+Data flow, per forward pass (HF does the same, in this order):
+
+1. ``patch_embed``: the processor's ``pixel_values[L, P]`` rows are the flattened (C, Tp, p, p) voxels of each
+   patch, so HF's Conv3d with kernel == stride is exactly ``pixel_values @ kernel[P, D]``.
+2. Window permutation: patches are reordered (in whole merge units of U patches) so that every attention window
+   of ``window_size`` pixels is one contiguous run of tokens. Rotary positions are permuted the same way.
+3. ``depth`` pre-norm blocks; blocks listed in ``fullatt_block_indexes`` attend over a whole image (per frame),
+   the others only inside their window.
+4. ``merger``: RMSNorm, then U consecutive patches (one 2x2 merge unit) are concatenated and sent through a
+   GELU MLP to the LLM width; the inverse permutation restores the processor's (raster, merge-unit) order.
+
+Everything that depends on ``grid_thw`` *values* is computed on the host by :func:`vision_meta`, so the jitted
+forward only sees arrays of static shape (it recompiles only when the total patch count ``L`` changes; use
+``vision_meta(..., pad_to=...)`` with a few bucket sizes to bound that).
+
+Attention and HF's ``cu_seqlens``: HF packs all images into one sequence and runs attention separately on each
+``[cu_seqlens[i], cu_seqlens[i+1])`` slice (``cu_seqlens`` = one slice per image frame for full blocks,
+``cu_window_seqlens`` = one slice per window for window blocks). Here each patch carries a *segment id*
+(``VisionMeta.full_seg_L`` / ``window_seg_L``): slice ``i`` of HF's ``cu_seqlens`` is exactly the run of patches
+whose segment id is ``i``, and attention uses the block-diagonal boolean mask ``seg[q] == seg[k]`` with
+``jax.nn.dot_product_attention``. Masked logits get a large negative value before an fp32 softmax, so their
+weight is exactly 0 and the result equals HF's per-slice attention up to summation order.
+
+What a long-image user should expect: the XLA implementation computes, per block, fp32 logits of shape
+``[N, L, L]`` (plus an ``[L, L]`` boolean mask) even for window blocks, so memory grows quadratically with the
+total number of patches in one call. For the 3B tower (N=16) one such buffer is 4*16*L^2 bytes: 0.1 GiB at
+L=1,296 (a 504x504 image), 1.6 GiB at L=5,184 (1008x1008), 16 GiB at L=16,384 (1792x1792); XLA on CPU keeps
+about three of them alive at once (measured peak temporaries of a 3B-width tower: 0.3 GiB at L=1,296, 4.9 GiB at
+L=5,184). Keep ``max_pixels`` moderate, or encode many images in several calls. With
+``attn_implementation='cudnn'`` (GPU, bf16/fp16 only; not exercised by the CPU test suite) cuDNN's fused kernel
+is used instead: the mask becomes an additive ``[L, L]`` bias and the ``[N, L, L]`` logits are never stored.
+
+dtype policy: parameters are stored in ``param_dtype`` and cast to the compute ``dtype`` at use; RMSNorm
+statistics, rotary embeddings and the attention softmax are always float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medad_jax.model.config import VisionConfig
+from medad_jax.model.layers import Linear, RMSNorm
+
+# ---------------------------------------------------------------------------------------------- host-side meta
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionMeta:
+  """Per-call index arrays derived from ``grid_thw`` (all int32 except ``valid_M``); a pytree for ``jax.jit``.
+
+  Patch-level arrays are in *window order* (the order the transformer blocks see). ``window_index_M[j]`` is the
+  original (processor-order) merged token placed at window-order position ``j`` (HF's ``window_index``);
+  ``reverse_index_M`` is its inverse (HF's ``argsort(window_index)``). With ``pad_to``, the tail of every array
+  describes padding patches: their own segment, rotary position (0, 0), and ``valid_M`` False.
+  """
+
+  pos_L2: np.ndarray | jax.Array  # (row, col) of each patch in its image, for the 2D rotary embedding
+  window_seg_L: np.ndarray | jax.Array  # segment id for window-attention blocks (one id per window)
+  full_seg_L: np.ndarray | jax.Array  # segment id for full-attention blocks (one id per image frame)
+  window_index_M: np.ndarray | jax.Array
+  reverse_index_M: np.ndarray | jax.Array
+  valid_M: np.ndarray | jax.Array  # bool: False for merged tokens that only hold padding
+
+
+def _check_grid(grid_thw, cfg: VisionConfig) -> np.ndarray:
+  grid = np.asarray(grid_thw)
+  if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
+    raise ValueError(f'grid_thw: expected an integer array of shape [num_images, 3] (t, h, w), got shape '
+                     f'{grid.shape}')
+  if not np.issubdtype(grid.dtype, np.integer):
+    raise ValueError(f'grid_thw: expected integers, got dtype {grid.dtype}')
+  m = cfg.spatial_merge_size
+  for i, (t, h, w) in enumerate(grid.tolist()):
+    if t < 1 or h < 1 or w < 1:
+      raise ValueError(f'grid_thw[{i}] = {(t, h, w)}: every entry must be >= 1')
+    if h % m or w % m:
+      raise ValueError(f'grid_thw[{i}] = {(t, h, w)}: height and width (in patches) must be multiples of '
+                       f'spatial_merge_size={m}')
+  return grid.astype(np.int64)
+
+
+def _window_order(t: int, mh: int, mw: int, win: int) -> tuple[np.ndarray, np.ndarray]:
+  """Merge units of one image (``t`` frames of ``mh x mw`` units) in window order, and each window's size.
+
+  Windows tile every frame row-major, ``win x win`` units each; windows at the bottom/right edges are partial
+  (HF pads the index grid with -100 and drops the padding, which is what the ``valid`` mask does here).
+  Returns ``(order[t*mh*mw], counts[num_windows])``.
+  """
+  nh, nw = -(-mh // win), -(-mw // win)
+  grid = np.full((t, nh * win, nw * win), -1, np.int64)
+  grid[:, :mh, :mw] = np.arange(t * mh * mw).reshape(t, mh, mw)
+  grid = grid.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, win * win)
+  valid = grid >= 0
+  return grid[valid], valid.sum(-1)
+
+
+def _patch_positions(t: int, h: int, w: int, m: int) -> np.ndarray:
+  """(row, col) of each patch in processor order: raster over merge units, raster inside a unit. [t*h*w, 2]."""
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing='ij')
+  to_units = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+  return np.tile(np.stack([to_units(rows), to_units(cols)], -1), (t, 1))
+
+
+def vision_meta(grid_thw, cfg: VisionConfig, *, pad_to: int | None = None) -> VisionMeta:
+  """Host-side index arrays for :class:`VisionTransformer` from ``grid_thw[G, 3]`` (t, h, w in patches).
+
+  ``pad_to`` (a multiple of ``spatial_merge_size**2``, >= the patch count) appends padding patches so calls with
+  different images share one compiled shape; feed zero rows of ``pixel_values`` for them and drop the output rows
+  where ``valid_M`` is False (they come last).
+  """
+  grid = _check_grid(grid_thw, cfg)
+  m = cfg.spatial_merge_size
+  unit = m * m
+  win = cfg.window_size // m // cfg.patch_size
+  if win < 1:
+    raise ValueError(f'VisionConfig: window_size={cfg.window_size} is smaller than one merge unit '
+                     f'(spatial_merge_size * patch_size = {m * cfg.patch_size} pixels)')
+  window_index, window_seg_units, pos, full_seg = [], [], [], []
+  num_units = num_windows = num_frames = 0
+  for t, h, w in grid.tolist():
+    order, counts = _window_order(t, h // m, w // m, win)
+    window_index.append(order + num_units)
+    window_seg_units.append(np.repeat(np.arange(len(counts)) + num_windows, counts))
+    pos.append(_patch_positions(t, h, w, m))
+    full_seg.append(np.repeat(np.arange(t) + num_frames, h * w))
+    num_units += t * (h // m) * (w // m)
+    num_windows += len(counts)
+    num_frames += t
+  window_index_M = np.concatenate(window_index)
+  # Patch-level permutation: merge unit j of the window order brings its U patches along, in order.
+  perm_L = (window_index_M[:, None] * unit + np.arange(unit)).reshape(-1)
+  pos_L2 = np.concatenate(pos)[perm_L]
+  full_seg_L = np.concatenate(full_seg)[perm_L]
+  window_seg_L = np.repeat(np.concatenate(window_seg_units), unit)
+  num_patches = num_units * unit
+  valid_M = np.ones(num_units, bool)
+  if pad_to is not None:
+    if pad_to < num_patches or pad_to % unit:
+      raise ValueError(f'vision_meta: pad_to={pad_to} must be >= the patch count {num_patches} of grid_thw '
+                       f'{grid.tolist()} and a multiple of spatial_merge_size**2={unit}')
+    extra_L, extra_M = pad_to - num_patches, (pad_to - num_patches) // unit
+    window_index_M = np.concatenate([window_index_M, np.arange(num_units, num_units + extra_M)])
+    pos_L2 = np.concatenate([pos_L2, np.zeros((extra_L, 2), np.int64)])
+    # Padding gets a segment id of its own, so it never mixes with real patches and no softmax row is empty.
+    full_seg_L = np.concatenate([full_seg_L, np.full(extra_L, num_frames)])
+    window_seg_L = np.concatenate([window_seg_L, np.full(extra_L, num_windows)])
+    valid_M = np.concatenate([valid_M, np.zeros(extra_M, bool)])
+  i32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)
+  return VisionMeta(pos_L2=i32(pos_L2), window_seg_L=i32(window_seg_L), full_seg_L=i32(full_seg_L),
+                    window_index_M=i32(window_index_M), reverse_index_M=i32(np.argsort(window_index_M)),
+                    valid_M=valid_M)
+
+
+# ------------------------------------------------------------------------------------------- pure functions
+
+
+def rotary_inv_freq(cfg: VisionConfig) -> np.ndarray:
+  """``inv_freq[E]``, E = H // 4: one frequency set shared by the row and the column axis (float32)."""
+  half = cfg.head_dim // 2
+  return (1.0 / (cfg.rope_theta**(np.arange(0, half, 2, dtype=np.float32) / half))).astype(np.float32)
+
+
+def rotary_cos_sin(pos_L2: jax.Array, cfg: VisionConfig) -> tuple[jax.Array, jax.Array]:
+  """float32 ``(cos_LH, sin_LH)``: H = [row E | col E | row E | col E]."""
+  freqs_L2E = pos_L2[..., None].astype(jnp.float32) * jnp.asarray(rotary_inv_freq(cfg))
+  freqs_LH2 = freqs_L2E.reshape(pos_L2.shape[0], -1)  # [row E | col E]
+  freqs_LH = jnp.concatenate([freqs_LH2, freqs_LH2], axis=-1)
+  return jnp.cos(freqs_LH), jnp.sin(freqs_LH)
+
+
+def _rotate_half(x_LNH: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x_LNH, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x_LNH: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array) -> jax.Array:
+  """Rotates in float32 and casts back to the input dtype (as HF's ``apply_rotary_pos_emb_vision``)."""
+  x = x_LNH.astype(jnp.float32)
+  y = x * cos_LH[:, None, :] + _rotate_half(x) * sin_LH[:, None, :]
+  return y.astype(x_LNH.dtype)
+
+
+def segment_mask(seg_L: jax.Array) -> jax.Array:
+  """Block-diagonal attention mask ``[1, 1, L, L]`` (True = may attend) from per-token segment ids."""
+  return (seg_L[:, None] == seg_L[None, :])[None, None]
+
+
+def merge_units_permute(x_LX: jax.Array, index_M: jax.Array, unit: int) -> jax.Array:
+  """Reorders ``x`` in whole merge units: ``out`` unit ``j`` = ``x`` unit ``index_M[j]``."""
+  L = x_LX.shape[0]
+  return jnp.take(x_LX.reshape(L // unit, unit, *x_LX.shape[1:]), index_M, axis=0).reshape(x_LX.shape)
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+class PatchEmbed(nnx.Module):
+  """``proj.kernel[P, D]`` = HF Conv3d ``weight[D, C, Tp, p, p]`` reshaped to ``[D, P]`` and transposed."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
+    self.proj = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, rngs=rngs, dtype=dtype,
+                       param_dtype=param_dtype)
+
+  def __call__(self, pixel_values_LP: jax.Array) -> jax.Array:
+    return self.proj(pixel_values_LP)
+
+
+class VisionAttention(nnx.Module):
+  """Multi-head self-attention with fused ``qkv``, 2D rotary on q/k, block-diagonal mask."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
+               attn_implementation: str | None = None):
+    if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
+      raise ValueError(f'VisionConfig: hidden_size={cfg.hidden_size} must split into num_heads={cfg.num_heads} '
+                       f'heads whose size is a multiple of 4 (2D rotary), got head_dim={cfg.head_dim}')
+    d = cfg.hidden_size
+    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    self.attn_implementation = attn_implementation
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.qkv = Linear(d, 3 * d, use_bias=True, **kw)
+    self.proj = Linear(d, d, use_bias=True, **kw)
+
+  def __call__(self, x_LD: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array, seg_L: jax.Array) -> jax.Array:
+    L = x_LD.shape[0]
+    qkv_L3NH = self.qkv(x_LD).reshape(L, 3, self.num_heads, self.head_dim)
+    q_LNH, k_LNH, v_LNH = qkv_L3NH[:, 0], qkv_L3NH[:, 1], qkv_L3NH[:, 2]
+    q_LNH, k_LNH = apply_rotary(q_LNH, cos_LH, sin_LH), apply_rotary(k_LNH, cos_LH, sin_LH)
+    o_1LNH = jax.nn.dot_product_attention(q_LNH[None], k_LNH[None], v_LNH[None], mask=segment_mask(seg_L),
+                                          implementation=self.attn_implementation)
+    return self.proj(o_1LNH.reshape(L, -1))
+
+
+class VisionMLP(nnx.Module):
+  """``down(silu(gate(x)) * up(x))``, all projections with bias."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.gate_proj, self.up_proj, self.down_proj = Linear(d, f, **kw), Linear(d, f, **kw), Linear(f, d, **kw)
+
+  def __call__(self, x_LD: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_LD)) * self.up_proj(x_LD))
+
+
+class VisionBlock(nnx.Module):
+  """Pre-norm block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
+               attn_implementation: str | None = None):
+    self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                attn_implementation=attn_implementation)
+    self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x_LD: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array, seg_L: jax.Array) -> jax.Array:
+    x_LD = x_LD + self.attn(self.norm1(x_LD), cos_LH, sin_LH, seg_L)
+    return x_LD + self.mlp(self.norm2(x_LD))
+
+
+class PatchMerger(nnx.Module):
+  """``mlp_2(gelu(mlp_0(concat_U(ln_q(x)))))``: [L, D] -> [M, O] (HF ``merger.mlp.0`` / ``merger.mlp.2``)."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
+    self.unit = cfg.spatial_merge_size**2
+    width = cfg.hidden_size * self.unit
+    kw = dict(use_bias=True, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.ln_q = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.mlp_0 = Linear(width, width, **kw)
+    self.mlp_2 = Linear(width, cfg.out_hidden_size, **kw)
+
+  def __call__(self, x_LD: jax.Array) -> jax.Array:
+    x_MX = self.ln_q(x_LD).reshape(x_LD.shape[0] // self.unit, -1)
+    return self.mlp_2(jax.nn.gelu(self.mlp_0(x_MX), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+  """The Qwen2.5-VL vision tower: ``pixel_values[L, P]`` + :class:`VisionMeta` -> image features ``[M, O]``."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
+               attn_implementation: str | None = None):
+    bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
+    if bad:
+      raise ValueError(f'VisionConfig: fullatt_block_indexes {bad} outside [0, depth={cfg.depth})')
+    self.cfg = cfg
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.patch_embed = PatchEmbed(cfg, **kw)
+    self.blocks = nnx.List(
+        [VisionBlock(cfg, attn_implementation=attn_implementation, **kw) for _ in range(cfg.depth)])
+    self.merger = PatchMerger(cfg, **kw)
+
+  def __call__(self, pixel_values_LP: jax.Array, meta: VisionMeta) -> jax.Array:
+    """Returns ``feats[M, O]`` in processor order (HF's ``pooler_output``); M = L // spatial_merge_size**2."""
+    cfg = self.cfg
+    unit = cfg.spatial_merge_size**2
+    if pixel_values_LP.ndim != 2 or pixel_values_LP.shape[1] != cfg.patch_dim:
+      raise ValueError(f'pixel_values: expected shape [num_patches, {cfg.patch_dim}] (C*Tp*p*p = '
+                       f'{cfg.in_channels}*{cfg.temporal_patch_size}*{cfg.patch_size}**2), got '
+                       f'{pixel_values_LP.shape}')
+    L = pixel_values_LP.shape[0]
+    if meta.pos_L2.shape[0] != L or meta.window_index_M.shape[0] * unit != L:
+      raise ValueError(f'pixel_values has {L} patches but the VisionMeta describes {meta.pos_L2.shape[0]} '
+                       f'(sum of t*h*w over grid_thw, plus pad_to padding)')
+    x_LD = merge_units_permute(self.patch_embed(pixel_values_LP), meta.window_index_M, unit)
+    cos_LH, sin_LH = rotary_cos_sin(meta.pos_L2, cfg)
+    for i, block in enumerate(self.blocks):
+      seg_L = meta.full_seg_L if i in cfg.fullatt_block_indexes else meta.window_seg_L
+      x_LD = block(x_LD, cos_LH, sin_LH, seg_L)
+    return jnp.take(self.merger(x_LD), meta.reverse_index_M, axis=0)

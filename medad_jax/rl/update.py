@@ -1,0 +1,687 @@
+"""The jitted training steps: the SFT step (Eq. 1) and the ONE Con-GRPO update (Eq. 7-8).
+
+Axis legend (as in ``algo.py``, plus the model's):
+  P prompts   G rollouts per prompt   B = P * G rollouts (row ``p*G + g`` is rollout ``g`` of prompt ``p``)
+  T prompt length (a left-padded bucket, or the whole SFT sequence)   N completion length (right-padded)
+  S = T + N cache slots   D model width   V vocabulary   L image patches   C patch vector   K microbatches
+
+Why ``jax.jit`` over split state rather than ``nnx.jit``
+--------------------------------------------------------
+The model is split once (``nnx.split``) into a static ``GraphDef`` (closed over) and plain ``nnx.State`` pytrees
+that live in :class:`TrainState`. The step is then an ordinary pure function ``(state, batch) -> (state,
+metrics)`` jitted with ``jax.jit``: shardings (``in_shardings`` / ``out_shardings``) and buffer donation are
+declared exactly where it is jitted, a call costs no graph traversal of the ~1k-module model (``nnx.jit`` re-walks
+the object graph on every call), and the state is a pytree that orbax saves as is. Inside, ``nnx.merge`` rebuilds
+the module for the forward pass at trace time only.
+
+State layout (:class:`TrainState`)
+----------------------------------
+``params`` are the trainable variables (the LoRA adapters by default, ``nnx.LoRAParam``; every ``nnx.Param``
+for full fine-tuning); ``frozen`` is everything else (the base weights), passed through unchanged; ``opt_state``
+is optax's; ``step`` an int32 scalar; ``rng`` a uint32 PRNG key the trainer derives per-step keys from
+(``fold_in(rng, step)``, so a resumed run draws the same keys); ``ref_params`` is a frozen copy of the trainable
+parameters at the start of RL and only exists for full fine-tuning (see "reference policy").
+
+The state is donated: after a call the previous state's buffers are gone. Anything built from them (a merged
+model handed to the sampler) must be rebuilt from the returned state.
+
+Con-GRPO update, per call (one jitted program; the trainer calls it mu times on one rollout batch, which reuses
+the compiled program because only array values change)
+-------------------------------------------------------------------------------------------------------------
+1. advantages ``A_i = R_i - mean_group(R)`` (Eq. 7; ``/ std`` optional), zero-variance groups counted and
+   optionally dropped;
+2. teacher-forced log-probs of the sampled completion tokens under the policy, *with the image*. The prompt is run
+   once per prompt (P rows) into a KV cache that is repeated to the G rollouts, exactly as the sampler does, so the
+   prompt (image tokens included) costs 1/G of a per-rollout forward, in the backward pass too;
+3. reference log-probs under pi_SFT (no gradient): with LoRA, the SFT adapters were merged into the base before
+   RL (:func:`prepare_rl_policy`) and the reference is the same forward with the RL adapters switched off
+   (``lora_disabled``), so it costs no second copy of the weights; with full fine-tuning it is ``ref_params``;
+   a batch may also carry precomputed ``ref_logp_BN``;
+4. ratio ``exp(logp - logp_den)``, clipped surrogate with ``eps_low`` / ``eps_high``, k3 KL with ``beta``,
+   aggregation (``seq_mean_token_mean`` GRPO default, ``token_mean``, ``token_sum``);
+5. gradients of the trainable parameters only, global-norm clipping and AdamW (the optax chain of
+   :func:`make_optimizer`), metrics.
+
+Ratio denominator (``GRPOConfig.ratio_to``): ``'old'`` (standard GRPO / PPO) uses the rollout policy's
+log-probs ``old_logp_BN`` recorded by the sampler: the ratio starts at 1 for every rollout batch and clipping
+limits how far the mu inner steps move from the policy that generated the data. ``'sft'`` follows the paper's
+Eq. 8 literally, ``r_t = pi_theta / pi_SFT``: the ratio is measured against the frozen reference, so clipping
+bounds the drift from pi_SFT over the whole run (a trust region around the SFT policy, on top of the KL term)
+and, once the policy has moved by more than ``eps`` on a token, that token's gradient is cut for good (for
+positive advantages above ``1 + eps``; negative below ``1 - eps``).
+
+Microbatching (``num_microbatches`` K > 1): the batch is split into K slices of whole prompt groups, scanned
+with ``lax.scan``, and the per-slice numerators are divided by the whole batch's denominators, so the loss and
+gradients equal the single-batch ones up to summation order. Image features are then computed once for all
+prompts outside the differentiated function, which requires the vision tower and token embedding to be frozen
+(true for the default LoRA targets); this is checked when the step is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from medad_jax.model.layers import lora_disabled
+from medad_jax.model.qwen25vl import continuation_positions
+from medad_jax.model.text import repeat_cache
+from medad_jax.rl import algo
+
+log = logging.getLogger(__name__)
+
+RATIO_TO = ('old', 'sft')
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Static Con-GRPO settings (hashable; a change recompiles). Defaults: paper §4.1 / GRPO.
+
+  Attributes:
+    group_size: G, rollouts per prompt.
+    beta: coefficient of the k3 KL to the reference (pi_SFT).
+    eps_low / eps_high: clipping range ``[1 - eps_low, 1 + eps_high]`` of the ratio.
+    ratio_to: ``'old'`` (rollout policy, standard GRPO) or ``'sft'`` (paper Eq. 8); see the module docstring.
+    aggregation: one of :data:`medad_jax.rl.algo.AGGREGATION_MODES`.
+    adv_std_norm: divide advantages by the group's reward std (GRPO's original normalisation); the paper's
+      Eq. 7 does not.
+    adv_eps: added to that std.
+    filter_zero_variance: drop groups whose G rewards are all equal (they only carry the KL term).
+    zero_variance_atol: rewards within this of each other count as equal.
+    temperature: logits are divided by it before the log-softmax (must match the rollouts' ``old_logp``;
+      the sampler records them at temperature 1).
+    num_microbatches: K, gradient accumulation slices of whole prompt groups.
+  """
+
+  group_size: int = 8
+  beta: float = 0.04
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  ratio_to: str = 'old'
+  aggregation: str = 'seq_mean_token_mean'
+  adv_std_norm: bool = False
+  adv_eps: float = 1e-6
+  filter_zero_variance: bool = False
+  zero_variance_atol: float = 0.0
+  temperature: float = 1.0
+  num_microbatches: int = 1
+
+  def __post_init__(self):
+    if self.group_size < 1:
+      raise ValueError(f'GRPOConfig.group_size={self.group_size}: expected >= 1')
+    if self.beta < 0:
+      raise ValueError(f'GRPOConfig.beta={self.beta}: expected >= 0')
+    if not (0 <= self.eps_low < 1) or self.eps_high < 0:
+      raise ValueError(f'GRPOConfig.eps_low={self.eps_low}, eps_high={self.eps_high}: expected 0 <= eps_low < 1 '
+                       'and eps_high >= 0')
+    if self.ratio_to not in RATIO_TO:
+      raise ValueError(f'GRPOConfig.ratio_to={self.ratio_to!r}: expected one of {RATIO_TO}')
+    if self.aggregation not in algo.AGGREGATION_MODES:
+      raise ValueError(f'GRPOConfig.aggregation={self.aggregation!r}: expected one of {algo.AGGREGATION_MODES}')
+    if not self.temperature > 0:
+      raise ValueError(f'GRPOConfig.temperature={self.temperature}: expected > 0')
+    if self.num_microbatches < 1:
+      raise ValueError(f'GRPOConfig.num_microbatches={self.num_microbatches}: expected >= 1')
+
+  @property
+  def needs_reference(self) -> bool:
+    return self.beta > 0 or self.ratio_to == 'sft'
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """Static SFT settings: the aggregation of the token NLL (``token_mean``: every target token weighs the same)
+  and gradient-accumulation slices."""
+
+  aggregation: str = 'token_mean'
+  num_microbatches: int = 1
+
+  def __post_init__(self):
+    if self.aggregation not in algo.AGGREGATION_MODES:
+      raise ValueError(f'SFTConfig.aggregation={self.aggregation!r}: expected one of {algo.AGGREGATION_MODES}')
+    if self.num_microbatches < 1:
+      raise ValueError(f'SFTConfig.num_microbatches={self.num_microbatches}: expected >= 1')
+
+
+# ------------------------------------------------------------------------------------------ train state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything a step reads and writes (a pytree; the ``GraphDef`` is kept outside). See the module docstring."""
+
+  params: nnx.State
+  frozen: nnx.State
+  opt_state: Any
+  step: jax.Array
+  rng: jax.Array
+  ref_params: nnx.State | None = None
+
+  def replace(self, **kw) -> 'TrainState':
+    return dataclasses.replace(self, **kw)
+
+
+TRAINABLE = {'lora': nnx.LoRAParam, 'all': nnx.Param}
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable: str = 'lora',
+                     seed: int = 0, keep_reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits ``model`` into ``(graphdef, TrainState)``.
+
+  Args:
+    trainable: ``'lora'`` (the ``nnx.LoRAParam`` adapters; everything else frozen) or ``'all'`` (every
+      ``nnx.Param``).
+    seed: seeds ``TrainState.rng``.
+    keep_reference: store a frozen copy of the trainable parameters as the reference policy (full fine-tuning
+      Con-GRPO; with LoRA the reference is the adapters-off forward and this must stay False).
+  """
+  if trainable not in TRAINABLE:
+    raise ValueError(f'trainable={trainable!r}: expected one of {sorted(TRAINABLE)}')
+  graphdef, params, frozen = nnx.split(model, TRAINABLE[trainable], ...)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  if n == 0:
+    raise ValueError(f'trainable={trainable!r} selects no parameters of the model' +
+                     (' (no LoRA adapters attached: call medad_jax.model.lora.apply_lora first)'
+                      if trainable == 'lora' else ''))
+  if keep_reference and trainable == 'lora':
+    raise ValueError('keep_reference=True with LoRA: the reference is the adapters-off forward, no copy needed')
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, frozen)))
+  log.info('trainable parameters: %s of %s (%.3f%%)', f'{n:,}', f'{total:,}', 100.0 * n / max(total, 1))
+  ref = jax.tree.map(jnp.copy, params) if keep_reference else None
+  state = TrainState(params=params, frozen=frozen, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                     rng=jax.random.PRNGKey(seed), ref_params=ref)
+  return graphdef, state
+
+
+def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+  """The current policy as a module (for the sampler, evaluation and export). Shares the state's buffers."""
+  return nnx.merge(graphdef, state.params, state.frozen)
+
+
+def prepare_rl_policy(model: nnx.Module, lora_cfg) -> list[str]:
+  """pi_SFT -> the RL starting point with LoRA: merge any (SFT) adapters into the base, attach fresh RL adapters.
+
+  The adapters start with ``lora_b = 0``, so the policy starts equal to pi_SFT, and the adapters-off forward *is*
+  pi_SFT for the whole run. Returns the adapted module paths.
+  """
+  from medad_jax.model.lora import apply_lora, merge_lora
+  n = merge_lora(model)
+  log.info('merged %d SFT adapters into the base; attaching fresh RL adapters (rank %d)', n, lora_cfg.rank)
+  return apply_lora(model, lora_cfg, rngs=nnx.Rngs(lora_cfg.seed))
+
+
+def make_optimizer(learning_rate: float, *, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, max_grad_norm: float | None = 1.0, warmup_steps: int = 0,
+                   total_steps: int | None = None, schedule: str = 'constant'
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping -> ``(tx, lr_schedule)``.
+
+  ``schedule``: ``'constant'`` (after a linear warmup of ``warmup_steps``) or ``'cosine'`` (to 0 at
+  ``total_steps``). Defaults follow PyTorch's AdamW except ``weight_decay`` (0, as transformers' trainers).
+  """
+  if schedule == 'constant':
+    sched = optax.constant_schedule(learning_rate)
+    if warmup_steps:
+      sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), sched], [warmup_steps])
+  elif schedule == 'cosine':
+    if not total_steps:
+      raise ValueError('schedule="cosine" needs total_steps')
+    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
+  else:
+    raise ValueError(f'schedule={schedule!r}: expected "constant" or "cosine"')
+  parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return optax.chain(*parts), sched
+
+
+# ------------------------------------------------------------------------------------------- shardings
+
+
+def _key_name(k) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for any pytree holding model-shaped leaves (params, optimizer moments, reference copy).
+
+  Each leaf's path (``'/'``-joined, attribute hops such as ``.value`` dropped) is matched against
+  ``medad_jax.sharding.PARAM_RULES``, which anchor at the end of the path: ``opt_state/0/mu/model/layers/0/
+  self_attn/q_proj/lora_a`` is sharded like the adapter itself. Scalars and unmatched leaves are replicated.
+  """
+  from medad_jax.sharding import param_spec
+
+  def one(path, x):
+    names = [_key_name(k) for k in path if not isinstance(k, jax.tree_util.GetAttrKey) or
+             _key_name(k) not in ('value', 'raw_value')]
+    shape = getattr(x, 'shape', ())
+    return NamedSharding(mesh, param_spec(tuple(names), shape, mesh) if len(shape) else P())
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+# Batch keys whose batch axis is not 0, or that are not batch-major at all (None: replicated).
+BATCH_DIMS = {'prompt_positions_3PT': 1, 'positions_3BT': 1, 'pixel_values_LC': None, 'vision_meta': None}
+
+
+def batch_shardings(batch: dict, mesh: Mesh) -> dict:
+  """Shardings for a step batch: batch axis over (data, fsdp) where it divides, else replicated."""
+  from medad_jax.sharding import BATCH_AXES
+  n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+  def one(key, x):
+    bd = BATCH_DIMS.get(key, 0)
+    shape = np.shape(x)
+    if bd is None or len(shape) == 0 or shape[bd] % n:
+      return NamedSharding(mesh, P())
+    spec = [None] * len(shape)
+    spec[bd] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+  return {k: (jax.tree.map(lambda x: NamedSharding(mesh, P()), v) if BATCH_DIMS.get(k, 0) is None else one(k, v))
+          for k, v in batch.items()}
+
+
+def put_batch(batch: dict, mesh: Mesh | None) -> dict:
+  """Host batch -> device arrays (sharded as :func:`batch_shardings` says when a mesh is given)."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, batch)
+  sh = batch_shardings(batch, mesh)
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) if not isinstance(x, jax.Array) else x, s),
+                      batch, sh)
+
+
+class JittedStep:
+  """``(state, batch) -> (state, metrics)`` compiled once per batch structure, with shardings and donation.
+
+  Without a mesh it is ``jax.jit(fn, donate_argnums=0)``. With a mesh, the state's shardings come from
+  :func:`tree_shardings` and the batch's from :func:`batch_shardings`; metrics come back replicated.
+  """
+
+  def __init__(self, fn: Callable, mesh: Mesh | None = None, donate: bool = True):
+    self.mesh, self._donate = mesh, donate
+    self.traces = 0  # how many times the step was traced (= compiled); mu inner iterations must not add any
+
+    def counted(state, batch):
+      self.traces += 1
+      return fn(state, batch)
+
+    self._fn = counted
+    self._compiled: dict = {}
+
+  def _get(self, state, batch):
+    key = (jax.tree.structure(state), jax.tree.structure(batch))
+    if key not in self._compiled:
+      kw = dict(donate_argnums=0) if self._donate else {}
+      if self.mesh is not None:
+        ssh = tree_shardings(state, self.mesh)
+        kw.update(in_shardings=(ssh, batch_shardings(batch, self.mesh)),
+                  out_shardings=(ssh, NamedSharding(self.mesh, P())))
+      self._compiled[key] = jax.jit(self._fn, **kw)
+    return self._compiled[key]
+
+  def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    return self._get(state, batch)(state, batch)
+
+  def lower(self, state, batch):
+    return self._get(state, batch).lower(state, batch)
+
+
+def place_state(state: TrainState, mesh: Mesh) -> TrainState:
+  """Puts every leaf of ``state`` onto its sharding (:func:`tree_shardings`)."""
+  return jax.device_put(state, tree_shardings(state, mesh))
+
+
+# ---------------------------------------------------------------------------------------- shared pieces
+
+
+def _check_frozen_inputs(graphdef, state_like, what: str):
+  """Microbatching precomputes prompt embeddings outside the gradient: they must not depend on trainable params."""
+  flat = nnx.to_flat_state(state_like)
+  bad = ['/'.join(map(str, p)) for p, _ in flat
+         if re.match(r'^(visual|model/embed_tokens)(/|$)', '/'.join(map(str, p)))]
+  if bad:
+    raise ValueError(f'{what}: num_microbatches > 1 needs a frozen vision tower and token embedding, but these '
+                     f'are trainable: {bad[:3]}{"..." if len(bad) > 3 else ""}')
+
+
+def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple[TrainState, jax.Array]:
+  """One optax step; skipped (state kept, step still counted) when the batch had no token to learn from."""
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(has_tokens, new, old)  # noqa: E731
+  new_params = jax.tree.map(keep, new_params, state.params)
+  new_opt = jax.tree.map(keep, new_opt, state.opt_state)
+  return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), optax.global_norm(updates)
+
+
+def _split_microbatches(tree, k: int):
+  """``[X, ...] -> [k, X/k, ...]`` for every leaf (X must divide)."""
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(f'num_microbatches={k} does not divide the batch axis of size {x.shape[0]}')
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+  return jax.tree.map(one, tree)
+
+
+# ------------------------------------------------------------------------------------------------- SFT
+
+
+SFT_KEYS = ('input_ids_BT', 'attention_mask_BT', 'positions_3BT', 'loss_mask_BT')
+
+
+def sft_loss_parts(model: nnx.Module, batch: dict, cfg: SFTConfig, x_BTD: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict]:
+  """-> ``(numerator, stats)``; the loss is ``numerator / denominator(loss_mask)`` (see :func:`_sft_denominator`)."""
+  ids = batch['input_ids_BT']
+  if x_BTD is None:
+    x_BTD = model.embed(ids, batch.get('pixel_values_LC'), batch.get('vision_meta'))
+  h_BTD, _ = model.model(x_BTD, attention_mask_BT=batch['attention_mask_BT'], positions_3BT=batch['positions_3BT'])
+  logits_BTV = model.logits(h_BTD)
+  mask = algo.first_token_unscored(batch['loss_mask_BT'].astype(jnp.float32))
+  nll_BT = -algo.token_logprobs(logits_BTV, ids)
+  num, _ = algo.aggregate_parts(nll_BT, mask, cfg.aggregation)
+  n_tok = jnp.sum(mask)
+  correct = jnp.argmax(logits_BTV[:, :-1], -1) == ids[:, 1:]
+  stats = {'tokens': n_tok, 'loss_num': jax.lax.stop_gradient(num),
+           'nll_sum': jax.lax.stop_gradient(jnp.sum(jnp.where(mask > 0, nll_BT, 0.0))),
+           'correct_sum': jnp.sum(jnp.where(mask[:, 1:] > 0, correct, False).astype(jnp.float32))}
+  return num, stats
+
+
+def _sft_denominator(batch: dict, cfg: SFTConfig) -> jax.Array:
+  mask = algo.first_token_unscored(batch['loss_mask_BT'].astype(jnp.float32))
+  return algo.aggregate_parts(jnp.zeros_like(mask), mask, cfg.aggregation)[1]
+
+
+def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: SFTConfig = SFTConfig(), *,
+                  mesh: Mesh | None = None, lr_schedule: optax.Schedule | None = None) -> JittedStep:
+  """The jitted SFT step (Eq. 1): masked NLL over the assistant tokens, gradients of the trainable params.
+
+  Batch (host or device arrays; rows are examples, each with its own image)::
+
+      input_ids_BT [B, T] int32, attention_mask_BT [B, T], positions_3BT [3, B, T] (rope_index),
+      loss_mask_BT [B, T]   1 where token t is an assistant target (prompt, image and padding tokens: 0),
+      pixel_values_LC [L, C] and vision_meta   optional, all images of the batch in row order.
+
+  Metrics: ``loss``, ``nll`` (token mean), ``token_accuracy`` (greedy next-token accuracy on the targets),
+  ``target_tokens``, ``grad_norm`` (before clipping), ``update_norm``, ``lr``.
+  """
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    for k in SFT_KEYS:
+      if k not in batch:
+        raise KeyError(f'SFT batch: missing key {k!r}; expected {SFT_KEYS} (+ pixel_values_LC, vision_meta)')
+    denom = _sft_denominator(batch, cfg)
+    K = cfg.num_microbatches
+
+    def loss_fn(params, mb, x_BTD=None):
+      model = nnx.merge(graphdef, params, state.frozen)
+      num, stats = sft_loss_parts(model, mb, cfg, x_BTD)
+      return num / jnp.maximum(denom, 1.0), stats
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if K == 1:
+      grads, stats = grad_fn(state.params, batch)
+    else:
+      _check_frozen_inputs(graphdef, state.params, 'SFTConfig')
+      model = nnx.merge(graphdef, state.params, state.frozen)
+      x_BTD = jax.lax.stop_gradient(model.embed(batch['input_ids_BT'], batch.get('pixel_values_LC'),
+                                                batch.get('vision_meta')))
+      rows = {k: batch[k] for k in ('input_ids_BT', 'attention_mask_BT', 'loss_mask_BT')}
+      rows['positions_3BT'] = jnp.moveaxis(batch['positions_3BT'], 1, 0)
+      mbs = _split_microbatches({**rows, 'x_BTD': x_BTD}, K)
+      mbs['positions_3BT'] = jnp.moveaxis(mbs['positions_3BT'], 2, 1)
+
+      def body(acc, mb):
+        x = mb.pop('x_BTD')
+        g, s = grad_fn(state.params, mb, x)
+        return jax.tree.map(jnp.add, acc, (g, s)), None
+
+      zero = (jax.tree.map(jnp.zeros_like, state.params),
+              {k: jnp.zeros((), jnp.float32) for k in ('tokens', 'loss_num', 'nll_sum', 'correct_sum')})
+      (grads, stats), _ = jax.lax.scan(body, zero, mbs)
+    n = jnp.maximum(stats['tokens'], 1.0)
+    grad_norm = optax.global_norm(grads)
+    new_state, upd_norm = _apply_updates(tx, state, grads, stats['tokens'] > 0)
+    metrics = {'loss': stats['loss_num'] / jnp.maximum(denom, 1.0), 'nll': stats['nll_sum'] / n,
+               'token_accuracy': stats['correct_sum'] / n, 'target_tokens': stats['tokens'],
+               'grad_norm': grad_norm, 'update_norm': upd_norm}
+    if lr_schedule is not None:
+      metrics['lr'] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    return new_state, metrics
+
+  return JittedStep(step, mesh)
+
+
+# -------------------------------------------------------------------------------------------- Con-GRPO
+
+
+ROLLOUT_KEYS = ('prompt_ids_PT', 'prompt_mask_PT', 'prompt_positions_3PT', 'rope_deltas_P', 'completion_ids_BN',
+                'completion_mask_BN', 'old_logp_BN', 'rewards_B')
+
+
+def rollout_batch(prompts, rollout, rewards_B) -> dict:
+  """The update's batch from the sampler's ``PromptBatch`` + ``Rollout`` and host rewards ``[B]``."""
+  batch = {
+      'prompt_ids_PT': prompts.input_ids_PT, 'prompt_mask_PT': prompts.attention_mask_PT,
+      'prompt_positions_3PT': prompts.positions_3PT, 'rope_deltas_P': prompts.rope_deltas_P,
+      'completion_ids_BN': rollout.tokens_BN, 'completion_mask_BN': rollout.completion_mask_BN,
+      'old_logp_BN': rollout.policy_logprobs_BN, 'rewards_B': np.asarray(rewards_B, np.float32)}
+  if prompts.pixel_values_LC is not None:
+    batch['pixel_values_LC'] = prompts.pixel_values_LC
+    batch['vision_meta'] = prompts.vision_meta
+  return batch
+
+
+def completion_logits(model: nnx.Module, batch: dict, group_size: int, x_PTD: jax.Array | None = None
+                      ) -> jax.Array:
+  """Teacher-forced logits ``[B, N, V]`` (float32) that predict each completion token.
+
+  The prompt runs once per prompt into a KV cache (with its image), the cache is repeated to the G rollouts and
+  the completions run against it, so row ``p*G + g`` sees prompt ``p`` exactly as during sampling. Position ``j``
+  of the result predicts ``completion_ids_BN[:, j]`` (from the last prompt position for ``j = 0``).
+  """
+  ids_PT, mask_PT = batch['prompt_ids_PT'], batch['prompt_mask_PT']
+  comp_BN = batch['completion_ids_BN']
+  Pn, T = ids_PT.shape
+  N = comp_BN.shape[1]
+  if comp_BN.shape[0] != Pn * group_size:
+    raise ValueError(f'Con-GRPO batch: {comp_BN.shape[0]} completion rows for {Pn} prompts; expected '
+                     f'prompts * group_size = {Pn * group_size}')
+  if x_PTD is None:
+    x_PTD = model.embed(ids_PT, batch.get('pixel_values_LC'), batch.get('vision_meta'))
+  h_PTD, cache = model.model(x_PTD, attention_mask_BT=mask_PT, positions_3BT=batch['prompt_positions_3PT'],
+                             cache=model.init_cache(Pn, T + N), cache_index=0)
+  cache = repeat_cache(cache, group_size)
+  deltas_B = jnp.repeat(batch['rope_deltas_P'].astype(jnp.int32), group_size, axis=0)
+  x_BND = model.model.embed_tokens(comp_BN)
+  h_BND, _ = model.model(x_BND, attention_mask_BT=batch['completion_mask_BN'].astype(jnp.int32),
+                         positions_3BT=continuation_positions(T, deltas_B, N), cache=cache, cache_index=T)
+  last_BD = jnp.repeat(h_PTD[:, -1], group_size, axis=0)
+  pred_BND = jnp.concatenate([last_BD[:, None], h_BND[:, :-1]], axis=1)
+  return model.logits(pred_BND)
+
+
+def completion_logprobs(model: nnx.Module, batch: dict, group_size: int, temperature: float = 1.0,
+                        x_PTD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """-> ``(logp_BN, entropy_BN)`` of the completion tokens under ``model`` (entropy without gradient)."""
+  logits = completion_logits(model, batch, group_size, x_PTD)
+  logp = algo.selected_logprobs(logits, batch['completion_ids_BN'], temperature=temperature)
+  ent = algo.entropy(jax.lax.stop_gradient(logits), temperature=temperature)
+  return logp, ent
+
+
+def grpo_advantages(rewards_B: jax.Array, cfg: GRPOConfig) -> tuple[jax.Array, jax.Array]:
+  """-> ``(adv_B, zero_var_P)`` from group-contiguous rewards."""
+  r_PG = rewards_B.astype(jnp.float32).reshape(-1, cfg.group_size)
+  adv = algo.group_advantages(r_PG, std_norm=cfg.adv_std_norm, eps=cfg.adv_eps).reshape(-1)
+  return adv, algo.zero_variance_groups(r_PG, atol=cfg.zero_variance_atol)
+
+
+_STAT_SUMS = ('tokens', 'pg_num', 'kl_num', 'kl_tok_sum', 'clip_low_sum', 'clip_high_sum', 'ratio_sum',
+              'entropy_sum', 'logp_diff_sum')
+
+
+def grpo_loss_parts(policy: nnx.Module, reference: Callable[[], jax.Array] | None, mb: dict, cfg: GRPOConfig,
+                    x_PTD: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Numerator of the Con-GRPO loss on one (micro)batch and summed statistics.
+
+  ``mb`` holds the rollout batch keys plus ``adv_B`` and ``loss_mask_BN`` (completion mask, zero-variance groups
+  removed when filtering). ``reference()`` returns ``ref_logp_BN`` (called only when needed).
+  """
+  logp, ent = completion_logprobs(policy, mb, cfg.group_size, cfg.temperature, x_PTD)
+  mask = mb['loss_mask_BN']
+  ref = None
+  if cfg.needs_reference:
+    ref = jax.lax.stop_gradient(mb['ref_logp_BN'] if 'ref_logp_BN' in mb else reference())
+  den_logp = ref if cfg.ratio_to == 'sft' else mb['old_logp_BN']
+  pg_BN, aux = algo.clipped_surrogate(logp, den_logp, mb['adv_B'], eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+  kl_BN = algo.k3_kl(logp, ref) if ref is not None else jnp.zeros_like(logp)
+  pg_num, _ = algo.aggregate_parts(pg_BN, mask, cfg.aggregation)
+  kl_num, _ = algo.aggregate_parts(kl_BN, mask, cfg.aggregation)
+  on = mask > 0
+  s = lambda x: jnp.sum(jnp.where(on, x, 0.0).astype(jnp.float32))  # noqa: E731
+  ratio = jax.lax.stop_gradient(aux['ratio'])
+  stats = {'tokens': jnp.sum(mask.astype(jnp.float32)), 'pg_num': pg_num, 'kl_num': kl_num,
+           'kl_tok_sum': s(jax.lax.stop_gradient(kl_BN)), 'clip_low_sum': s(aux['clipped_low']),
+           'clip_high_sum': s(aux['clipped_high']), 'ratio_sum': s(ratio), 'entropy_sum': s(ent),
+           'logp_diff_sum': s(jax.lax.stop_gradient(logp) - mb['old_logp_BN']),
+           'ratio_min': jnp.min(jnp.where(on, ratio, jnp.inf)), 'ratio_max': jnp.max(jnp.where(on, ratio, -jnp.inf))}
+  return pg_num + cfg.beta * kl_num, stats
+
+
+def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: GRPOConfig, *,
+                        mesh: Mesh | None = None, lr_schedule: optax.Schedule | None = None) -> JittedStep:
+  """The ONE jitted Con-GRPO update (see the module docstring): ``(state, batch) -> (state, metrics)``.
+
+  Batch (``rollout_batch`` builds it from the sampler's output)::
+
+      prompt_ids_PT [P, T], prompt_mask_PT [P, T], prompt_positions_3PT [3, P, T], rope_deltas_P [P]
+      pixel_values_LC [L, C], vision_meta                       optional: the prompts' images, once per prompt
+      completion_ids_BN [B, N], completion_mask_BN [B, N]       B = P * G, row p*G + g = rollout g of prompt p
+      old_logp_BN [B, N]    log-probs of the sampled tokens under the rollout policy (0 where masked)
+      rewards_B [B]         total rewards (Eq. 3)
+      ref_logp_BN [B, N]    optional precomputed reference log-probs
+
+  Metrics (scalars): ``loss``, ``pg_loss``, ``kl_loss`` (beta * kl), ``kl`` (aggregated k3), ``kl_token_mean``,
+  ``clip_frac_low`` / ``clip_frac_high`` (fraction of tokens whose lower / upper clip binds), ``ratio_mean`` /
+  ``ratio_min`` / ``ratio_max``, ``entropy``, ``grad_norm`` (before clipping), ``update_norm``, ``reward_mean`` /
+  ``reward_std``, ``adv_abs_mean``, ``zero_var_groups`` / ``zero_var_frac``, ``completion_tokens``,
+  ``completion_len``, ``logp_old_diff`` (mean ``logp - old_logp``: 0 at the first inner step when the teacher-
+  forced log-probs match the sampler's), ``lr``.
+  """
+  K = cfg.num_microbatches
+
+  def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    for k in ROLLOUT_KEYS:
+      if k not in batch:
+        raise KeyError(f'Con-GRPO batch: missing key {k!r}; expected {ROLLOUT_KEYS} (+ pixel_values_LC, '
+                       'vision_meta, ref_logp_BN)')
+    G = cfg.group_size
+    if batch['rewards_B'].shape[0] % G:
+      raise ValueError(f'rewards_B has {batch["rewards_B"].shape[0]} rows, not a multiple of group_size={G}')
+    if K > 1:
+      _check_frozen_inputs(graphdef, state.params, 'GRPOConfig')
+    adv_B, zero_var_P = grpo_advantages(batch['rewards_B'], cfg)
+    mask = batch['completion_mask_BN'].astype(jnp.float32)
+    if cfg.filter_zero_variance:
+      mask = mask * jnp.repeat(~zero_var_P, G)[:, None].astype(jnp.float32)
+    _, denom = algo.aggregate_parts(jnp.zeros_like(mask), mask, cfg.aggregation)
+    use_lora_ref = state.ref_params is None
+
+    def loss_fn(params, mb, x_PTD=None):
+      policy = nnx.merge(graphdef, params, state.frozen)
+
+      def reference():
+        if use_lora_ref:
+          with lora_disabled():
+            ref_model = nnx.merge(graphdef, params, state.frozen)
+            return completion_logprobs(ref_model, mb, G, cfg.temperature, x_PTD)[0]
+        ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
+        return completion_logprobs(ref_model, mb, G, cfg.temperature, x_PTD)[0]
+
+      num, stats = grpo_loss_parts(policy, reference, mb, cfg, x_PTD)
+      return num / jnp.maximum(denom, 1.0), stats
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    full = {**batch, 'adv_B': adv_B, 'loss_mask_BN': mask}
+    if K == 1:
+      grads, stats = grad_fn(state.params, full)
+    else:
+      policy = nnx.merge(graphdef, state.params, state.frozen)
+      x_PTD = jax.lax.stop_gradient(policy.embed(batch['prompt_ids_PT'], batch.get('pixel_values_LC'),
+                                                 batch.get('vision_meta')))
+      prompt_keys = ('prompt_ids_PT', 'prompt_mask_PT', 'rope_deltas_P')
+      row_keys = ('completion_ids_BN', 'completion_mask_BN', 'old_logp_BN', 'adv_B', 'loss_mask_BN') + (
+          ('ref_logp_BN',) if 'ref_logp_BN' in batch else ())
+      mbs = _split_microbatches({**{k: full[k] for k in prompt_keys + row_keys}, 'x_PTD': x_PTD,
+                                 'prompt_positions_3PT': jnp.moveaxis(batch['prompt_positions_3PT'], 1, 0)}, K)
+      mbs['prompt_positions_3PT'] = jnp.moveaxis(mbs['prompt_positions_3PT'], 2, 1)
+
+      def body(acc, mb):
+        x = mb.pop('x_PTD')
+        g, s = grad_fn(state.params, mb, x)
+        g_acc, s_acc = acc
+        s_new = {k: (jnp.minimum if k == 'ratio_min' else jnp.maximum if k == 'ratio_max' else jnp.add)(
+            s_acc[k], s[k]) for k in s_acc}
+        return (jax.tree.map(jnp.add, g_acc, g), s_new), None
+
+      zero_s = {k: jnp.zeros((), jnp.float32) for k in _STAT_SUMS}
+      zero_s.update(ratio_min=jnp.array(jnp.inf, jnp.float32), ratio_max=jnp.array(-jnp.inf, jnp.float32))
+      (grads, stats), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, state.params), zero_s), mbs)
+
+    grad_norm = optax.global_norm(grads)
+    has_tokens = stats['tokens'] > 0
+    new_state, upd_norm = _apply_updates(tx, state, grads, has_tokens)
+    n = jnp.maximum(stats['tokens'], 1.0)
+    d = jnp.maximum(denom, 1.0)
+    pg_loss, kl = stats['pg_num'] / d, stats['kl_num'] / d
+    r = batch['rewards_B'].astype(jnp.float32)
+    comp = batch['completion_mask_BN'].astype(jnp.float32)
+    metrics = {
+        'loss': pg_loss + cfg.beta * kl, 'pg_loss': pg_loss, 'kl_loss': cfg.beta * kl, 'kl': kl,
+        'kl_token_mean': stats['kl_tok_sum'] / n,
+        'clip_frac_low': stats['clip_low_sum'] / n, 'clip_frac_high': stats['clip_high_sum'] / n,
+        'ratio_mean': stats['ratio_sum'] / n,
+        'ratio_min': jnp.where(has_tokens, stats['ratio_min'], 1.0),
+        'ratio_max': jnp.where(has_tokens, stats['ratio_max'], 1.0),
+        'entropy': stats['entropy_sum'] / n, 'logp_old_diff': stats['logp_diff_sum'] / n,
+        'grad_norm': grad_norm, 'update_norm': upd_norm,
+        'reward_mean': jnp.mean(r), 'reward_std': jnp.std(r), 'adv_abs_mean': jnp.mean(jnp.abs(adv_B)),
+        'zero_var_groups': jnp.sum(zero_var_P.astype(jnp.int32)),
+        'zero_var_frac': jnp.mean(zero_var_P.astype(jnp.float32)),
+        'completion_tokens': stats['tokens'], 'completion_len': jnp.sum(comp) / comp.shape[0],
+    }
+    if lr_schedule is not None:
+      metrics['lr'] = jnp.asarray(lr_schedule(state.step), jnp.float32)
+    return new_state, metrics
+
+  return JittedStep(update, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'group_size', 'temperature', 'adapters'))
+def rollout_logprobs(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: dict, *,
+                     group_size: int, temperature: float = 1.0, adapters: bool = True) -> jax.Array:
+  """Teacher-forced ``logp_BN`` of a rollout batch (e.g. recomputed old log-probs, or reference log-probs with
+  ``adapters=False``), by the same code path as the update."""
+  model = nnx.merge(graphdef, params, frozen)
+  if adapters:
+    return completion_logprobs(model, batch, group_size, temperature)[0]
+  with lora_disabled():
+    return completion_logprobs(model, batch, group_size, temperature)[0]

@@ -1,0 +1,166 @@
+"""Sampling math on plain logits: settings, filtering (temperature, top-k, top-p), draws, log-probs, stop checks.
+
+Axis legend (shared by every file of ``medad_jax/sampling``):
+  B rows (samples: prompts x G)   P prompts   G samples per prompt   T prompt length (a bucket)
+  S cache length (T + N)          N max new tokens                   V vocabulary
+  M stop-sequence window (the longest stop sequence)
+
+Everything here is a small pure function of arrays and a static :class:`SamplingConfig`, usable inside ``jit``.
+
+Filtering follows transformers' warper order (temperature, then top-k, then top-p on the top-k-renormalised
+distribution). Excluded tokens get ``-inf``, so ``jax.random.categorical`` (Gumbel-max) can never pick them.
+Ties: top-k keeps every token whose logit equals the k-th largest (as transformers' ``TopKLogitsWarper``); top-p
+keeps the smallest set of most likely tokens whose mass reaches ``top_p`` plus any token tied with its least likely
+member. A token is therefore excluded only when its logit is strictly below the kept threshold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Codes of ``finish_reason``; ``FINISH_REASONS[code]`` is the name.
+FINISH_LENGTH, FINISH_STOP_TOKEN, FINISH_STOP_SEQUENCE, FINISH_MASKED = 0, 1, 2, 3
+FINISH_REASONS = ('length', 'stop_token', 'stop_sequence', 'masked')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static sampling settings (hashable: a change recompiles, a new batch does not).
+
+  Attributes:
+    max_new_tokens: completion budget ``N`` (the stop token, if any, counts and is kept in the completion).
+    temperature: > 0; logits are divided by it before top-k / top-p.
+    top_k: keep the ``top_k`` most likely tokens (0 = off).
+    top_p: nucleus mass in (0, 1] (1.0 = off).
+    greedy: argmax of the unmodified logits (temperature / top-k / top-p ignored; sampling log-prob 0).
+    stop_token_ids: a row finishes when it emits one of these (e.g. ``<|im_end|>``, ``<|endoftext|>``).
+    stop_sequences: token-id sequences; a row finishes when its last sampled tokens equal one of them (e.g. the
+      tokenisation of ``</answer>``). Matching is on the completion only, on device.
+  """
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  stop_token_ids: tuple[int, ...] = ()
+  stop_sequences: tuple[tuple[int, ...], ...] = ()
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f'SamplingConfig.max_new_tokens={self.max_new_tokens}: expected >= 1')
+    if not self.greedy and not self.temperature > 0:
+      raise ValueError(f'SamplingConfig.temperature={self.temperature}: expected > 0 (use greedy=True for argmax)')
+    if self.top_k < 0:
+      raise ValueError(f'SamplingConfig.top_k={self.top_k}: expected >= 0 (0 = off)')
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f'SamplingConfig.top_p={self.top_p}: expected a value in (0, 1] (1 = off)')
+    # Normalise to tuples of ints so equal settings hash equal (lists would not hash at all).
+    object.__setattr__(self, 'stop_token_ids', tuple(int(t) for t in self.stop_token_ids))
+    seqs = tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
+    empty = [i for i, s in enumerate(seqs) if not s]
+    if empty:
+      raise ValueError(f'SamplingConfig.stop_sequences[{empty[0]}] is empty; expected at least one token id')
+    object.__setattr__(self, 'stop_sequences', seqs)
+
+  @property
+  def stop_window(self) -> int:
+    """``M``: how many trailing tokens the stop-sequence check needs (at least 1, to keep shapes non-empty)."""
+    return max([1] + [len(s) for s in self.stop_sequences])
+
+
+def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
+  """Logits below the ``k``-th largest of their row -> ``-inf`` (``k`` = 0 or >= V: unchanged)."""
+  if k <= 0 or k >= logits_BV.shape[-1]:
+    return logits_BV
+  kth_B1 = jax.lax.top_k(logits_BV, k)[0][..., -1:]
+  return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+
+
+def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
+  """Nucleus filter: keep the most likely tokens until their mass reaches ``p``; the rest -> ``-inf``.
+
+  A token is kept when the probability mass of the strictly more likely tokens (in sorted order) is ``< p``; the
+  most likely token is always kept.
+  """
+  if p >= 1.0:
+    return logits_BV
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  n_keep_B1 = jnp.maximum(jnp.sum(mass_before_BV < p, axis=-1, keepdims=True), 1)
+  threshold_B1 = jnp.take_along_axis(sorted_BV, n_keep_B1 - 1, axis=-1)
+  return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+
+
+def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """The logits of the distribution actually sampled from (float32): ``/T``, then top-k, then top-p."""
+  x = logits_BV.astype(jnp.float32)
+  if cfg.greedy:
+    return x
+  if cfg.temperature != 1.0:
+    x = x / cfg.temperature
+  x = top_k_filter(x, cfg.top_k)
+  return top_p_filter(x, cfg.top_p)
+
+
+def token_logprob(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
+  """``log_softmax(logits)[token]`` per row, float32."""
+  logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_BV, tokens_B[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def draw(keys_B: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig
+         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One token per row -> ``(tokens_B int32, policy_logp_B, sampling_logp_B)``.
+
+  ``keys_B`` are per-row PRNG keys, so a row's draw does not depend on which other rows share the batch.
+  ``policy_logp`` is under the unmodified policy (temperature 1, no top-k/p): the old-policy log-prob of GRPO;
+  ``sampling_logp`` is under the distribution drawn from (0 for greedy, a point mass).
+  """
+  if cfg.greedy:
+    tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return tokens_B, token_logprob(logits_BV, tokens_B), jnp.zeros(tokens_B.shape, jnp.float32)
+  filt_BV = sampling_logits(logits_BV, cfg)
+  tokens_B = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_B, filt_BV).astype(jnp.int32)
+  return tokens_B, token_logprob(logits_BV, tokens_B), token_logprob(filt_BV, tokens_B)
+
+
+def row_keys(key: jax.Array, row_ids_B: jax.Array) -> jax.Array:
+  """Per-row keys ``fold_in(key, row_id)``: row ``b*G + g`` gets the same key however the batch is laid out."""
+  return jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids_B)
+
+
+def step_keys(keys_B: jax.Array, step: jax.Array) -> jax.Array:
+  """The keys of decode step ``step`` (``fold_in`` of each row key)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
+
+
+def push_tail(tail_BM: jax.Array, tokens_B: jax.Array) -> jax.Array:
+  """Shifts the window of each row's last ``M`` sampled tokens left by one and appends ``tokens_B``."""
+  return jnp.concatenate([tail_BM[:, 1:], tokens_B[:, None].astype(tail_BM.dtype)], axis=1)
+
+
+def stop_sequence_hit(tail_BM: jax.Array, stop_sequences: tuple[tuple[int, ...], ...]) -> jax.Array:
+  """``[B]`` bool: the row's last ``len(s)`` tokens equal some stop sequence ``s`` (unrolled over the static set).
+
+  Unfilled window slots hold -1, which matches no token id, so a sequence longer than the completion so far
+  cannot match.
+  """
+  M = tail_BM.shape[1]
+  hit_B = jnp.zeros(tail_BM.shape[:1], bool)
+  for seq in stop_sequences:
+    if len(seq) > M:
+      raise ValueError(f'stop sequence {seq} is longer than the stop window M={M}')
+    hit_B |= jnp.all(tail_BM[:, M - len(seq):] == jnp.asarray(seq, tail_BM.dtype)[None], axis=1)
+  return hit_B
+
+
+def is_stop_token(tokens_B: jax.Array, stop_token_ids: tuple[int, ...]) -> jax.Array:
+  """``[B]`` bool: the token is one of ``stop_token_ids``."""
+  if not stop_token_ids:
+    return jnp.zeros(tokens_B.shape, bool)
+  return jnp.isin(tokens_B, jnp.asarray(stop_token_ids, tokens_B.dtype))

@@ -1,0 +1,238 @@
+"""The compiled rollout sampler: one jitted prefill per prompt batch, one jitted ``lax.while_loop`` decode.
+
+Axis letters: see ``ops.py`` (P prompts, G samples per prompt, B = P*G rows, T prompt bucket, N max new tokens).
+
+Flow of :func:`sample` for ``P`` prompts and ``G`` samples each (Con-GRPO's group)::
+
+    prefill  (jit)  P prompts -> vision tower + decoder once -> cache_P [P, S = T + N slots], logits_PV (last token)
+    decode   (jit)  repeat_cache(cache_P, G) -> B = P*G rows sharing their prompt's prefix, then
+                    draw token 0 from the prefill logits, and while step < N and not all rows done:
+                      feed the last token at slot T + step - 1, draw token ``step`` from its logits
+
+Each prompt's image and text are encoded once, whatever ``G`` is. Row ``b = p*G + g`` is sample ``g`` of prompt
+``p``; its PRNG stream is ``fold_in(fold_in(key, b), step)``, so a row's tokens depend only on ``key``, its row id
+and its own logits, never on batch layout, padding rows or the mesh.
+
+State (:class:`DecodeState`, gemma ``_sampler_loop.py`` style): a fixed token buffer ``[B, N]``, the KV cache with
+its write index, a ``done`` mask, per-row keys, and the log-probs of every sampled token under the unmodified
+policy (GRPO's old-policy log-probs) and under the sampling distribution.
+
+Stopping: a row is done when it samples a ``stop_token_ids`` token, when its last tokens equal a stop *token
+sequence* (``</answer>`` may be several tokens: each step pushes the token into a window of the last ``M`` tokens
+per row and compares the window's tail with every sequence, on device), or after ``N`` tokens. The stop token or
+sequence is part of the completion (mask 1, log-probs kept); later slots hold the pad token with mask 0 and
+log-prob 0. Rows can also start done (``done_P``: padding prompts), their finish reason is ``'masked'``.
+
+Static: sampling settings (:class:`~medad_jax.sampling.ops.SamplingConfig`), ``G``, the model's graph and whether
+LoRA adapters are applied. Arrays: parameters and the batch, so new weights and new batches in the same buckets
+reuse the compiled programs (``trace_counts()`` counts traces, to check that).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medad_jax.model.layers import lora_disabled
+from medad_jax.model.qwen25vl import continuation_positions
+from medad_jax.model.text import repeat_cache
+from medad_jax.sampling import ops
+from medad_jax.sampling.prompts import PromptBatch
+
+_TRACES: collections.Counter = collections.Counter()
+
+
+def trace_counts() -> dict[str, int]:
+  """How many times ``prefill`` / ``decode`` have been traced (= compiled) in this process."""
+  return dict(_TRACES)
+
+
+def _adapters(on: bool):
+  # LoRA is switched at trace time (layers.lora_disabled), hence a static argument of the jitted functions.
+  return contextlib.nullcontext() if on else lora_disabled()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """The ``while_loop`` carry. ``step`` tokens have been sampled; the last one sits at cache slot ``T + step - 1``
+  once fed."""
+
+  step: jax.Array               # int32 scalar
+  tokens_BN: jax.Array          # int32; pad after a row is done
+  policy_logp_BN: jax.Array     # float32 log-prob under the unmodified policy (0 where masked)
+  sample_logp_BN: jax.Array     # float32 log-prob under the sampling distribution (0 where masked)
+  done_B: jax.Array             # bool
+  length_B: jax.Array           # int32 completion length (stop token included)
+  finish_B: jax.Array           # int32 code, see ops.FINISH_REASONS
+  tail_BM: jax.Array            # int32 last M sampled tokens (-1 before the first), for stop sequences
+  cache: dict                   # KV cache, see medad_jax.model.text
+  keys_B: jax.Array             # per-row PRNG keys
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """Sampler output for ``B = P*G`` rows (row ``p*G + g`` = sample ``g`` of prompt ``p``), device arrays."""
+
+  tokens_BN: jax.Array              # int32 completion tokens, pad token after the end
+  completion_mask_BN: jax.Array     # bool, True for the ``lengths_B`` completion tokens
+  lengths_B: jax.Array              # int32
+  finish_reason_B: jax.Array        # int32 code; ops.FINISH_REASONS[code] is the name
+  policy_logprobs_BN: jax.Array     # float32 log pi(token) at temperature 1, no top-k/p (0 where masked)
+  sampling_logprobs_BN: jax.Array   # float32 log q(token) of the distribution sampled from (0 where masked)
+  prompt_index_B: jax.Array         # int32 ``b // G``
+  num_steps: jax.Array              # int32 scalar: decode steps run (< N when every row stopped early)
+
+  def finish_reasons(self) -> list[str]:
+    return [ops.FINISH_REASONS[int(c)] for c in np.asarray(self.finish_reason_B)]
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'adapters'))
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, attention_mask_PT: jax.Array,
+            positions_3PT: jax.Array, pixel_values_LC: jax.Array | None, vision_meta, *, max_new_tokens: int,
+            adapters: bool = True) -> tuple[dict, jax.Array]:
+  """Encodes ``P`` prompts once -> ``(cache_P with S = T + N slots, next-token logits_PV float32)``.
+
+  Only the last position goes through the LM head (left padding puts every prompt's last token there).
+  """
+  _TRACES['prefill'] += 1
+  model = nnx.merge(graphdef, state)
+  P, T = input_ids_PT.shape
+  with _adapters(adapters):
+    h_PTD, cache = model.hidden_states(input_ids_PT, attention_mask_BT=attention_mask_PT,
+                                       positions_3BT=positions_3PT, pixel_values=pixel_values_LC,
+                                       vision_meta=vision_meta, cache=model.init_cache(P, T + max_new_tokens),
+                                       cache_index=0)
+    logits_PV = model.logits(h_PTD[:, -1:])[:, 0]
+  return cache, logits_PV
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_id: int) -> DecodeState:
+  """Draws token ``s.step`` for every row from ``logits_BV`` and books it (tokens, log-probs, stops)."""
+  tok_B, plp_B, slp_B = ops.draw(ops.step_keys(s.keys_B, s.step), logits_BV, cfg)
+  active_B = ~s.done_B
+  tok_B = jnp.where(active_B, tok_B, pad_id)
+  plp_B = jnp.where(active_B, plp_B, 0.0)
+  slp_B = jnp.where(active_B, slp_B, 0.0)
+  put = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step))  # noqa: E731
+  tail_BM = ops.push_tail(s.tail_BM, tok_B)
+  stop_tok_B = active_B & ops.is_stop_token(tok_B, cfg.stop_token_ids)
+  stop_seq_B = active_B & ~stop_tok_B & ops.stop_sequence_hit(tail_BM, cfg.stop_sequences)
+  finish_B = jnp.where(stop_tok_B, ops.FINISH_STOP_TOKEN, jnp.where(stop_seq_B, ops.FINISH_STOP_SEQUENCE,
+                                                                       s.finish_B))
+  return dataclasses.replace(
+      s, step=s.step + 1, tokens_BN=put(s.tokens_BN, tok_B), policy_logp_BN=put(s.policy_logp_BN, plp_B),
+      sample_logp_BN=put(s.sample_logp_BN, slp_B), done_B=s.done_B | stop_tok_B | stop_seq_B,
+      length_B=s.length_B + active_B.astype(jnp.int32), finish_B=finish_B, tail_BM=tail_BM)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'config', 'num_samples', 'adapters'))
+def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: jax.Array, rope_deltas_P: jax.Array,
+           done_P: jax.Array, key: jax.Array, *, config: ops.SamplingConfig, num_samples: int,
+           adapters: bool = True) -> Rollout:
+  """``G = num_samples`` completions per prefilled prompt, sharing the prompt's cache (see the module docstring).
+
+  ``cache_P`` must have ``S = T + config.max_new_tokens`` slots (as :func:`prefill` builds it).
+  """
+  _TRACES['decode'] += 1
+  model = nnx.merge(graphdef, state)
+  cfg_model = model.cfg
+  G, N = num_samples, config.max_new_tokens
+  P = logits_PV.shape[0]
+  B = P * G
+  T = cache_P['mask'].shape[1] - N
+  cache = repeat_cache(cache_P, G)
+  rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731
+  deltas_B, done_B = rep(rope_deltas_P.astype(jnp.int32)), rep(done_P.astype(bool))
+  s = DecodeState(
+      step=jnp.int32(0), tokens_BN=jnp.full((B, N), cfg_model.pad_token_id, jnp.int32),
+      policy_logp_BN=jnp.zeros((B, N), jnp.float32), sample_logp_BN=jnp.zeros((B, N), jnp.float32),
+      done_B=done_B, length_B=jnp.zeros((B,), jnp.int32),
+      finish_B=jnp.where(done_B, ops.FINISH_MASKED, ops.FINISH_LENGTH).astype(jnp.int32),
+      tail_BM=jnp.full((B, config.stop_window), -1, jnp.int32), cache=cache,
+      keys_B=ops.row_keys(key, jnp.arange(B, dtype=jnp.int32)))
+  s = _record(s, rep(logits_PV), config, cfg_model.pad_token_id)
+
+  def cond(s: DecodeState) -> jax.Array:
+    return (s.step < N) & ~jnp.all(s.done_B)
+
+  def body(s: DecodeState) -> DecodeState:
+    slot = T + s.step - 1  # the slot of the last sampled token
+    last_B = jax.lax.dynamic_index_in_dim(s.tokens_BN, s.step - 1, axis=1, keepdims=False)
+    last_B = jnp.where(s.done_B, 0, last_B)  # done rows are not attended; feed an id that is always in range
+    with _adapters(adapters):
+      h_B1D, cache = model.hidden_states(last_B[:, None], attention_mask_BT=(~s.done_B)[:, None].astype(jnp.int32),
+                                         positions_3BT=continuation_positions(slot, deltas_B), cache=s.cache,
+                                         cache_index=slot)
+      logits_BV = model.logits(h_B1D)[:, 0]
+    return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id)
+
+  s = jax.lax.while_loop(cond, body, s)
+  return Rollout(tokens_BN=s.tokens_BN, completion_mask_BN=jnp.arange(N)[None, :] < s.length_B[:, None],
+                 lengths_B=s.length_B, finish_reason_B=s.finish_B, policy_logprobs_BN=s.policy_logp_BN,
+                 sampling_logprobs_BN=s.sample_logp_BN, prompt_index_B=jnp.arange(B, dtype=jnp.int32) // G,
+                 num_steps=s.step)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _place(batch: PromptBatch, mesh):
+  """Batch arrays -> device; with a mesh, prompt rows split over (data, fsdp), image patches replicated."""
+  arrays = dict(ids=batch.input_ids_PT, mask=batch.attention_mask_PT, deltas=batch.rope_deltas_P,
+                done=batch.done_P)
+  if mesh is None:
+    out = {k: jnp.asarray(v) for k, v in arrays.items()}
+    out['positions'] = jnp.asarray(batch.positions_3PT)
+  else:
+    from medad_jax.sharding import shard_batch
+    out = shard_batch(arrays, mesh)
+    out['positions'] = shard_batch({'positions': batch.positions_3PT}, mesh, {'positions': 1})['positions']
+  pixels, meta = batch.pixel_values_LC, batch.vision_meta
+  if pixels is not None:
+    if mesh is None:
+      pixels, meta = jnp.asarray(pixels), jax.tree.map(jnp.asarray, meta)
+    else:
+      from medad_jax.sharding import shard_batch
+      rep = shard_batch({'pixels': pixels, **dataclasses.asdict(meta)}, mesh,
+                        {k: None for k in ('pixels', *dataclasses.asdict(meta))})
+      pixels = rep.pop('pixels')
+      meta = type(meta)(**rep)
+  return out, pixels, meta
+
+
+def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops.SamplingConfig,
+           num_samples: int = 8, adapters: bool = True, mesh=None) -> Rollout:
+  """``num_samples`` completions for each prompt of ``batch`` (see the module docstring).
+
+  Args:
+    model: a :class:`~medad_jax.model.qwen25vl.Qwen25VL` (LoRA adapters, sharded parameters: all fine).
+    batch: from :func:`medad_jax.sampling.prompts.prepare_prompts`.
+    key: a PRNG key; the same key, batch and settings give the same rollout.
+    config: static sampling settings.
+    num_samples: ``G``, completions per prompt.
+    adapters: False runs the base model (LoRA adapters skipped), e.g. the reference policy.
+    mesh: optional ``(data, fsdp, tensor)`` mesh; prompt rows are split over data x fsdp.
+  """
+  if num_samples < 1:
+    raise ValueError(f'num_samples={num_samples}: expected >= 1')
+  graphdef, state = nnx.split(model)
+  arrays, pixels, meta = _place(batch, mesh)
+  cache_P, logits_PV = prefill(graphdef, state, arrays['ids'], arrays['mask'], arrays['positions'], pixels, meta,
+                               max_new_tokens=config.max_new_tokens, adapters=adapters)
+  return decode(graphdef, state, cache_P, logits_PV, arrays['deltas'], arrays['done'], key, config=config,
+                num_samples=num_samples, adapters=adapters)

@@ -1,0 +1,307 @@
+"""The compiled sampler on the tiny parity checkpoints: greedy == transformers ``generate`` (images, prompts of
+different lengths), log-probs == a teacher-forced forward, shared prefill == separate prefills, the sampled
+distribution, stops, padding rows, LoRA, a sharded mesh, no retrace within a bucket, and input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from scipy import stats
+
+from medad_jax.model.checkpoint import load_checkpoint
+from medad_jax.model.rope_index import rope_index
+from medad_jax.model.vision import vision_meta
+from medad_jax.sampling import SamplingConfig, ops, prepare_prompts, sample, trace_counts
+
+# (text tokens after the image, image grid (t, h, w) in patches) per prompt: different lengths and image sizes.
+PROMPTS = ((3, (1, 4, 4)), (9, (1, 6, 4)), (6, (1, 4, 8)))
+
+
+def _prompts(cfg, specs=PROMPTS, seed=0):
+  """Left-padded processor-style inputs: ``(ids[P, T], mask[P, T], pixel_values[L, C], grids, pixels per prompt)``."""
+  rng = np.random.default_rng(seed)
+  rows, pixels, grids = [], [], []
+  for n_text, grid in specs:
+    n_img = int(np.prod(grid)) // cfg.vision.spatial_merge_size**2
+    rows.append([1, cfg.vision_start_token_id] + [cfg.image_token_id] * n_img + [cfg.vision_end_token_id]
+                + rng.integers(0, cfg.text.vocab_size - 8, n_text).tolist())
+    pixels.append(rng.normal(size=(int(np.prod(grid)), cfg.vision.patch_dim)).astype(np.float32))
+    grids.append(list(grid))
+  T = max(map(len, rows))
+  ids = np.full((len(rows), T), cfg.pad_token_id, np.int64)
+  mask = np.zeros((len(rows), T), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+  return ids, mask, np.concatenate(pixels), np.array(grids), pixels
+
+
+@pytest.fixture(scope='module')
+def models(tiny_hf_checkpoints):
+  """{name: (cfg, our model, torch model)}; the fixture's config keeps the in-vocabulary pad / eos ids."""
+  return {name: (cfg, load_checkpoint(path, cfg=cfg)[0], tm) for name, (cfg, path, tm) in tiny_hf_checkpoints.items()}
+
+
+def _batch(cfg, specs=PROMPTS, seed=0, **kw):
+  ids, mask, pix, grids, _ = _prompts(cfg, specs, seed)
+  return prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grids, **kw)
+
+
+def _hf_generate(tm, cfg, ids, mask, pix, grids, n, eos):
+  with torch.no_grad():
+    out = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      pixel_values=torch.tensor(pix), image_grid_thw=torch.tensor(grids),
+                      mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+                      max_new_tokens=n, do_sample=False, eos_token_id=list(eos), pad_token_id=cfg.pad_token_id)
+  return out[:, ids.shape[1]:].numpy()
+
+
+@pytest.mark.parametrize('name', ['untied_gqa2_win56', 'tied_gqa4_win112'])
+def test_greedy_matches_transformers_generate(models, name):
+  cfg, model, tm = models[name]
+  ids, mask, pix, grids, _ = _prompts(cfg)
+  batch = prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grids)
+  N = 20
+  run = lambda stops: sample(model, batch, key=jax.random.key(0), num_samples=1,  # noqa: E731
+                             config=SamplingConfig(max_new_tokens=N, greedy=True, stop_token_ids=stops))
+  free = run(cfg.eos_token_ids)
+  hf = _hf_generate(tm, cfg, ids, mask, pix, grids, N, cfg.eos_token_ids)
+  np.testing.assert_array_equal(np.asarray(free.tokens_BN)[:, :hf.shape[1]], hf)
+  # Now a stop token that row 0 emits mid-way: row 0 must stop there and pad afterwards, as transformers does.
+  stop = int(np.asarray(free.tokens_BN)[0, 4])
+  got = run((stop,))
+  hf = _hf_generate(tm, cfg, ids, mask, pix, grids, N, (stop,))
+  toks = np.asarray(got.tokens_BN)
+  np.testing.assert_array_equal(toks[:, :hf.shape[1]], hf)
+  assert (toks[:, hf.shape[1]:] == cfg.pad_token_id).all()
+  reasons = got.finish_reasons()
+  assert reasons[0] == 'stop_token' and int(got.lengths_B[0]) <= 5 and 'length' in reasons
+  lengths = np.asarray(got.lengths_B)
+  np.testing.assert_array_equal(np.asarray(got.completion_mask_BN), np.arange(N)[None] < lengths[:, None])
+  assert (toks[np.arange(3), lengths - 1][np.array(reasons) == 'stop_token'] == stop).all()
+
+
+def _teacher_forced_logits(model, cfg, specs, rollout, G, seed=0):
+  """Logits that predict each completion token, from one full forward (no cache) over prompt + completion, with
+  positions from ``rope_index`` over the whole sequence: ``[B, N, V]``."""
+  ids, mask, _, grids, pixels = _prompts(cfg, specs, seed)
+  rep = lambda a: np.repeat(a, G, axis=0)  # noqa: E731
+  toks = np.asarray(rollout.tokens_BN)
+  cmask = np.asarray(rollout.completion_mask_BN)
+  full_ids = np.concatenate([rep(ids), np.where(cmask, toks, 0)], 1)
+  full_mask = np.concatenate([rep(mask), cmask.astype(np.int64)], 1)
+  grid_rep = rep(grids)
+  pix_rep = np.concatenate([pixels[b // G] for b in range(len(specs) * G)])
+  pos, _ = rope_index(cfg, full_ids, full_mask, grid_rep)
+  logits, _ = model(jnp.asarray(full_ids), attention_mask_BT=jnp.asarray(full_mask), positions_3BT=jnp.asarray(pos),
+                    pixel_values=jnp.asarray(pix_rep), vision_meta=vision_meta(grid_rep, cfg.vision))
+  T, N = ids.shape[1], toks.shape[1]
+  return np.asarray(logits[:, T - 1:T + N - 1])
+
+
+def test_log_probs_equal_teacher_forced_forward_and_filters_hold(models):
+  cfg, model, _ = models['untied_gqa2_win56']
+  G, N = 4, 12
+  config = SamplingConfig(max_new_tokens=N, temperature=1.3, top_k=12, top_p=0.8,
+                          stop_token_ids=cfg.eos_token_ids)
+  r = sample(model, _batch(cfg), key=jax.random.key(3), config=config, num_samples=G)
+  logits = _teacher_forced_logits(model, cfg, PROMPTS, r, G)
+  toks, cmask = np.asarray(r.tokens_BN), np.asarray(r.completion_mask_BN)
+  assert cmask.sum() > 0.5 * cmask.size
+  want_policy = np.take_along_axis(jax.nn.log_softmax(logits), toks[..., None], -1)[..., 0]
+  filt = np.asarray(ops.sampling_logits(jnp.asarray(logits.reshape(-1, logits.shape[-1])), config)).reshape(
+      logits.shape)
+  want_sampling = np.take_along_axis(jax.nn.log_softmax(filt), toks[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(r.policy_logprobs_BN)[cmask], want_policy[cmask], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(r.sampling_logprobs_BN)[cmask], want_sampling[cmask], atol=1e-4, rtol=0)
+  assert (np.asarray(r.policy_logprobs_BN)[~cmask] == 0).all()
+  # The two differ (temperature + truncation), so the test tells them apart.
+  assert np.abs(want_policy - want_sampling)[cmask].min() > 1e-3
+  # top-k / top-p: every sampled token is inside the filtered set of the teacher-forced logits.
+  chosen = np.take_along_axis(filt, toks[..., None], -1)[..., 0]
+  assert np.isfinite(chosen[cmask]).all()
+  kth = np.sort(logits, -1)[..., -config.top_k]
+  assert (np.take_along_axis(logits, toks[..., None], -1)[..., 0][cmask] >= kth[cmask]).all()
+
+
+def test_next_token_frequencies_follow_softmax_over_temperature(models):
+  cfg, model, _ = models['untied_gqa2_win56']
+  specs = PROMPTS[:1]
+  G, temp = 4096, 0.8
+  r = sample(model, _batch(cfg, specs), key=jax.random.key(11), num_samples=G,
+             config=SamplingConfig(max_new_tokens=1, temperature=temp))
+  first = np.asarray(r.tokens_BN)[:, 0]
+  # Reference logits from an independent full forward (no cache) of the prompt.
+  ids, mask, _, grids, pixels = _prompts(cfg, specs)
+  pos, _ = rope_index(cfg, ids, mask, grids)
+  logits, _ = model(jnp.asarray(ids), attention_mask_BT=jnp.asarray(mask), positions_3BT=jnp.asarray(pos),
+                    pixel_values=jnp.asarray(pixels[0]), vision_meta=vision_meta(grids, cfg.vision))
+  logits = np.asarray(logits[0, -1], np.float64)
+
+  def pvalue(probs):
+    counts = np.bincount(first, minlength=probs.size)
+    big = probs * G >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(probs[big], probs[~big].sum()) * G
+    return stats.chisquare(obs, exp).pvalue
+
+  softmax = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()  # noqa: E731
+  assert len(np.unique(first)) > 10
+  assert pvalue(softmax(logits / temp)) > 1e-3
+  assert pvalue(softmax(logits)) < 1e-6  # the untempered distribution is rejected: the test has power
+
+
+def test_shared_prefill_equals_separate_prefills(models):
+  cfg, model, _ = models['untied_gqa2_win56']
+  G = 4
+  config = SamplingConfig(max_new_tokens=10, temperature=1.0, stop_token_ids=cfg.eos_token_ids)
+  shared = sample(model, _batch(cfg), key=jax.random.key(5), config=config, num_samples=G)
+  # Every prompt written out G times and prefilled separately: B = P*G prefills, G = 1 each.
+  ids, mask, _, grids, pixels = _prompts(cfg)
+  rep = lambda a: np.repeat(a, G, axis=0)  # noqa: E731
+  sep_batch = prepare_prompts(cfg, rep(ids), attention_mask=rep(mask), image_grid_thw=rep(grids),
+                              pixel_values=np.concatenate([pixels[b // G] for b in range(len(PROMPTS) * G)]))
+  separate = sample(model, sep_batch, key=jax.random.key(5), config=config, num_samples=1)
+  np.testing.assert_array_equal(shared.tokens_BN, separate.tokens_BN)
+  np.testing.assert_array_equal(shared.lengths_B, separate.lengths_B)
+  np.testing.assert_array_equal(shared.finish_reason_B, separate.finish_reason_B)
+  np.testing.assert_allclose(shared.policy_logprobs_BN, separate.policy_logprobs_BN, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(shared.sampling_logprobs_BN, separate.sampling_logprobs_BN, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(shared.prompt_index_B, np.arange(len(PROMPTS) * G) // G)
+  # The G samples of one prompt differ from each other (they share the prefix, not the randomness).
+  toks = np.asarray(shared.tokens_BN).reshape(len(PROMPTS), G, -1)
+  assert all(len({tuple(t) for t in toks[p]}) > 1 for p in range(len(PROMPTS)))
+  # Same key, same rollout; another key, another rollout.
+  again = sample(model, _batch(cfg), key=jax.random.key(5), config=config, num_samples=G)
+  np.testing.assert_array_equal(shared.tokens_BN, again.tokens_BN)
+  other = sample(model, _batch(cfg), key=jax.random.key(6), config=config, num_samples=G)
+  assert (np.asarray(other.tokens_BN) != np.asarray(shared.tokens_BN)).any()
+
+
+def test_no_retrace_for_a_new_batch_in_the_same_bucket(models):
+  cfg, model, _ = models['tied_gqa4_win112']
+  config = SamplingConfig(max_new_tokens=6, temperature=0.9, stop_token_ids=cfg.eos_token_ids)
+  kw = dict(length_buckets=(32, 64), patch_buckets=(128, 256))
+  sample(model, _batch(cfg, PROMPTS, 0, **kw), key=jax.random.key(0), config=config, num_samples=2)
+  before = trace_counts()
+  # Other prompt lengths, other image grids (same buckets), another key, and new parameter values.
+  other = ((12, (1, 8, 4)), (2, (1, 2, 6)), (7, (1, 4, 4)))
+  model2 = load_checkpoint_like(model, scale=1.01)
+  for m, specs, seed in ((model, other, 1), (model2, PROMPTS, 2)):
+    b = _batch(cfg, specs, seed, **kw)
+    assert b.input_ids_PT.shape[1] == 32 and b.pixel_values_LC.shape[0] == 128
+    r = sample(m, b, key=jax.random.key(seed), config=config, num_samples=2)
+    jax.block_until_ready(r)
+  assert trace_counts() == before
+  # A prompt past the length bucket does compile a new prefill (and decode: its cache is longer).
+  long = ((40, (1, 4, 4)),) + PROMPTS[1:]
+  sample(model, _batch(cfg, long, 3, **kw), key=jax.random.key(0), config=config, num_samples=2)
+  after = trace_counts()
+  assert after['prefill'] == before['prefill'] + 1 and after['decode'] == before['decode'] + 1
+
+
+def load_checkpoint_like(model, scale):
+  """A copy of ``model`` with every parameter multiplied by ``scale`` (same graph, new values)."""
+  graphdef, state = nnx.split(model)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x * scale, state))
+
+
+def _first_stop(row, stop_tokens, stop_seqs, N):
+  """Expected (length, reason) of one row, scanned on the host from an unconstrained completion."""
+  for i in range(N):
+    if row[i] in stop_tokens:
+      return i + 1, 'stop_token'
+    if any(i + 1 >= len(s) and tuple(row[i + 1 - len(s):i + 1]) == s for s in stop_seqs):
+      return i + 1, 'stop_sequence'
+  return N, 'length'
+
+
+def test_stop_tokens_stop_sequences_and_early_exit(models):
+  cfg, model, _ = models['untied_gqa2_win56']
+  N, batch = 16, _batch(cfg)
+  base = SamplingConfig(max_new_tokens=N, greedy=True)
+  free = np.asarray(sample(model, batch, key=jax.random.key(0), config=base, num_samples=1).tokens_BN)
+  # A two-token stop sequence from row 0 and stop tokens from rows 1, 2: every row stops before N.
+  seq = (int(free[0, 6]), int(free[0, 7]))
+  stop_tokens = (int(free[1, 9]), int(free[2, 3]))
+  config = SamplingConfig(max_new_tokens=N, greedy=True, stop_token_ids=stop_tokens, stop_sequences=(seq,))
+  r = sample(model, batch, key=jax.random.key(0), config=config, num_samples=1)
+  expected = [_first_stop(free[b].tolist(), stop_tokens, (seq,), N) for b in range(3)]
+  lengths = np.asarray(r.lengths_B)
+  assert [(int(n), why) for n, why in zip(lengths, r.finish_reasons())] == expected
+  assert 'stop_sequence' in r.finish_reasons() and 'stop_token' in r.finish_reasons()
+  toks = np.asarray(r.tokens_BN)
+  for b, (n, _) in enumerate(expected):
+    np.testing.assert_array_equal(toks[b, :n], free[b, :n])
+    assert (toks[b, n:] == cfg.pad_token_id).all()
+  assert int(r.num_steps) == max(n for n, _ in expected) < N  # the loop exits once every row is done
+
+
+def test_padding_prompts_start_done_and_leave_real_rows_unchanged(models):
+  cfg, model, _ = models['untied_gqa2_win56']
+  config = SamplingConfig(max_new_tokens=8, temperature=1.0)
+  plain = sample(model, _batch(cfg), key=jax.random.key(9), config=config, num_samples=2)
+  padded = sample(model, _batch(cfg, num_prompts=5), key=jax.random.key(9), config=config, num_samples=2)
+  np.testing.assert_array_equal(np.asarray(padded.tokens_BN)[:6], plain.tokens_BN)
+  np.testing.assert_allclose(np.asarray(padded.policy_logprobs_BN)[:6], plain.policy_logprobs_BN, atol=1e-5, rtol=0)
+  assert padded.finish_reasons()[6:] == ['masked'] * 4
+  assert (np.asarray(padded.lengths_B)[6:] == 0).all() and not np.asarray(padded.completion_mask_BN)[6:].any()
+
+
+def test_lora_adapters_on_and_off(models, tiny_hf_checkpoints):
+  from medad_jax.model.lora import LoraConfig, apply_lora, merge_lora
+  cfg, base, _ = models['untied_gqa2_win56']
+  path = tiny_hf_checkpoints['untied_gqa2_win56'][1]
+  adapted = load_checkpoint(path, cfg=cfg)[0]
+  apply_lora(adapted, LoraConfig(rank=4, alpha=8.0))
+  rng = np.random.default_rng(0)
+  for _, m in nnx.iter_modules(adapted):
+    if getattr(m, 'lora_b', None) is not None:  # B = 0 at init would make the adapters a no-op
+      m.lora_b.value = jnp.asarray(rng.normal(size=m.lora_b.value.shape).astype(np.float32) * 0.2)
+  merged = load_checkpoint_like(adapted, 1.0)
+  merge_lora(merged)
+  config = SamplingConfig(max_new_tokens=10, greedy=True)
+  batch = _batch(cfg)
+  run = lambda m, **kw: sample(m, batch, key=jax.random.key(0), config=config, num_samples=1, **kw)  # noqa: E731
+  on, off = run(adapted), run(adapted, adapters=False)
+  ref_on, ref_off = run(merged), run(base)
+  np.testing.assert_array_equal(on.tokens_BN, ref_on.tokens_BN)
+  np.testing.assert_allclose(on.policy_logprobs_BN, ref_on.policy_logprobs_BN, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(off.tokens_BN, ref_off.tokens_BN)
+  np.testing.assert_array_equal(off.policy_logprobs_BN, ref_off.policy_logprobs_BN)  # adapters off is bit-exact
+  assert (np.asarray(on.tokens_BN) != np.asarray(off.tokens_BN)).any()  # the adapters do change the policy
+
+
+def test_sharded_mesh_gives_the_single_device_rollout(models, tiny_hf_checkpoints):
+  from medad_jax.sharding import make_mesh, shard_model
+  cfg, model, _ = models['tied_gqa4_win112']
+  specs = PROMPTS + ((5, (1, 2, 2)), (1, (1, 4, 2)), (4, (1, 2, 8)), (8, (1, 2, 4)), (2, (1, 6, 2)))
+  config = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=50)
+  batch = _batch(cfg, specs)
+  single = sample(model, batch, key=jax.random.key(4), config=config, num_samples=2)
+  mesh = make_mesh(data=2, fsdp=4)
+  sharded_model = shard_model(load_checkpoint(tiny_hf_checkpoints['tied_gqa4_win112'][1], cfg=cfg)[0], mesh)
+  r = sample(sharded_model, batch, key=jax.random.key(4), config=config, num_samples=2, mesh=mesh)
+  assert len(r.tokens_BN.sharding.device_set) == 8
+  np.testing.assert_array_equal(r.tokens_BN, single.tokens_BN)
+  np.testing.assert_allclose(r.policy_logprobs_BN, single.policy_logprobs_BN, atol=1e-4, rtol=0)
+
+
+def test_bad_inputs_get_clear_errors(models):
+  cfg = models['untied_gqa2_win56'][0]
+  ids, mask, pix, grids, _ = _prompts(cfg)
+  with pytest.raises(ValueError, match='prompt length .* exceeds the largest bucket 8'):
+    prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grids, length_buckets=(8,))
+  with pytest.raises(ValueError, match='pixel_values has 71 patches but image_grid_thw'):
+    prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix[:-1], image_grid_thw=grids)
+  with pytest.raises(ValueError, match=r'prompt 1: token ids span .*expected ids in \[0, 512\)'):
+    prepare_prompts(cfg, [[1, 2], [3, 9999]])
+  with pytest.raises(ValueError, match='prompt 0 has no real tokens'):
+    prepare_prompts(cfg, np.ones((2, 4)), attention_mask=np.array([[0, 0, 0, 0], [1, 1, 1, 1]]))
+  with pytest.raises(ValueError, match='pad_token_id=151643 is outside the vocabulary'):
+    prepare_prompts(cfg.replace(pad_token_id=151643), [[1, 2]])
+  with pytest.raises(ValueError, match='num_prompts=2 is smaller than the 3 prompts'):
+    prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grids, num_prompts=2)
+  with pytest.raises(ValueError, match='pixel_values and image_grid_thw must be given together'):
+    prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix)
