@@ -328,15 +328,15 @@ class RewardBreakdown:
 
 
 class PendingRewards:
-  """Rewards whose judge call is in flight; :meth:`result` blocks until the verdicts are back."""
+  """Rewards whose judge call is in flight; :meth:`result` blocks until the verdicts are back.
 
-  def __init__(self, parsed, answers, weights, idx, future, options):
-    self._parsed, self._answers, self._weights = parsed, answers, weights
-    self._idx, self._future, self._options = idx, future, options
-    # Format and accuracy need no network: computed now so only R_con waits.
-    n = len(parsed)
-    self.fmt = format_reward([''] * n, parsed=parsed)
-    self.acc = accuracy_reward([''] * n, answers=answers, parsed=parsed)
+  ``fmt`` and ``acc`` (``[N]`` float32) need no network and are ready at once.
+  """
+
+  def __init__(self, completions, parsed, fmt, acc, weights, idx, future):
+    self._completions, self._parsed, self._weights = completions, parsed, weights
+    self._idx, self._future = idx, future
+    self.fmt, self.acc = fmt, acc
 
   def done(self) -> bool:
     return self._future is None or self._future.done()
@@ -349,10 +349,10 @@ class PendingRewards:
       judge_result = self._future.result(timeout)
       letters = list(judge_result.letters)
       if len(letters) != len(self._idx):
-        raise RuntimeError(f'judge returned {len(letters)} verdicts for {len(self._idx)} requests')
+        raise RuntimeError(f'judge returned {len(letters)} verdicts for {len(self._idx)} judged rollouts')
       for i, v in zip(self._idx, letters):
         verdicts[i] = v
-    con = consistency_reward([''] * n, verdicts=verdicts, parsed=self._parsed)
+    con = consistency_reward(self._completions, verdicts=verdicts, parsed=self._parsed)
     judged = np.zeros(n, bool)
     judged[self._idx] = True
     return RewardBreakdown(fmt=self.fmt, acc=self.acc, con=con,
@@ -363,17 +363,20 @@ class PendingRewards:
 def start_scoring(completions: Sequence[str], *, answers: Sequence[str], questions: Sequence[str],
                   options: Sequence[Sequence[str]] | None, judge: BatchJudge,
                   weights: RewardWeights = RewardWeights()) -> PendingRewards:
-  """Parse the batch, submit the judge call for R_con, and return at once.
+  """Parse the batch, compute R_fmt and R_acc, submit the judge call for R_con, and return at once.
 
   The trainer calls this right after sampling, runs device work (reference log-probs) and then calls
   ``.result()``, so the accelerator never waits on the network. ``questions[i]`` is the formatted question with
-  its options (what the judge reads), ``options[i]`` the option texts, ``answers[i]`` the ground-truth letter.
+  its options (what the judge reads), ``options[i]`` the option texts (or None: letters only), ``answers[i]``
+  the ground-truth letter. Bad metadata raises before anything is sent.
   """
+  completions = list(completions)
   parsed = parse_completions(completions, options)
-  _check_len('answers', answers, len(parsed))
+  fmt = format_reward(completions, parsed=parsed)
+  acc = accuracy_reward(completions, answers=answers, parsed=parsed)
   idx, qs, ts = judge_inputs(parsed, questions)
   future = judge.submit(qs, ts) if idx else None
-  return PendingRewards(parsed, list(answers), weights, idx, future, options)
+  return PendingRewards(completions, parsed, fmt, acc, weights, idx, future)
 
 
 def score_batch(completions: Sequence[str], **kwargs) -> RewardBreakdown:

@@ -94,7 +94,7 @@ def param_sharding_fn(mesh: Mesh):
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
   """A State of NamedShardings with the same structure as ``state``."""
-  flat = [(p, NamedSharding(mesh, param_spec(p, v.value.shape, mesh))) for p, v in nnx.to_flat_state(state)]
+  flat = [(p, NamedSharding(mesh, param_spec(p, v.get_value().shape, mesh))) for p, v in nnx.to_flat_state(state)]
   return jax.tree.map(lambda x: x, nnx.from_flat_state(flat))
 
 
@@ -102,7 +102,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Places every variable of ``model`` onto its sharding, in place."""
   state = nnx.state(model)
   for p, v in nnx.to_flat_state(state):
-    v.value = jax.device_put(v.value, NamedSharding(mesh, param_spec(p, v.value.shape, mesh)))
+    v.set_value(jax.device_put(v.get_value(), NamedSharding(mesh, param_spec(p, v.get_value().shape, mesh))))
   return model
 
 

@@ -19,7 +19,7 @@ def _our_hf_shapes(cfg):
   out = {}
   for path, v in nnx.to_flat_state(nnx.state(abstract, BASE_PARAMS)):
     key, transform = ckpt.path_to_hf_key(tuple(path))
-    shape = tuple(v.value.shape)
+    shape = tuple(v.get_value().shape)
     if transform == 'linear':
       shape = shape[::-1]
     elif transform == 'patch':
@@ -98,7 +98,7 @@ def test_export_loads_in_transformers_with_same_weights(tiny_hf_checkpoints, tmp
   again, _ = ckpt.load_checkpoint(out)
   for (p, v), (_, w) in zip(nnx.to_flat_state(nnx.state(model, BASE_PARAMS)),
                             nnx.to_flat_state(nnx.state(again, BASE_PARAMS))):
-    assert np.array_equal(np.asarray(v.value), np.asarray(w.value)), p
+    assert np.array_equal(np.asarray(v.get_value()), np.asarray(w.get_value())), p
 
 
 def _copy(src, dst):

@@ -342,10 +342,16 @@ def test_judge_call_overlaps_device_work(server):
   import jax
   import jax.numpy as jnp
 
-  server.delay_s = 1.0
-  judge = make_judge(fast_cfg('sglang', server.url, timeout_s=5.0))
+  server.hold()  # the judge answers only when the test says so
+  judge = make_judge(fast_cfg('sglang', server.url, timeout_s=30.0, deadline_s=60.0))
   comps = [f'<think>{t}</think><answer>{v}</answer>' for t, v in zip(THOUGHTS, EXPECTED)]
+  t0 = time.monotonic()
   pending = R.start_scoring(comps, answers=EXPECTED, questions=QS, options=None, judge=judge)
+  assert time.monotonic() - t0 < 0.5  # submitting does not wait for the network
+  deadline = time.monotonic() + 10
+  while len(server.seen) < 3 and time.monotonic() < deadline:  # 3 chunks of max_batch=4
+    time.sleep(0.01)
+  assert len(server.seen) == 3  # all judge requests are in flight ...
 
   @jax.jit
   def device_work(x_NN):
@@ -353,12 +359,12 @@ def test_judge_call_overlaps_device_work(server):
       x_NN = jnp.tanh(x_NN @ x_NN)
     return x_NN.sum()
 
-  float(device_work(jnp.ones((256, 256)) / 256))  # the "reference log-probs" step
-  t_device_done = time.monotonic()
-  assert not pending.done()  # the device finished while the judge was still answering
-  assert server.seen and server.seen[0].t_arrival < t_device_done  # the request was in flight meanwhile
-  out = pending.result(timeout=10)
+  value = float(device_work(jnp.ones((256, 256)) / 256))  # ... while the "reference log-probs" step runs
+  assert np.isfinite(value) and not pending.done()  # the device finished first; the judge is still out
+  server.release()
+  out = pending.result(timeout=30)
   assert out.con.tolist() == [1.0] * len(comps) and out.judge_result.letters == EXPECTED
+  assert judge.metrics['retries'] == 0
   judge.close()
 
 
@@ -377,3 +383,16 @@ def test_api_key_is_sent_but_never_logged(server, monkeypatch, caplog):
   monkeypatch.delenv('MEDAD_TEST_JUDGE_KEY')
   with pytest.raises(ValueError, match="'MEDAD_TEST_JUDGE_KEY' is not set"):
     make_judge(cfg)
+
+
+def test_scoring_surfaces_a_down_judge():
+  srv = FakeSGLangServer(FIXTURES).start()
+  url = srv.url
+  srv.stop()
+  judge = make_judge(fast_cfg('sglang', url, max_retries=1))
+  comps = [f'<think>{t}</think><answer>{v}</answer>' for t, v in zip(THOUGHTS, EXPECTED)]
+  pending = R.start_scoring(comps, answers=EXPECTED, questions=QS, options=None, judge=judge)
+  assert pending.fmt.tolist() == [1.0] * 10 and pending.acc.tolist() == [1.0] * 10  # ready without the judge
+  with pytest.raises(JudgeUnavailableError, match="on_failure='raise'"):
+    pending.result(timeout=30)  # never a silent R_con of 0
+  judge.close()

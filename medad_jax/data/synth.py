@@ -103,7 +103,8 @@ class SynthImage:
   region: str | None  # region of the lesion-mask centroid
   centroid: tuple[float, float] | None  # normalized (x, y)
   pixels: np.ndarray  # [H, W, 3] uint8
-  lesion_mask: np.ndarray  # [H, W] bool, alpha >= 0.5
+  lesion_mask: np.ndarray  # [H, W] bool, alpha >= 0.5: the lesion proper (its centroid gives the region)
+  lesion_footprint: np.ndarray  # [H, W] bool, alpha > 0: every pixel the lesion touches
   png: bytes
 
 
@@ -375,7 +376,7 @@ def render_modality(modality: str, t: np.ndarray, rng: np.random.Generator) -> n
 # ---------------------------------------------------------------------------------------------- lesions
 
 
-_LESION_REACH = 0.16  # bound on every lesion footprint's radius (largest: Mass, 0.12 * 1.22 * 1.05)
+_LESION_REACH = 0.16  # bound on every lesion footprint's radius (Mass: 0.12 * 1.22 * 1.05; Infiltrate: 0.11 * 1.39)
 
 
 def lesion_alpha(pathology: str, cx: float, cy: float, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator):
@@ -412,11 +413,11 @@ def lesion_alpha(pathology: str, cx: float, cy: float, X: np.ndarray, Y: np.ndar
         alpha = np.maximum(alpha, np.clip((1.0 - d) / 0.15 + 0.5, 0, 1))
     return alpha, np.full(shape, 1.0, np.float32)
   if pathology == 'Infiltrate':
-    r = rng.uniform(0.085, 0.105)
+    r = rng.uniform(0.09, 0.11)
     ang = rng.uniform(0, np.pi)
-    d = _ellipse(X, Y, cx, cy, r, r * rng.uniform(0.6, 0.8), ang)
-    alpha = 0.85 * np.exp(-2.0 * d ** 2)
-    alpha = np.where(alpha < 0.05, 0.0, alpha).astype(np.float32)  # a finite footprint (d < ~1.2)
+    d = _ellipse(X, Y, cx, cy, r, r * rng.uniform(0.65, 0.85), ang)
+    alpha = 0.9 * np.exp(-1.5 * d ** 2)
+    alpha = np.where(alpha < 0.05, 0.0, alpha).astype(np.float32)  # a finite footprint (d < ~1.4)
     streak = np.sin(70 * (np.cos(ang) * (X - cx) + np.sin(ang) * (Y - cy)) + _smooth_noise(rng, shape, (6, 6)))
     return alpha, (0.88 + 0.12 * streak).astype(np.float32)
   raise ValueError(f'unknown pathology {pathology!r}')
@@ -482,6 +483,9 @@ class SynthPlan:
       idx = np.nonzero(self.is_test == flag)[0]
       self.position[idx] = np.arange(len(idx))
 
+  def image_id(self, k: int) -> str:
+    return f'synth{self.cfg.seed}-{k:06d}'
+
   def split(self, k: int) -> str:
     return 'test' if self.is_test[k] else 'train'
 
@@ -515,19 +519,20 @@ def generate_image(plan: SynthPlan, k: int, *, with_lesion: bool = True) -> Synt
   region = regions.REGIONS[int(r_label.integers(len(regions.REGIONS)))]
   size = cfg.image_size
   t = anatomy_map(anatomy, size, r_anat)
-  mask = np.zeros((size, size), bool)
+  mask = footprint = np.zeros((size, size), bool)
   centroid = None
   if abnormal:
     alpha, target = place_lesion(pathology, region, t, field_of_view(modality, size), r_lesion)
-    mask = alpha >= 0.5
+    mask, footprint = alpha >= 0.5, alpha > 0
     centroid = mask_centroid(mask)
     region = regions.region_of(*centroid)  # the label is read off the drawn mask
     if with_lesion:
       t = apply_lesion(t, alpha, target)
   pixels = (render_modality(modality, t, r_mod) * 255.0 + 0.5).astype(np.uint8)
-  return SynthImage(index=k, image_id=f'synth{cfg.seed}-{k:06d}', split=plan.split(k), modality=modality,
+  return SynthImage(index=k, image_id=plan.image_id(k), split=plan.split(k), modality=modality,
                     anatomy=anatomy, pathology=pathology if abnormal else None, region=region if abnormal else None,
-                    centroid=centroid, pixels=pixels, lesion_mask=mask, png=encode_png(pixels))
+                    centroid=centroid, pixels=pixels, lesion_mask=mask, lesion_footprint=footprint,
+                    png=encode_png(pixels))
 
 
 def correct_option(img: SynthImage, task: str) -> str:

@@ -220,7 +220,7 @@ _COT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     'anomaly_detection/normal': (
         ('The {anat} shows its usual texture and no focal lesion anywhere in the field.',
          'I see only {ev}, with uniform texture and nothing that stands out.'),
-        ('Therefore the image appears normal, which is option {L}.', 'With no lesion visible, the answer is {L}: {ans}.')),
+        ('Therefore the answer is {ans}, option {L}.', 'With no lesion visible, the answer is {L}: {ans}.')),
     'pathology_characterization/abnormal': (
         ('The lesion is {ev}.', 'In the {where} there is {ev}.'),
         ('These features are typical of {ans}, so the answer is {L}.', 'That pattern characterizes {ans} (option {L}).')),

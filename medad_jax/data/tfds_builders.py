@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from medad_jax.data import loader, synth
@@ -127,6 +128,17 @@ def _set_index_metadata(info: tfds.core.DatasetInfo, groups: dict[str, dict[str,
 # ---------------------------------------------------------------------------------------------- builders
 
 
+class _PackagedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Pins ``code_path`` to this file. TFDS's default for builders inside a package probes
+  ``importlib_resources.abc.Traversable``, which needs the optional ``importlib_resources`` backport (an
+  ``etils[epath]`` extra that this environment lacks); the file path is what it would compute anyway."""
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+
 @dataclasses.dataclass(eq=False)
 class MedadSynthConfig(tfds.core.BuilderConfig):
   synth: synth.SynthConfig = synth.SynthConfig()
@@ -137,7 +149,7 @@ def synth_builder_config(cfg: synth.SynthConfig) -> MedadSynthConfig:
   return MedadSynthConfig(name=name, synth=cfg, description=f'medad-synth {cfg}')
 
 
-class MedadSynth(tfds.core.GeneratorBasedBuilder):
+class MedadSynth(_PackagedBuilder):
   """``medad-synth`` images with five VQA questions each (see ``medad_jax.data.synth``)."""
   VERSION = tfds.core.Version('1.0.0')
   BUILDER_CONFIGS = [synth_builder_config(c) for c in (synth.SynthConfig.tiny(), synth.SynthConfig.small(),
@@ -152,7 +164,7 @@ class MedadSynth(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config.synth
     plan = synth.SynthPlan(cfg)
     ids = {s: [k for k in range(cfg.num_images) if plan.split(k) == s] for s in ('train', 'test')}
-    self.info.metadata['image_ids'] = {s: [f'synth{cfg.seed}-{k:06d}' for k in ks] for s, ks in ids.items()}
+    self.info.metadata['image_ids'] = {s: [plan.image_id(k) for k in ks] for s, ks in ids.items()}
     self.info.metadata['qa_counts'] = {s: [len(TASKS)] * len(ks) for s, ks in ids.items()}
     return {s: self._generate_examples(ks) for s, ks in ids.items() if ks}
 
@@ -168,7 +180,7 @@ class Medad38kConfig(tfds.core.BuilderConfig):
   check_images: bool = True
 
 
-class Medad38k(tfds.core.GeneratorBasedBuilder):
+class Medad38k(_PackagedBuilder):
   """MedAD-38K (paper §3.1) from a directory of ``*.jsonl`` + images (``medad_jax.data.loader`` layout)."""
   VERSION = tfds.core.Version('1.0.0')
   MANUAL_DOWNLOAD_INSTRUCTIONS = (

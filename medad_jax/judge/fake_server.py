@@ -15,8 +15,9 @@ The fixtures (``tests/fixtures/sglang/``, captured from SGLang 0.5.23) define th
 Fault injection: :meth:`FakeSGLangServer.inject` queues faults consumed one per POST: ``'drop'`` (close the
 connection without a response), ``'slow'`` (answer after ``slow_s``), ``'500'`` / ``'503'``, ``'garbage'``
 (200 with a non-JSON body), ``'truncate'`` (a list reply missing its last item: a partial batch) and
-``'abort_item'`` (first item finishes with ``abort``). ``delay_s`` slows every POST; ``stop()`` then ``start()``
-on the same port simulates a restart.
+``'abort_item'`` (first item finishes with ``abort``). ``delay_s`` slows every POST; ``hold()`` keeps requests
+unanswered until ``release()``; ``stop()`` (which also drops open connections) then ``start()`` on the same port
+simulates a restart.
 
 Run as a process: ``python -m medad_jax.judge.fake_server --port 30000 [--startup-delay S] [--unhealthy]``
 (unknown arguments such as ``--model-path`` are accepted and ignored, like a drop-in for SGLang's launcher).
@@ -131,6 +132,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         body = raw
       fake.seen.append(Seen(self.path, body, time.monotonic(), dict(self.headers.items())))
       fault = fake._next_fault()
+      while not fake._go.wait(0.02) and not fake._stopping.is_set():
+        pass  # held: answer only after release()
       if fake.delay_s:
         fake._stopping.wait(fake.delay_s)
       if fault == 'drop':
@@ -202,6 +205,8 @@ class FakeSGLangServer:
     self._lock = threading.Lock()
     self._in_flight_n = 0
     self._stopping = threading.Event()
+    self._go = threading.Event()
+    self._go.set()
     self._httpd: _Server | None = None
     self._thread: threading.Thread | None = None
 
@@ -247,6 +252,13 @@ class FakeSGLangServer:
     with self._lock:
       self._faults.extend(faults)
 
+  def hold(self) -> None:
+    """Keep every POST waiting (received, unanswered) until :meth:`release`."""
+    self._go.clear()
+
+  def release(self) -> None:
+    self._go.set()
+
   def _next_fault(self) -> str | None:
     with self._lock:
       return self._faults.popleft() if self._faults else None
@@ -270,9 +282,9 @@ class FakeSGLangServer:
       body = json.loads(raw)
     except ValueError as e:
       tmpl = copy.deepcopy(self.fixtures['error_bad_json_body']['response'])
-      tmpl['json']['message'] = (f"1 validation error:\n  {{'type': 'json_invalid', 'loc': ('body', {getattr(e, 'pos', 0)}), "
-                                 f"'msg': 'JSON decode error', 'input': {{}}, "
-                                 f"'ctx': {{'error': '{getattr(e, 'msg', e)}'}}}}")
+      pos, msg = getattr(e, 'pos', 0), getattr(e, 'msg', str(e))
+      tmpl['json']['message'] = (f"1 validation error:\n  {{'type': 'json_invalid', 'loc': ('body', {pos}), "
+                                 f"'msg': 'JSON decode error', 'input': {{}}, 'ctx': {{'error': '{msg}'}}}}")
       return tmpl['status'], tmpl['json']
     for rec in self.fixtures.values():  # a captured request replays its captured response
       req = rec['request']

@@ -85,9 +85,10 @@ def extract_conclusion(thought: str, options: Sequence[str] | None = None,
   """The option the thought concludes: the last sentence naming any option decides.
 
   Sentences are split at line breaks and at ``.``/``!``/``?`` followed by whitespace; an option marker such as
-  ``B.`` stays with the text after it (``B. Liver`` is one sentence). Walking back from the end, the first sentence with a mention
-  (:func:`medad_jax.rewards.letter_mentions`: option text, "answer is C", "(B)", a standalone capital) decides:
-  exactly one letter in ``letters`` -> it, several -> None (the conclusion is ambiguous). No mention -> None.
+  ``B.`` stays with the text after it (``B. Liver`` is one sentence). Walking back from the end, the first
+  sentence with a mention (:func:`medad_jax.rewards.letter_mentions`: option text, "answer is C", "(B)", a
+  standalone capital) decides: exactly one letter in ``letters`` -> it, several -> None (the conclusion is
+  ambiguous). No mention -> None.
   """
   for sentence in reversed(_sentences(thought)):
     found = letter_mentions(sentence, options)

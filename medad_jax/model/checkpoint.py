@@ -267,7 +267,7 @@ def _assign(flat_targets: dict[tuple, Any], get_tensor: Callable[[str], np.ndarr
       unexpected.append(key)
       continue
     tgt = flat_targets[path]
-    shape, dtype = tgt.value.shape, tgt.value.dtype
+    shape, dtype = tgt.get_value().shape, tgt.get_value().dtype
     arr = _check_and_convert(key, get_tensor(key), transform, shape, dtype, where)
     sharding = (shardings or {}).get(path)
     if sharding is not None:
@@ -283,7 +283,8 @@ def _assign(flat_targets: dict[tuple, Any], get_tensor: Callable[[str], np.ndarr
     names = []
     for p in missing[:10]:
       hf = path_to_hf_key(prefix + p)
-      shape = _hf_shape(hf[1], flat_targets[p].value.shape) if hf else tuple(flat_targets[p].value.shape)
+      tshape = flat_targets[p].get_value().shape
+      shape = _hf_shape(hf[1], tshape) if hf else tuple(tshape)
       names.append(f'{hf[0] if hf else "/".join(map(str, p))} (expected shape {shape})')
     raise CheckpointError(f'{where}: missing keys: {names}{" ..." if len(missing) > 10 else ""} '
                           f'({len(missing)} in all)')
@@ -303,7 +304,7 @@ def load_hf_tensors(module: nnx.Module, tensors: Mapping[str, np.ndarray], *, wh
     tied = prefix == () and getattr(module, 'lm_head', None) is None
   loaded = _assign(flat, lambda k: np.asarray(tensors[k]), list(tensors), prefix, where, tied, None)
   for path, arr in loaded.items():
-    flat[path].value = arr
+    flat[path].set_value(arr)
   return module
 
 
@@ -329,10 +330,10 @@ def load_checkpoint(path: str, *, cfg: Qwen25VLConfig | None = None, dtype: str 
   abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   flat = _flat_params(nnx.state(abstract, BASE_PARAMS))
-  shard_map_ = {p: shardings(p, v.value) for p, v in flat.items()} if shardings else None
+  shard_map_ = {p: shardings(p, v.get_value()) for p, v in flat.items()} if shardings else None
   loaded = _assign(flat, reader.get, reader.keys(), (), path, cfg.text.tie_word_embeddings, shard_map_)
   for p, v in flat.items():
-    v.value = loaded[p]
+    v.set_value(loaded[p])
   model = nnx.merge(graphdef, nnx.state(abstract))
   log.info('loaded %d tensors from %s', len(loaded), path)
   if lora is not None:
@@ -357,7 +358,7 @@ def hf_tensors_from_model(model: nnx.Module, *, merge_lora: bool = True, dtype: 
     if hit is None:
       raise CheckpointError(f'parameter {"/".join(map(str, path))} has no entry in HF_TABLE')
     key, transform = hit
-    arr = np.asarray(jax.device_get(lora.get(path, v.value)))
+    arr = np.asarray(jax.device_get(lora.get(path, v.get_value())))
     out[key] = TRANSFORMS[transform][1](arr, hf_shapes.get(key))
     if dtype is not None:
       out[key] = out[key].astype(_np_dtype(dtype))

@@ -67,7 +67,7 @@ class Linear(nnx.Module):
 
   def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dropout: float = 0.0):
     """Attaches an adapter (A ~ N(0, 1/rank)-scaled Kaiming-like, B = 0 so the adapted model starts equal)."""
-    pd = self.kernel.value.dtype
+    pd = self.kernel.get_value().dtype
     self.lora_a = nnx.LoRAParam(
         jax.random.normal(rngs.params(), (self.in_features, rank), pd) / jnp.sqrt(self.in_features).astype(pd))
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), pd))
@@ -76,16 +76,16 @@ class Linear(nnx.Module):
 
   def __call__(self, x_I: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     x = x_I.astype(self.dtype)
-    y = x @ self.kernel.value.astype(self.dtype)
+    y = x @ self.kernel.get_value().astype(self.dtype)
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias.get_value().astype(self.dtype)
     if self.lora_a is not None and lora_enabled():
       xa = x
       if self.lora_dropout > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
         xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
-      y_R = xa @ self.lora_a.value.astype(self.dtype)
-      y = y + (y_R @ self.lora_b.value.astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+      y_R = xa @ self.lora_a.get_value().astype(self.dtype)
+      y = y + (y_R @ self.lora_b.get_value().astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
     return y
 
 
@@ -101,7 +101,7 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     x32 = x32 * jax.lax.rsqrt(var + self.eps)
-    return self.scale.value.astype(in_dtype) * x32.astype(in_dtype)
+    return self.scale.get_value().astype(in_dtype) * x32.astype(in_dtype)
 
 
 class Embed(nnx.Module):
@@ -112,7 +112,7 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), _dtype(param_dtype)))
 
   def __call__(self, ids_BT: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding.value, ids_BT, axis=0).astype(self.dtype)
+    return jnp.take(self.embedding.get_value(), ids_BT, axis=0).astype(self.dtype)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
-    return x_BTD @ self.embedding.value.astype(self.dtype).T
+    return x_BTD @ self.embedding.get_value().astype(self.dtype).T

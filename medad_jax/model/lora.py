@@ -63,8 +63,8 @@ def _adapted(model):
 
 
 def _delta(lin: Linear) -> jax.Array:
-  a = lin.lora_a.value.astype(jnp.float32)
-  b = lin.lora_b.value.astype(jnp.float32)
+  a = lin.lora_a.get_value().astype(jnp.float32)
+  b = lin.lora_b.get_value().astype(jnp.float32)
   return (a @ b) * lin.lora_scale
 
 
@@ -72,7 +72,7 @@ def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
   """{kernel path: kernel + A @ B * alpha / r} for each adapted Linear (the model is not changed)."""
   out = {}
   for path, lin in _adapted(model):
-    k = lin.kernel.value
+    k = lin.kernel.get_value()
     out[tuple(path) + ('kernel',)] = (k.astype(jnp.float32) + _delta(lin)).astype(k.dtype)
   return out
 
@@ -81,8 +81,8 @@ def merge_lora(model: nnx.Module) -> int:
   """Folds every adapter into its kernel and removes it, in place. Returns how many were merged."""
   n = 0
   for _, lin in _adapted(model):
-    k = lin.kernel.value
-    lin.kernel.value = (k.astype(jnp.float32) + _delta(lin)).astype(k.dtype)
+    k = lin.kernel.get_value()
+    lin.kernel.set_value((k.astype(jnp.float32) + _delta(lin)).astype(k.dtype))
     lin.lora_a = None
     lin.lora_b = None
     lin.lora_scale = 0.0
@@ -94,8 +94,8 @@ def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
   out = {}
   for path, lin in _adapted(model):
     p = _path_str(path)
-    out[f'{p}/lora_a'] = np.asarray(jax.device_get(lin.lora_a.value))
-    out[f'{p}/lora_b'] = np.asarray(jax.device_get(lin.lora_b.value))
+    out[f'{p}/lora_a'] = np.asarray(jax.device_get(lin.lora_a.get_value()))
+    out[f'{p}/lora_b'] = np.asarray(jax.device_get(lin.lora_b.get_value()))
   return out
 
 
@@ -108,7 +108,7 @@ def save_adapters(model: nnx.Module, path: str) -> str:
     raise ValueError('the model has no LoRA adapters to save')
   os.makedirs(path, exist_ok=True)
   save_file(adapter_tensors(model), os.path.join(path, 'adapters.safetensors'))
-  meta = {'modules': {_path_str(p): {'rank': int(l.lora_a.value.shape[1]), 'scale': l.lora_scale,
+  meta = {'modules': {_path_str(p): {'rank': int(l.lora_a.get_value().shape[1]), 'scale': l.lora_scale,
                                      'dropout': l.lora_dropout} for p, l in adapted}}
   with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
     json.dump(meta, f, indent=2)
@@ -137,7 +137,7 @@ def load_adapters(model: nnx.Module, path: str) -> nnx.Module:
     want_a, want_b = (lin.in_features, m['rank']), (m['rank'], lin.out_features)
     if a.shape != want_a or b.shape != want_b:
       raise ValueError(f'{ten_f}: {name} adapter shapes {a.shape}, {b.shape}; the model expects {want_a}, {want_b}')
-    pd = lin.kernel.value.dtype
+    pd = lin.kernel.get_value().dtype
     lin.lora_a = nnx.LoRAParam(jnp.asarray(a, pd))
     lin.lora_b = nnx.LoRAParam(jnp.asarray(b, pd))
     lin.lora_scale = float(m['scale'])

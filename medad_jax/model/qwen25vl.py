@@ -14,6 +14,8 @@ Positions are always given by the caller: the prompt's come from :func:`medad_ja
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +124,23 @@ class Qwen25VL(nnx.Module):
 # ----------------------------------------------------------------------------- greedy decoding (cache check)
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_len'))
+def _greedy_prefill(graphdef, state, ids_BT, mask_BT, positions_3BT, pixels_LP, meta, *, max_len: int):
+  m = nnx.merge(graphdef, state)
+  logits, cache = m(ids_BT, attention_mask_BT=mask_BT, positions_3BT=positions_3BT, pixel_values=pixels_LP,
+                    vision_meta=meta, cache=m.init_cache(ids_BT.shape[0], max_len), cache_index=0)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef',))
+def _greedy_step(graphdef, state, tok_B, cache, index, rope_deltas_B):
+  m = nnx.merge(graphdef, state)
+  # Finished rows keep feeding (pad) tokens marked valid, as transformers' generate does; their output is discarded.
+  logits, cache = m(tok_B[:, None], attention_mask_BT=jnp.ones((tok_B.shape[0], 1), jnp.int32),
+                    positions_3BT=continuation_positions(index, rope_deltas_B), cache=cache, cache_index=index)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
 def greedy_generate(model: Qwen25VL, inputs: dict, max_new_tokens: int,
                     eos_token_ids: tuple[int, ...] | None = None) -> np.ndarray:
   """Greedy continuation ``[B, max_new_tokens]`` (int32) of left-padded prompts, one jitted step per token.
@@ -136,30 +155,14 @@ def greedy_generate(model: Qwen25VL, inputs: dict, max_new_tokens: int,
   ids = np.asarray(inputs['input_ids'], np.int32)
   B, T = ids.shape
   mask = np.asarray(inputs.get('attention_mask', np.ones_like(ids)), np.int32)
-  grid = inputs.get('image_grid_thw')
-  pixels = inputs.get('pixel_values')
+  grid, pixels = inputs.get('image_grid_thw'), inputs.get('pixel_values')
   if (pixels is None) != (grid is None):
     raise ValueError('inputs: pixel_values and image_grid_thw must be given together')
   positions, deltas = rope_index(cfg, ids, mask, grid)
   meta = None if grid is None else vision_lib.vision_meta(np.asarray(grid), cfg.vision)
   graphdef, state = nnx.split(model)
-  S = T + max_new_tokens
-
-  @jax.jit
-  def prefill(state, ids, mask, positions, pixels, meta):
-    m = nnx.merge(graphdef, state)
-    logits, cache = m(ids, attention_mask_BT=mask, positions_3BT=positions, pixel_values=pixels, vision_meta=meta,
-                      cache=m.init_cache(B, S), cache_index=0)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-  @jax.jit
-  def step(state, tok_B, cache, index, deltas):
-    m = nnx.merge(graphdef, state)
-    logits, cache = m(tok_B[:, None], attention_mask_BT=jnp.ones((B, 1), jnp.int32),
-                      positions_3BT=continuation_positions(index, deltas), cache=cache, cache_index=index)
-    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-  tok, cache = prefill(state, ids, mask, positions, None if pixels is None else jnp.asarray(pixels), meta)
+  tok, cache = _greedy_prefill(graphdef, state, ids, mask, positions, None if pixels is None else jnp.asarray(pixels),
+                               meta, max_len=T + max_new_tokens)
   out = np.full((B, max_new_tokens), cfg.pad_token_id, np.int32)
   done = np.zeros((B,), bool)
   for i in range(max_new_tokens):
@@ -168,5 +171,5 @@ def greedy_generate(model: Qwen25VL, inputs: dict, max_new_tokens: int,
     done |= np.isin(t, eos)
     if done.all() or i == max_new_tokens - 1:
       break
-    tok, cache = step(state, jnp.asarray(t), cache, jnp.int32(T + i), jnp.asarray(deltas))
+    tok, cache = _greedy_step(graphdef, state, jnp.asarray(t), cache, jnp.int32(T + i), jnp.asarray(deltas))
   return out
