@@ -207,9 +207,18 @@ class Medad38k(_PackagedBuilder):
       yield image_id, example_from_records(recs)
 
 
+def _config(builder_cls, config: tfds.core.BuilderConfig):
+  """TFDS wants a class-level config by name (an equal object is refused), a custom one as the object."""
+  known = builder_cls.builder_configs.get(config.name)
+  if known is not None and known != config:
+    raise ValueError(f'config name {config.name!r} is taken by {known}')
+  return config.name if known is not None else config
+
+
 def build_synth(cfg: synth.SynthConfig, data_dir: str) -> str:
   """Builds (or reuses) the ``array_record`` dataset for ``cfg``; returns its builder directory."""
-  b = MedadSynth(config=synth_builder_config(cfg), data_dir=data_dir, file_format='array_record')
+  b = MedadSynth(config=_config(MedadSynth, synth_builder_config(cfg)), data_dir=data_dir,
+                 file_format='array_record')
   b.download_and_prepare()
   return str(b.data_dir)
 
@@ -218,7 +227,7 @@ def build_medad38k(manual_dir: str, data_dir: str, policy: str = 'strict', check
   """Builds the MedAD-38K dataset from ``manual_dir``; returns its builder directory."""
   cfg = Medad38kConfig(name=policy if check_images else f'{policy}_nocheck', policy=policy,
                        check_images=check_images)
-  b = Medad38k(config=cfg, data_dir=data_dir, file_format='array_record')
+  b = Medad38k(config=_config(Medad38k, cfg), data_dir=data_dir, file_format='array_record')
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return str(b.data_dir)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from medad_jax.model.config import Qwen25VLConfig
+from medad_jax.model.inputs import model_inputs  # noqa: F401  (re-exported for tests)
 
 
 def prompt_batch(cfg: Qwen25VLConfig, rows, *, seed: int = 0, left: bool = True) -> dict[str, np.ndarray]:
@@ -38,18 +39,4 @@ def prompt_batch(cfg: Qwen25VLConfig, rows, *, seed: int = 0, left: bool = True)
     grid = np.asarray(grids, np.int64)
     out['image_grid_thw'] = grid
     out['pixel_values'] = rng.standard_normal((int(grid.prod(-1).sum()), cfg.vision.patch_dim)).astype(np.float32)
-  return out
-
-
-def model_inputs(cfg: Qwen25VLConfig, batch: dict) -> dict:
-  """``prompt_batch`` output -> keyword arguments of ``Qwen25VL.__call__`` (positions and vision metadata)."""
-  from medad_jax.model import vision as vision_lib
-  from medad_jax.model.rope_index import rope_index
-
-  positions, _ = rope_index(cfg, batch['input_ids'], batch['attention_mask'], batch.get('image_grid_thw'))
-  out = dict(input_ids_BT=np.asarray(batch['input_ids'], np.int32),
-             attention_mask_BT=np.asarray(batch['attention_mask'], np.int32), positions_3BT=positions)
-  if 'pixel_values' in batch:
-    out['pixel_values'] = batch['pixel_values']
-    out['vision_meta'] = vision_lib.vision_meta(batch['image_grid_thw'], cfg.vision)
   return out
