@@ -16,7 +16,7 @@ from medad_jax import rewards as R
 from medad_jax.judge import (JudgeConfig, JudgeRequestError, JudgeUnavailableError, OpenAIJudge, RuleJudge,
                              SGLangJudge, build_judge_messages, build_judge_prompt, make_judge)
 from medad_jax.judge.fake_server import FakeSGLangServer, load_fixtures
-from medad_jax.judge.http import error_message, parse_chat_response, parse_generate_response
+from medad_jax.judge.remote import error_message, parse_chat_response, parse_generate_response
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'sglang'
 FX = load_fixtures(FIXTURES)

@@ -40,7 +40,7 @@ def tiny_policy(seed=0, perturb=0.05):
   for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
     if path[-1] == 'lora_b':
       key, sub = jax.random.split(key)
-      v.value = perturb * jax.random.normal(sub, v.value.shape)
+      v.set_value(perturb * jax.random.normal(sub, v.get_value().shape))
   return cfg, model
 
 
@@ -227,27 +227,34 @@ def test_update_on_8_device_mesh_equals_1_device(setup):
 
 
 def test_few_updates_raise_the_reward_of_a_fixed_batch(setup):
-  """Repeated updates on fixed rollouts move probability mass to the rewarded completions: the policy's expected
-  reward over each group's G completions (weights ``softmax(sum_t logp)``) goes up."""
+  """Repeated updates on fixed rollouts move probability to the rewarded completions: their mean token log-prob
+  rises, the others' falls, and the policy's expected reward over each group's completions (weights
+  ``softmax(mean_t logp)``) goes up."""
   cfg, graphdef, state, batch, gcfg, _ = setup
-  tx, _ = U.make_optimizer(3e-3)
+  tx, _ = U.make_optimizer(1e-2)
   graphdef, s = U.init_train_state(U.merge_model(graphdef, copy_state(state)), tx)
-  b = dict(batch, rewards_B=np.array([1, 0, 0, 0, 0, 1, 0, 0], np.float32))
+  r = np.array([1, 0, 0, 0, 0, 1, 0, 0], np.float32)
+  b = dict(batch, rewards_B=r)
   step = U.make_congrpo_update(graphdef, tx, dataclasses.replace(gcfg, ratio_to='sft'))
+  m = b['completion_mask_BN']
 
-  def expected_reward(s):
+  def seq_mean_logp(s):
     logp = np.asarray(full_sequence_logprobs(U.merge_model(graphdef, s), b))
-    seq = (logp * b['completion_mask_BN']).sum(1).reshape(P, G)
-    w = np.exp(seq - seq.max(1, keepdims=True))
-    w /= w.sum(1, keepdims=True)
-    return float((w * b['rewards_B'].reshape(P, G)).sum(1).mean())
+    return (logp * m).sum(1) / m.sum(1)
 
-  before = expected_reward(s)
+  def expected_reward(lp):
+    w = np.exp(lp.reshape(P, G) - lp.reshape(P, G).max(1, keepdims=True))
+    return float((w / w.sum(1, keepdims=True) * r.reshape(P, G)).sum(1).mean())
+
+  before = seq_mean_logp(s)
   dev = U.put_batch(b, None)
   for _ in range(5):
     s, met = step(s, dev)
-  after = expected_reward(s)
-  assert after > before + 0.05, (before, after)
+  after = seq_mean_logp(s)
+  delta = after - before
+  assert np.all(delta[r == 1] > 0.1), delta
+  assert np.all(delta[r == 0] < 0), delta
+  assert expected_reward(after) > expected_reward(before) + 0.1, (expected_reward(before), expected_reward(after))
 
 
 # ------------------------------------------------------------------------------------------------- SFT

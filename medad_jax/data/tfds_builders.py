@@ -210,7 +210,7 @@ class Medad38k(_PackagedBuilder):
 def _config(builder_cls, config: tfds.core.BuilderConfig):
   """TFDS wants a class-level config by name (an equal object is refused), a custom one as the object."""
   known = builder_cls.builder_configs.get(config.name)
-  if known is not None and known != config:
+  if known is not None and dataclasses.asdict(known) != dataclasses.asdict(config):  # configs compare by identity
     raise ValueError(f'config name {config.name!r} is taken by {known}')
   return config.name if known is not None else config
 

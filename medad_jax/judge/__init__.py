@@ -14,7 +14,7 @@ import dataclasses
 
 from medad_jax.judge.base import (BACKENDS, Judge, JudgeConfig, JudgeError, JudgeMetrics, JudgeRequestError,
                                   JudgeResult, JudgeUnavailableError)
-from medad_jax.judge.http import OpenAIJudge, SGLangJudge
+from medad_jax.judge.remote import OpenAIJudge, SGLangJudge
 from medad_jax.judge.local import LetterScorer, LocalJudge, RuleJudge, extract_conclusion
 from medad_jax.judge.prompt import (SYSTEM_PROMPT, build_judge_messages, build_judge_prompt, parse_options,
                                     split_judge_prompt)

@@ -367,7 +367,7 @@ def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple
   keep = lambda new, old: jnp.where(has_tokens, new, old)  # noqa: E731
   new_params = jax.tree.map(keep, new_params, state.params)
   new_opt = jax.tree.map(keep, new_opt, state.opt_state)
-  return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), optax.global_norm(updates)
+  return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), optax.tree.norm(updates)
 
 
 def _split_microbatches(tree, k: int):
@@ -457,7 +457,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
               {k: jnp.zeros((), jnp.float32) for k in ('tokens', 'loss_num', 'nll_sum', 'correct_sum')})
       (grads, stats), _ = jax.lax.scan(body, zero, mbs)
     n = jnp.maximum(stats['tokens'], 1.0)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     new_state, upd_norm = _apply_updates(tx, state, grads, stats['tokens'] > 0)
     metrics = {'loss': stats['loss_num'] / jnp.maximum(denom, 1.0), 'nll': stats['nll_sum'] / n,
                'token_accuracy': stats['correct_sum'] / n, 'target_tokens': stats['tokens'],
@@ -646,7 +646,7 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       zero_s.update(ratio_min=jnp.array(jnp.inf, jnp.float32), ratio_max=jnp.array(-jnp.inf, jnp.float32))
       (grads, stats), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, state.params), zero_s), mbs)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     has_tokens = stats['tokens'] > 0
     new_state, upd_norm = _apply_updates(tx, state, grads, has_tokens)
     n = jnp.maximum(stats['tokens'], 1.0)

@@ -150,7 +150,7 @@ class HTTPJudge(Judge):
     if r.status_code >= 300:
       m.inc(f'http_{r.status_code}')
       try:
-        msg = error_message(r.json())
+        msg = error_message(r.json())[:500]
       except ValueError:
         msg = r.text[:500]
       if r.status_code >= 500 or r.status_code in _RETRYABLE_STATUS:
