@@ -32,8 +32,8 @@ class TinyNet(nnx.Module):
   """Three stride-2 convolutions, then a dense layer and two heads (modality, region-or-none)."""
 
   def __init__(self, size: int, rngs: nnx.Rngs):
-    self.convs = nnx.List([nnx.Conv(3, 16, (3, 3), strides=2, rngs=rngs), nnx.Conv(16, 32, (3, 3), strides=2, rngs=rngs),
-                           nnx.Conv(32, 32, (3, 3), strides=2, rngs=rngs)])
+    self.convs = nnx.List([nnx.Conv(c_in, c_out, (3, 3), strides=2, rngs=rngs)
+                           for c_in, c_out in ((3, 16), (16, 32), (32, 32))])
     side = size // 8
     self.fc = Linear(side * side * 32, 64, use_bias=True, rngs=rngs, init_std=0.02)
     self.modality = Linear(64, len(MODALITIES), use_bias=True, rngs=rngs)

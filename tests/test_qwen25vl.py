@@ -238,3 +238,23 @@ def test_greedy_generate_matches_transformers_generate(models, name):
   got_eos = greedy_generate(model, batch, n_new, eos_token_ids=eos)
   np.testing.assert_array_equal(got_eos, _hf_greedy(cfg, hf, batch, n_new, eos))
   assert (got_eos[0, 4:] == cfg.pad_token_id).all()
+
+
+def test_bfloat16_compute_keeps_float32_logits(models):
+  """bf16 compute (fp32 storage): the cache is bf16, logits come out float32 and stay near the fp32 model's."""
+  cfg, model32, _ = models['untied_gqa2_win56']
+  model = Qwen25VL(cfg.replace(dtype='bfloat16'), rngs=nnx.Rngs(0))
+  nnx.update(model, nnx.state(model32, nnx.Param))
+  batch = _prompt_batch(cfg, TWO_PROMPTS, seed=7)
+  B, T = batch['input_ids'].shape
+  pos, _ = rope_index(cfg, batch['input_ids'], batch['attention_mask'], batch['image_grid_thw'])
+  meta = vision_lib.vision_meta(batch['image_grid_thw'], cfg.vision)
+  args = (batch['input_ids'], batch['attention_mask'], pos, batch['pixel_values'], meta)
+  logits, cache = _forward_fn(model)(*args, model.init_cache(B, T), 0)
+  ref, _ = _forward_fn(model32)(*args)
+  assert logits.dtype == jnp.float32 and cache['k'][0].dtype == jnp.bfloat16
+  valid = batch['attention_mask'].astype(bool)
+  assert np.isfinite(np.asarray(logits)[valid]).all()
+  # bf16 keeps ~3 significant digits; the top-1 token of most positions survives.
+  agree = (np.asarray(logits).argmax(-1) == np.asarray(ref).argmax(-1))[valid].mean()
+  assert agree > 0.8, agree

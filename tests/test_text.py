@@ -209,3 +209,7 @@ def test_bad_shapes_are_named():
     model(x, attention_mask_BT=jnp.ones((2, 5)), positions_3BT=jnp.zeros((2, 5), jnp.int32))
   with pytest.raises(ValueError, match=r'attention_mask_BT has shape \(2, 4\); expected \(2, 5\)'):
     model(x, attention_mask_BT=jnp.ones((2, 4)), positions_3BT=jnp.zeros((3, 2, 5), jnp.int32))
+  cache = text_lib.init_cache(cfg.text, 2, 6)
+  with pytest.raises(ValueError, match='cannot write 5 tokens at cache_index 2 into a cache of 6 slots'):
+    model(x, attention_mask_BT=jnp.ones((2, 5)), positions_3BT=jnp.zeros((3, 2, 5), jnp.int32), cache=cache,
+          cache_index=2)

@@ -37,7 +37,8 @@ Features = dict[str, Any]
 
 
 def text_features(record: MedADRecord) -> Features:
-  """Default ``preprocess``: decoded image ``[H, W, 3] uint8``, prompt / target text, answer and task ids."""
+  """Default ``preprocess``: decoded image ``[H, W, 3] uint8``, prompt / target text (``''`` for a record without
+  CoT, e.g. for RL prompts), answer and task ids, record id."""
   return {
       'image': np.asarray(load_image(record), np.uint8),
       'prompt': format_question(record),
@@ -81,16 +82,22 @@ def collate(elements: Sequence[Features]) -> Features:
   return {k: _stack_or_list(k, [e[k] for e in elements]) for k in elements[0]}
 
 
-def bucket_batch_fn(buckets: Sequence[int], *, length_key: str = 'input_ids',
-                    seq_keys: Sequence[str] = ('input_ids', 'attention_mask', 'loss_mask', 'labels', 'position_ids'),
-                    pad_values: Mapping[str, int | float] | None = None) -> Callable[[Sequence[Features]], Features]:
+_SEQ_KEYS = ('input_ids', 'attention_mask', 'loss_mask', 'mm_token_type_ids', 'labels', 'position_ids')
+_CONCAT_KEYS = ('pixel_values', 'image_grid_thw')
+
+
+def bucket_batch_fn(buckets: Sequence[int], *, length_key: str = 'input_ids', seq_keys: Sequence[str] = _SEQ_KEYS,
+                    concat_keys: Sequence[str] = _CONCAT_KEYS, pad_values: Mapping[str, int | float] | None = None
+                    ) -> Callable[[Sequence[Features]], Features]:
   """A ``batch_fn`` that pads sequences to the smallest bucket holding the longest one, so jitted steps see only
   ``len(buckets)`` shapes.
 
-  ``seq_keys`` present in the elements are padded along their last axis (``[T]``, or ``[3, T]`` for M-RoPE
-  positions) with ``pad_values[key]`` (default 0) and stacked. Other keys: stacked if equal-shaped, else
-  concatenated on axis 0 (the Qwen2.5-VL convention for ``pixel_values [patches, P]`` / ``image_grid_thw [n, 3]``);
-  strings become object arrays. A sequence longer than the largest bucket is an error, never truncated.
+  ``seq_keys`` present in the elements are right-padded along their last axis (``[T]``, or ``[3, T]`` for M-RoPE
+  positions) with ``pad_values[key]`` (default 0) and stacked to ``[B, ..., T]``. ``concat_keys`` are concatenated
+  on axis 0 (the Qwen2.5-VL convention: ``pixel_values [sum L, P]``, ``image_grid_thw [n_images, 3]``). Any other
+  key is stacked (strings and ragged arrays become object arrays). A sequence longer than the largest bucket is an
+  error, never truncated. (``Qwen25VLProcessor.batch`` is the processor's own batcher, with left padding for
+  generation prompts.)
   """
   buckets = sorted(int(b) for b in buckets)
   if not buckets or buckets[0] <= 0:
@@ -111,10 +118,10 @@ def bucket_batch_fn(buckets: Sequence[int], *, length_key: str = 'input_ids',
         arrs = [np.asarray(v) for v in vals]
         widths = [[(0, 0)] * (a.ndim - 1) + [(0, length - a.shape[-1])] for a in arrs]
         out[k] = np.stack([np.pad(a, w, constant_values=pads.get(k, 0)) for a, w in zip(arrs, widths)])
-      elif isinstance(vals[0], str) or all(np.shape(v) == np.shape(vals[0]) for v in vals):
-        out[k] = _stack_or_list(k, vals)
-      else:
+      elif k in concat_keys:
         out[k] = np.concatenate([np.asarray(v) for v in vals], axis=0)
+      else:
+        out[k] = _stack_or_list(k, vals)
     return out
 
   return batch

@@ -226,7 +226,7 @@ def anatomy_map(anatomy: str, size: int, rng: np.random.Generator) -> np.ndarray
     fold = 0.03 * np.sin(12 * theta + tex)
     t = np.where(r < 0.16 + fold, 0.08, np.where(r < 0.42, 0.62 + 0.08 * np.sin(12 * theta), 0.3)) + 0.02 * tex
   elif anatomy == 'Chest':
-    body = _inside(np.maximum(np.abs(X - 0.5) / 0.43, np.abs(Y - 0.52) / 0.46) ** 1.0, 0.02)
+    body = _inside(np.maximum(np.abs(X - 0.5) / 0.43, np.abs(Y - 0.52) / 0.46), 0.02)  # a rounded box
     t = body * (0.3 + 0.02 * tex)
     ribs = np.zeros_like(t, dtype=bool)
     for k in range(6):

@@ -156,7 +156,7 @@ MODALITY_EVIDENCE: dict[str, tuple[str, ...]] = {
                   'glistening red-pink tissue with bright light reflections inside an eight-sided black mask'),
     'Fundus': ('an orange-red circular disc on a black background',
                'a round orange-red field of view surrounded by black, as seen through the pupil'),
-    'X-ray': ('a full-frame projection where dense structures appear bright, with a small bright marker at the top left',
+    'X-ray': ('a full-frame projection with bright dense structures and a small bright marker at the top left',
               'a smooth, low-noise projection image filling the whole frame and a bright corner marker'),
     'Microscopy': ('a pale pink background scattered with many small purple nuclei, as in an H&E-stained slide',
                    'numerous small purple dots on pink stained tissue, the look of a stained slide'),
@@ -196,10 +196,14 @@ PATHOLOGY_EVIDENCE: dict[str, tuple[str, ...]] = {
                    'a broad, faint streaky haze whose borders fade into the surrounding tissue'),
 }
 REGION_EVIDENCE: dict[str, tuple[str, ...]] = {
-    'Left Upper': ('upper-left part of the image, outside the central square', 'top-left quadrant, away from the centre'),
-    'Right Upper': ('upper-right part of the image, outside the central square', 'top-right quadrant, away from the centre'),
-    'Left Lower': ('lower-left part of the image, outside the central square', 'bottom-left quadrant, away from the centre'),
-    'Right Lower': ('lower-right part of the image, outside the central square', 'bottom-right quadrant, away from the centre'),
+    'Left Upper': ('upper-left part of the image, outside the central square',
+                   'top-left quadrant, away from the centre'),
+    'Right Upper': ('upper-right part of the image, outside the central square',
+                    'top-right quadrant, away from the centre'),
+    'Left Lower': ('lower-left part of the image, outside the central square',
+                   'bottom-left quadrant, away from the centre'),
+    'Right Lower': ('lower-right part of the image, outside the central square',
+                    'bottom-right quadrant, away from the centre'),
     'Center Region': ('central square of the image', 'middle of the image, inside the central zone'),
 }
 
@@ -223,7 +227,8 @@ _COT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ('Therefore the answer is {ans}, option {L}.', 'With no lesion visible, the answer is {L}: {ans}.')),
     'pathology_characterization/abnormal': (
         ('The lesion is {ev}.', 'In the {where} there is {ev}.'),
-        ('These features are typical of {ans}, so the answer is {L}.', 'That pattern characterizes {ans} (option {L}).')),
+        ('These features are typical of {ans}, so the answer is {L}.',
+         'That pattern characterizes {ans} (option {L}).')),
     'pathology_characterization/normal': (
         ('No focal lesion stands out from the {anat}; the texture is uniform throughout.',
          'I find no lesion anywhere in the {anat}.'),

@@ -22,10 +22,10 @@ import numpy as np
 from flax import nnx
 
 from medad_jax.model import text as text_lib
+from medad_jax.model import vision as vision_lib
 from medad_jax.model.config import Qwen25VLConfig
 from medad_jax.model.layers import Linear
 from medad_jax.model.rope_index import rope_index
-from medad_jax.model import vision as vision_lib
 from medad_jax.model.vision import VisionMeta, VisionTransformer
 
 
@@ -41,14 +41,14 @@ class Qwen25VL(nnx.Module):
   def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None):
     dtype = dtype or cfg.dtype
     param_dtype = param_dtype or cfg.param_dtype
+    if cfg.vision.out_hidden_size != cfg.text.hidden_size:
+      raise ValueError(f'vision out_hidden_size {cfg.vision.out_hidden_size} != text hidden_size '
+                       f'{cfg.text.hidden_size}: image features could not replace token embeddings')
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.visual = VisionTransformer(cfg.vision, **kw)
     self.model = text_lib.TextModel(cfg.text, **kw)
-    if cfg.vision.out_hidden_size != cfg.text.hidden_size:
-      raise ValueError(f'vision out_hidden_size {cfg.vision.out_hidden_size} != text hidden_size '
-                       f'{cfg.text.hidden_size}: image features could not replace token embeddings')
     self.lm_head = None if cfg.text.tie_word_embeddings else Linear(cfg.text.hidden_size, cfg.text.vocab_size,
                                                                     use_bias=False, **kw)
 

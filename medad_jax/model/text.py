@@ -212,6 +212,11 @@ class TextModel(nnx.Module):
     if cache is None:
       key_mask_BS, query_slot_T = valid_BT, jnp.arange(T)
     else:
+      S = cache['mask'].shape[1]
+      # dynamic_update_slice clamps an out-of-range start (it would overwrite the last slots), so refuse it here
+      # whenever the index is known; a traced index is the caller's (the sampler's) responsibility.
+      if T > S or (not isinstance(cache_index, jax.core.Tracer) and not 0 <= int(cache_index) <= S - T):
+        raise ValueError(f'cannot write {T} tokens at cache_index {cache_index} into a cache of {S} slots')
       key_mask_BS = jax.lax.dynamic_update_slice(cache['mask'], valid_BT, (0, cache_index))
       query_slot_T = cache_index + jnp.arange(T)
     mask_BTS = attention_mask_BTS(key_mask_BS, query_slot_T)

@@ -139,6 +139,13 @@ class GRPOConfig:
   def needs_reference(self) -> bool:
     return self.beta > 0 or self.ratio_to == 'sft'
 
+  @classmethod
+  def from_config(cls, rl) -> 'GRPOConfig':
+    """From the ``rl`` block of ``configs/congrpo.py``."""
+    return cls(group_size=rl.group_size, beta=rl.beta, eps_low=rl.eps_low, eps_high=rl.eps_high,
+               ratio_to=rl.ratio_to, aggregation=rl.aggregation, adv_std_norm=rl.adv_std_norm,
+               filter_zero_variance=rl.filter_zero_variance, num_microbatches=rl.num_microbatches)
+
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
@@ -153,6 +160,11 @@ class SFTConfig:
       raise ValueError(f'SFTConfig.aggregation={self.aggregation!r}: expected one of {algo.AGGREGATION_MODES}')
     if self.num_microbatches < 1:
       raise ValueError(f'SFTConfig.num_microbatches={self.num_microbatches}: expected >= 1')
+
+  @classmethod
+  def from_config(cls, sft) -> 'SFTConfig':
+    """From the ``sft`` block of ``configs/sft.py`` / ``configs/congrpo.py``."""
+    return cls(aggregation=sft.aggregation, num_microbatches=sft.num_microbatches)
 
 
 # ------------------------------------------------------------------------------------------ train state
@@ -245,6 +257,14 @@ def make_optimizer(learning_rate: float, *, weight_decay: float = 0.0, b1: float
   parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
   parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
   return optax.chain(*parts), sched
+
+
+def optimizer_from_config(optim, total_steps: int | None = None
+                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """:func:`make_optimizer` from an ``optim`` block of the configs (``configs/common.py:optim_config``)."""
+  return make_optimizer(optim.lr, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                        max_grad_norm=optim.max_grad_norm or None, warmup_steps=optim.warmup_steps,
+                        total_steps=total_steps, schedule=optim.schedule)
 
 
 # ------------------------------------------------------------------------------------------- shardings
@@ -538,32 +558,47 @@ _STAT_SUMS = ('tokens', 'pg_num', 'kl_num', 'kl_tok_sum', 'clip_low_sum', 'clip_
               'entropy_sum', 'logp_diff_sum')
 
 
-def grpo_loss_parts(policy: nnx.Module, reference: Callable[[], jax.Array] | None, mb: dict, cfg: GRPOConfig,
-                    x_PTD: jax.Array | None = None) -> tuple[jax.Array, dict]:
-  """Numerator of the Con-GRPO loss on one (micro)batch and summed statistics.
+def grpo_objective(logp_BN: jax.Array, old_logp_BN: jax.Array, ref_logp_BN: jax.Array | None, adv_B: jax.Array,
+                   mask_BN: jax.Array, cfg: GRPOConfig) -> tuple[jax.Array, dict]:
+  """Eq. 8 on log-prob arrays -> ``(numerator, stats)``; the loss is ``numerator / max(denominator, 1)`` with the
+  denominator of ``algo.aggregate_parts(., mask, cfg.aggregation)``.
 
-  ``mb`` holds the rollout batch keys plus ``adv_B`` and ``loss_mask_BN`` (completion mask, zero-variance groups
-  removed when filtering). ``reference()`` returns ``ref_logp_BN`` (called only when needed).
+  ``ref_logp_BN`` may be None only when ``cfg.needs_reference`` is False.
   """
-  logp, ent = completion_logprobs(policy, mb, cfg.group_size, cfg.temperature, x_PTD)
-  mask = mb['loss_mask_BN']
-  ref = None
-  if cfg.needs_reference:
-    ref = jax.lax.stop_gradient(mb['ref_logp_BN'] if 'ref_logp_BN' in mb else reference())
-  den_logp = ref if cfg.ratio_to == 'sft' else mb['old_logp_BN']
-  pg_BN, aux = algo.clipped_surrogate(logp, den_logp, mb['adv_B'], eps_low=cfg.eps_low, eps_high=cfg.eps_high)
-  kl_BN = algo.k3_kl(logp, ref) if ref is not None else jnp.zeros_like(logp)
-  pg_num, _ = algo.aggregate_parts(pg_BN, mask, cfg.aggregation)
-  kl_num, _ = algo.aggregate_parts(kl_BN, mask, cfg.aggregation)
-  on = mask > 0
+  ref = None if ref_logp_BN is None else jax.lax.stop_gradient(ref_logp_BN)
+  if cfg.needs_reference and ref is None:
+    raise ValueError(f'GRPOConfig(beta={cfg.beta}, ratio_to={cfg.ratio_to!r}) needs reference log-probs')
+  den_logp = ref if cfg.ratio_to == 'sft' else old_logp_BN
+  pg_BN, aux = algo.clipped_surrogate(logp_BN, den_logp, adv_B, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+  kl_BN = algo.k3_kl(logp_BN, ref) if ref is not None else jnp.zeros_like(logp_BN)
+  pg_num, _ = algo.aggregate_parts(pg_BN, mask_BN, cfg.aggregation)
+  kl_num, _ = algo.aggregate_parts(kl_BN, mask_BN, cfg.aggregation)
+  on = mask_BN > 0
   s = lambda x: jnp.sum(jnp.where(on, x, 0.0).astype(jnp.float32))  # noqa: E731
   ratio = jax.lax.stop_gradient(aux['ratio'])
-  stats = {'tokens': jnp.sum(mask.astype(jnp.float32)), 'pg_num': pg_num, 'kl_num': kl_num,
-           'kl_tok_sum': s(jax.lax.stop_gradient(kl_BN)), 'clip_low_sum': s(aux['clipped_low']),
-           'clip_high_sum': s(aux['clipped_high']), 'ratio_sum': s(ratio), 'entropy_sum': s(ent),
-           'logp_diff_sum': s(jax.lax.stop_gradient(logp) - mb['old_logp_BN']),
+  stats = {'tokens': jnp.sum(mask_BN.astype(jnp.float32)), 'pg_num': jax.lax.stop_gradient(pg_num),
+           'kl_num': jax.lax.stop_gradient(kl_num), 'kl_tok_sum': s(jax.lax.stop_gradient(kl_BN)),
+           'clip_low_sum': s(aux['clipped_low']), 'clip_high_sum': s(aux['clipped_high']), 'ratio_sum': s(ratio),
+           'logp_diff_sum': s(jax.lax.stop_gradient(logp_BN) - old_logp_BN),
            'ratio_min': jnp.min(jnp.where(on, ratio, jnp.inf)), 'ratio_max': jnp.max(jnp.where(on, ratio, -jnp.inf))}
   return pg_num + cfg.beta * kl_num, stats
+
+
+def grpo_loss_parts(policy: nnx.Module, reference: Callable[[], jax.Array] | None, mb: dict, cfg: GRPOConfig,
+                    x_PTD: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """:func:`grpo_objective` on one (micro)batch of rollouts, with the policy's teacher-forced log-probs.
+
+  ``mb`` holds the rollout batch keys plus ``adv_B`` and ``loss_mask_BN`` (completion mask, zero-variance groups
+  removed when filtering). ``reference()`` returns ``ref_logp_BN`` (called only when needed and the batch does not
+  carry ``ref_logp_BN``).
+  """
+  logp, ent = completion_logprobs(policy, mb, cfg.group_size, cfg.temperature, x_PTD)
+  ref = None
+  if cfg.needs_reference:
+    ref = mb['ref_logp_BN'] if 'ref_logp_BN' in mb else reference()
+  num, stats = grpo_objective(logp, mb['old_logp_BN'], ref, mb['adv_B'], mb['loss_mask_BN'], cfg)
+  stats['entropy_sum'] = jnp.sum(jnp.where(mb['loss_mask_BN'] > 0, ent, 0.0))
+  return num, stats
 
 
 def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: GRPOConfig, *,

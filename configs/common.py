@@ -1,0 +1,362 @@
+"""Shared pieces of the experiment configs (big_vision style: plain functions that fill a ConfigDict).
+
+Every config file (``sft.py``, ``congrpo.py``, ``eval.py``) has ``get_config(arg)``; ``arg`` is the text after
+the colon of ``--config=configs/congrpo.py:paper,acc_only`` (comma-separated variant names, parsed by
+:func:`parse_variants`). Configs are locked (``config.lock()``), so an override of a key that does not exist fails
+when the flags are parsed, before any work; :func:`validate` then checks values (ranges and choices) with a message
+naming the key.
+
+:func:`load` applies a spec plus ``key=value`` overrides through the same ``ml_collections.config_flags`` parser the
+launcher uses (for tests and notebooks); :func:`config_path` turns a short name (``congrpo:paper``) into the file
+path ``config_flags`` expects.
+
+Paper hyper-parameters (§4.1) are the defaults of the ``paper`` variant and, where they are not a matter of scale,
+of the embedded CPU miniature too: AdamW, SFT with LoRA at lr 1e-4 for 2 epochs, Con-GRPO with G = 8, beta = 0.04,
+lr 1e-6 for one epoch, global batch 64, bf16 on accelerators, reward weights 1/3 each (Eq. 3).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+STAGES = ('sft', 'congrpo', 'eval')
+RATIO_TO = ('old', 'sft')
+AGGREGATIONS = ('seq_mean_token_mean', 'token_mean', 'token_sum')
+SCHEDULES = ('constant', 'cosine')
+JUDGE_BACKENDS = ('local', 'rule', 'sglang', 'openai')
+DATA_SOURCES = ('synth', 'medad38k')
+POLICY_SOURCES = ('run', 'hf', 'endpoint')
+DTYPES = ('float32', 'bfloat16')
+TRAINABLE = ('lora', 'all')
+
+# Table 3 of the paper (lambda_fmt, lambda_acc, lambda_con), and the two reward ablations of Table 2.
+REWARD_WEIGHTS = {
+    'balanced': (1 / 3, 1 / 3, 1 / 3),
+    'fmt_focused': (0.8, 0.1, 0.1),
+    'acc_focused': (0.1, 0.8, 0.1),
+    'con_focused': (0.1, 0.1, 0.8),
+    'acc_only': (0.0, 1.0, 0.0),
+    'con_only': (0.0, 0.0, 1.0),
+}
+
+
+def parse_variants(arg: str | None, known: Sequence[str]) -> list[str]:
+  """``'paper,acc_only'`` -> ``['paper', 'acc_only']``; an unknown name fails listing the known ones."""
+  names = [a.strip() for a in (arg or '').split(',') if a.strip()]
+  bad = [n for n in names if n not in known]
+  if bad:
+    raise ValueError(f'unknown config variant(s) {bad}; known variants: {sorted(known)}')
+  return names
+
+
+def config_path(spec: str) -> str:
+  """``'congrpo:paper'`` or ``'configs/congrpo.py:paper'`` -> ``'/abs/configs/congrpo.py:paper'``."""
+  name, sep, arg = spec.partition(':')
+  if not name.endswith('.py'):
+    name = os.path.join(CONFIG_DIR, f'{name}.py')
+  if not os.path.exists(name):
+    known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py') and f not in ('common.py',
+                                                                                              '__init__.py'))
+    raise FileNotFoundError(f'config {spec!r}: no file {name}; known configs: {known}')
+  return f'{name}{sep}{arg}'
+
+
+def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """The config of ``spec`` with ``'a.b=value'`` overrides, parsed exactly as ``--config.a.b=value`` flags."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ['load', f'--config={config_path(spec)}', *[f'--config.{o}' for o in overrides]]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'experiment config', flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    fv(argv)
+  except (AttributeError, KeyError, flags.Error) as e:  # unknown key / unparsable value
+    raise ValueError(f'config {spec!r} with overrides {list(overrides)}: {e}') from e
+  cfg = fv.config
+  validate(cfg)
+  return cfg
+
+
+# -------------------------------------------------------------------------------------------- building blocks
+
+
+def model_config(preset: str = 'small', *, dtype: str = 'float32', param_dtype: str = 'float32',
+                 tokenizer: str = 'small') -> ml_collections.ConfigDict:
+  """``checkpoint`` (a local HF Qwen2.5-VL directory) wins over ``preset`` (an architecture of
+  ``Qwen25VLConfig``, randomly initialised) when set."""
+  return ml_collections.ConfigDict({
+      'preset': preset,
+      'checkpoint': config_dict.placeholder(str),
+      'dtype': dtype,
+      'param_dtype': param_dtype,
+      # 'qwen2' (the Qwen2 BPE, rebuilt offline) or 'small' (trained on the synthetic corpus, for the miniature
+      # whose vocabulary is a few thousand tokens).
+      'tokenizer': tokenizer,
+  })
+
+
+def lora_config(rank: int = 16, alpha: float = 32.0) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      'rank': rank,
+      'alpha': alpha,
+      'dropout': 0.0,
+      'pattern': r'^model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$',
+  })
+
+
+def optim_config(lr: float, *, warmup_steps: int = 0, schedule: str = 'constant', weight_decay: float = 0.0,
+                 max_grad_norm: float = 1.0) -> ml_collections.ConfigDict:
+  """AdamW (paper §4.1) with global-norm clipping; ``medad_jax.rl.update.make_optimizer`` reads it."""
+  return ml_collections.ConfigDict({
+      'lr': lr, 'warmup_steps': warmup_steps, 'schedule': schedule, 'weight_decay': weight_decay,
+      'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'max_grad_norm': max_grad_norm,
+  })
+
+
+def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: int = 56,
+                data_dir: str | None = None) -> ml_collections.ConfigDict:
+  """``synth``: the generated benchmark (``medad_jax.data.synth``), built under ``cache_dir`` on first use;
+  ``medad38k``: the real benchmark's JSONL + images in ``dir``."""
+  return ml_collections.ConfigDict({
+      'source': source,
+      'dir': config_dict.placeholder(str) if data_dir is None else data_dir,
+      'cache_dir': 'data_cache',
+      'synth_images': synth_images,
+      'image_size': image_size,
+      'test_fraction': 0.3,  # paper §4.1
+      'max_prompt_len': 512,
+      'max_target_len': 256,
+      'read_threads': 2,
+  })
+
+
+def judge_config(backend: str = 'local', url: str = 'http://127.0.0.1:30000') -> ml_collections.ConfigDict:
+  """Mirrors ``medad_jax.judge.base.JudgeConfig``; ``local`` = the frozen SFT policy prompted with the question
+  and the thought only."""
+  return ml_collections.ConfigDict({
+      'backend': backend, 'url': url, 'model': 'default', 'timeout_s': 30.0, 'max_retries': 4,
+      'concurrency': 8, 'deadline_s': 300.0, 'on_failure': 'raise', 'api_key_env': '', 'template': 'chatml',
+  })
+
+
+def reward_config(variant: str = 'balanced') -> ml_collections.ConfigDict:
+  fmt, acc, con = REWARD_WEIGHTS[variant]
+  return ml_collections.ConfigDict({'fmt': fmt, 'acc': acc, 'con': con})
+
+
+def sampling_config(max_new_tokens: int = 256) -> ml_collections.ConfigDict:
+  """Rollout sampling (``medad_jax.sampling.ops.SamplingConfig``). The update's log-probs are at temperature 1
+  (the sampler records the old-policy log-probs under the unmodified policy)."""
+  return ml_collections.ConfigDict({'max_new_tokens': max_new_tokens, 'temperature': 1.0, 'top_k': 0,
+                                    'top_p': 1.0})
+
+
+def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml_collections.ConfigDict:
+  """Stage 1 (Cognitive Injection, Eq. 1). ``checkpoint``: a finished SFT run's adapters (or an HF directory); when
+  given, the Con-GRPO config skips SFT and starts from it."""
+  return ml_collections.ConfigDict({
+      'enabled': True,
+      'checkpoint': config_dict.placeholder(str),
+      'trainable': 'lora',        # 'lora' (paper) or 'all' (full fine-tuning)
+      'epochs': epochs,
+      'batch_size': batch_size,   # examples per optimizer step (global)
+      'num_microbatches': 1,
+      'aggregation': 'token_mean',
+      'optim': optim_config(lr),
+  })
+
+
+def rl_config(*, lr: float = 1e-6, epochs: int = 1, prompts_per_step: int = 8, group_size: int = 8,
+              beta: float = 0.04) -> ml_collections.ConfigDict:
+  """Stage 2 (Con-GRPO, Eq. 7-8); fields map to ``medad_jax.rl.update.GRPOConfig``.
+
+  Global batch 64 (paper) = ``prompts_per_step`` 8 x ``group_size`` 8 completions per optimizer step (the
+  TRL convention: the batch counts completions).
+  """
+  return ml_collections.ConfigDict({
+      'enabled': True,
+      'trainable': 'lora',        # 'lora': SFT adapters merged into the base, fresh RL adapters, reference =
+                                  # adapters off (no weight copy); 'all': full fine-tuning with a reference copy
+      'epochs': epochs,
+      'max_steps': -1,             # > 0 caps the number of rollout batches (for quick runs)
+      'prompts_per_step': prompts_per_step,
+      'group_size': group_size,
+      'inner_iterations': 1,       # mu: updates per rollout batch
+      'beta': beta,
+      'eps_low': 0.2,
+      'eps_high': 0.2,
+      'ratio_to': 'old',           # 'old': standard GRPO; 'sft': the paper's Eq. 8 (see medad_jax/rl/update.py)
+      'aggregation': 'seq_mean_token_mean',
+      'adv_std_norm': False,       # Eq. 7 subtracts the group mean only
+      'filter_zero_variance': False,
+      'num_microbatches': 1,
+      'optim': optim_config(lr),
+  })
+
+
+def eval_config(*, seeds: tuple[int, ...] = (0,), batch_size: int = 32) -> ml_collections.ConfigDict:
+  """Table 1 evaluation on the test split. ``policy``: ``run`` (this run's trained policy), ``hf`` (any local HF
+  Qwen2.5-VL directory, ``hf_dir``) or ``endpoint`` (an SGLang / OpenAI-compatible server, ``endpoint_*``)."""
+  return ml_collections.ConfigDict({
+      'enabled': True,
+      'split': 'test',
+      'policy': 'run',
+      'hf_dir': config_dict.placeholder(str),
+      'endpoint_backend': 'sglang',
+      'endpoint_url': 'http://127.0.0.1:30000',
+      'endpoint_model': 'default',
+      'seeds': seeds,
+      'batch_size': batch_size,
+      'max_new_tokens': 256,
+      'greedy': False,            # sampled at temperature 1 so seeds differ (paper: mean +- std of 3 runs)
+      'max_examples': -1,         # > 0 evaluates a prefix of the split
+  })
+
+
+def run_config(stage: str) -> ml_collections.ConfigDict:
+  """The top level shared by every stage."""
+  return ml_collections.ConfigDict({
+      'stage': stage,
+      'name': stage,                                   # run directory prefix: runs/<name>-<time>
+      'seed': 0,
+      'workdir': config_dict.placeholder(str),         # default: a fresh runs/<name>-<time>
+      'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1},
+      'ckpt': {'every_steps': 50, 'keep': 3, 'async_save': True},
+      'log': {'every_steps': 1, 'tensorboard': True},
+  })
+
+
+def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
+  """Qwen2.5-VL-3B from a local checkpoint, MedAD-38K, the SGLang judge, bf16 compute (paper §4.1).
+
+  The paths are placeholders the launcher checks (naming each missing one) before any work.
+  """
+  config.model = model_config('qwen2_5_vl_3b', dtype='bfloat16', tokenizer='qwen2')
+  config.data = data_config('medad38k', image_size=448)
+  config.data.max_prompt_len = 2048
+  config.data.max_target_len = 1024
+  if 'judge' in config:
+    config.judge = judge_config('sglang')
+  if 'sampling' in config:
+    config.sampling = sampling_config(1024)
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  config.ckpt.every_steps = 100
+
+
+# ------------------------------------------------------------------------------------------------- checking
+
+
+def _fail(key: str, value, expected: str):
+  raise ValueError(f'config.{key} = {value!r}: expected {expected}')
+
+
+def _choice(config, key: str, choices: Sequence[str]):
+  v = _get(config, key)
+  if v not in choices:
+    _fail(key, v, f'one of {tuple(choices)}')
+
+
+def _get(config, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _positive(config, key: str, *, allow_zero: bool = False, integer: bool = False):
+  v = _get(config, key)
+  ok = (v >= 0 if allow_zero else v > 0) and (not integer or float(v).is_integer())
+  if not ok:
+    _fail(key, v, ('an integer ' if integer else 'a number ') + ('>= 0' if allow_zero else '> 0'))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Value checks the type-checked flag parser cannot do; raises ``ValueError`` naming the key."""
+  _choice(config, 'stage', STAGES)
+  _choice(config, 'model.dtype', DTYPES)
+  _choice(config, 'model.param_dtype', DTYPES)
+  _choice(config, 'data.source', DATA_SOURCES)
+  if 'lora' in config:
+    _positive(config, 'lora.rank', integer=True)
+    _positive(config, 'lora.alpha')
+  for stage in ('sft', 'rl'):
+    if stage in config:
+      _choice(config, f'{stage}.trainable', TRAINABLE)
+      _choice(config, f'{stage}.optim.schedule', SCHEDULES)
+      _positive(config, f'{stage}.optim.lr')
+      _positive(config, f'{stage}.optim.weight_decay', allow_zero=True)
+      _positive(config, f'{stage}.optim.warmup_steps', allow_zero=True, integer=True)
+      _positive(config, f'{stage}.epochs', integer=True)
+      _positive(config, f'{stage}.num_microbatches', integer=True)
+  if 'sft' in config:
+    _choice(config, 'sft.aggregation', AGGREGATIONS)
+    _positive(config, 'sft.batch_size', integer=True)
+    if config.sft.batch_size % config.sft.num_microbatches:
+      _fail('sft.num_microbatches', config.sft.num_microbatches, f'a divisor of sft.batch_size={config.sft.batch_size}')
+  if 'rl' in config:
+    _choice(config, 'rl.ratio_to', RATIO_TO)
+    _choice(config, 'rl.aggregation', AGGREGATIONS)
+    _positive(config, 'rl.group_size', integer=True)
+    if config.rl.group_size < 2:
+      _fail('rl.group_size', config.rl.group_size, 'at least 2 (a group-relative advantage needs a group)')
+    _positive(config, 'rl.prompts_per_step', integer=True)
+    _positive(config, 'rl.inner_iterations', integer=True)
+    _positive(config, 'rl.beta', allow_zero=True)
+    if not 0 <= config.rl.eps_low < 1:
+      _fail('rl.eps_low', config.rl.eps_low, 'a number in [0, 1)')
+    _positive(config, 'rl.eps_high', allow_zero=True)
+    if config.rl.prompts_per_step % config.rl.num_microbatches:
+      _fail('rl.num_microbatches', config.rl.num_microbatches,
+            f'a divisor of rl.prompts_per_step={config.rl.prompts_per_step}')
+  if 'reward' in config:
+    for k in ('fmt', 'acc', 'con'):
+      _positive(config, f'reward.{k}', allow_zero=True)
+    if config.reward.fmt + config.reward.acc + config.reward.con <= 0:
+      _fail('reward', dict(config.reward), 'at least one positive weight')
+  if 'judge' in config:
+    _choice(config, 'judge.backend', JUDGE_BACKENDS)
+  if 'sampling' in config:
+    _positive(config, 'sampling.max_new_tokens', integer=True)
+    _positive(config, 'sampling.temperature')
+  if 'eval' in config:
+    _choice(config, 'eval.policy', POLICY_SOURCES)
+    if not len(config.eval.seeds):
+      _fail('eval.seeds', config.eval.seeds, 'at least one seed')
+  _positive(config, 'ckpt.keep', integer=True)
+  _positive(config, 'ckpt.every_steps', integer=True)
+  _positive(config, 'log.every_steps', integer=True)
+
+
+def missing_paths(config: ml_collections.ConfigDict) -> list[str]:
+  """The ``config.<key> (what)`` entries a run needs but does not have: unset or nonexistent paths.
+
+  Checked by the launcher before any work, so ``--config=congrpo:paper`` says clearly which path is missing.
+  """
+  out = []
+
+  def need(key: str, what: str):
+    v = _get(config, key)
+    if not v:
+      out.append(f'config.{key} is not set ({what})')
+    elif not os.path.exists(v):
+      out.append(f'config.{key} = {v!r} does not exist ({what})')
+
+  evaluates_other = config.stage == 'eval' and config.eval.policy in ('hf', 'endpoint')
+  if (config.model.preset not in ('tiny', 'small') and not evaluates_other) or config.model.checkpoint:
+    need('model.checkpoint', 'a local Hugging Face Qwen2.5-VL directory with config.json and *.safetensors')
+  if config.stage == 'eval' and config.eval.policy == 'run':
+    need('workdir', 'the run directory whose trained policy is evaluated')
+  if config.data.source == 'medad38k':
+    need('data.dir', 'the MedAD-38K directory: JSONL annotations + images')
+  if 'sft' in config and config.sft.checkpoint:
+    need('sft.checkpoint', 'a finished SFT run directory or adapter directory')
+  if 'eval' in config and config.eval.policy == 'hf':
+    need('eval.hf_dir', 'a local Hugging Face Qwen2.5-VL directory to evaluate')
+  return out
