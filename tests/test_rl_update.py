@@ -1,6 +1,7 @@
 """The jitted Con-GRPO update and SFT step on a tiny Qwen2.5-VL (with images) against plain-JAX references."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,20 +66,34 @@ def rollout_batch(cfg, seed=0):
               old_logp_BN=np.zeros((P * G, N), np.float32), rewards_B=rewards)
 
 
-def full_sequence_logprobs(model, batch):
-  """Reference: every rollout as one full sequence (prompt + completion, its own copy of the image), no cache."""
-  cfg = model.cfg
+def full_sequence_inputs(cfg, batch):
+  """Every rollout as one full sequence (prompt + completion), each with its own copy of its prompt's image."""
   ids = np.concatenate([np.repeat(batch['prompt_ids_PT'], G, 0), batch['completion_ids_BN']], 1)
   mask = np.concatenate([np.repeat(batch['prompt_mask_PT'], G, 0), batch['completion_mask_BN']], 1).astype(np.int32)
   deltas = np.repeat(batch['rope_deltas_P'], G, 0)
   pos = np.concatenate([np.repeat(batch['prompt_positions_3PT'], G, 1),
                         np.asarray(continuation_positions(T, jnp.asarray(deltas), N))], 2)
   pix = np.repeat(batch['pixel_values_LC'].reshape(P, 16, -1), G, 0).reshape(P * G * 16, -1)
-  meta = vision_meta(np.repeat(GRID, G, 0), cfg.vision)
-  logits, _ = model(jnp.asarray(ids), attention_mask_BT=jnp.asarray(mask), positions_3BT=jnp.asarray(pos),
-                    pixel_values=jnp.asarray(pix), vision_meta=meta)
+  return dict(ids=ids, mask=mask, pos=pos, pix=pix, meta=vision_meta(np.repeat(GRID, G, 0), cfg.vision),
+              completion=batch['completion_ids_BN'])
+
+
+def _full_logprobs(model, inp):
+  logits, _ = model(inp['ids'], attention_mask_BT=inp['mask'], positions_3BT=inp['pos'], pixel_values=inp['pix'],
+                    vision_meta=inp['meta'])
   lsm = jax.nn.log_softmax(logits[:, T - 1:T + N - 1], -1)
-  return jnp.take_along_axis(lsm, jnp.asarray(batch['completion_ids_BN'])[..., None], -1)[..., 0]
+  return jnp.take_along_axis(lsm, inp['completion'][..., None], -1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logprobs_jit(graphdef, state, inp):
+  return _full_logprobs(nnx.merge(graphdef, state), inp)
+
+
+def full_sequence_logprobs(model, batch):
+  """Reference log-probs of the completions: the plain full-sequence forward, no cache, no prompt sharing."""
+  graphdef, state = nnx.split(model)
+  return _full_logprobs_jit(graphdef, state, full_sequence_inputs(model.cfg, batch))
 
 
 def reference_grpo_grads(graphdef, state, batch, *, beta, eps, ratio_to='old', filter_zero_var=False):
@@ -88,22 +103,28 @@ def reference_grpo_grads(graphdef, state, batch, *, beta, eps, ratio_to='old', f
   m = batch['completion_mask_BN'].astype(np.float32)
   if filter_zero_var:
     m = m * np.repeat(r.max(1) > r.min(1), G)[:, None]
-  with lora_disabled():
-    ref = full_sequence_logprobs(nnx.merge(graphdef, state.params, state.frozen), batch)
+  inp = full_sequence_inputs(nnx.merge(graphdef, state.params, state.frozen).cfg, batch)
 
-  def loss(params):
-    logp = full_sequence_logprobs(nnx.merge(graphdef, params, state.frozen), batch)
-    den = ref if ratio_to == 'sft' else jnp.asarray(batch['old_logp_BN'])
-    ratio = jnp.exp(logp - den)
-    a = jnp.asarray(adv)[:, None]
-    pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - eps, 1 + eps) * a)
-    kl = jnp.exp(ref - logp) - (ref - logp) - 1
-    per_tok = pg + beta * kl
-    n = m.sum(1)
-    seq = jnp.sum(per_tok * m, 1) / np.maximum(n, 1)
-    return jnp.sum(seq * (n > 0)) / (n > 0).sum()
+  @jax.jit
+  def value_and_grad(params, inp):
+    with lora_disabled():
+      ref = _full_logprobs(nnx.merge(graphdef, params, state.frozen), inp)
 
-  l, g = jax.value_and_grad(loss)(state.params)
+    def loss(params):
+      logp = _full_logprobs(nnx.merge(graphdef, params, state.frozen), inp)
+      den = ref if ratio_to == 'sft' else jnp.asarray(batch['old_logp_BN'])
+      ratio = jnp.exp(logp - den)
+      a = jnp.asarray(adv)[:, None]
+      pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1 - eps, 1 + eps) * a)
+      kl = jnp.exp(ref - logp) - (ref - logp) - 1
+      per_tok = pg + beta * kl
+      n = m.sum(1)
+      seq = jnp.sum(per_tok * m, 1) / np.maximum(n, 1)
+      return jnp.sum(seq * (n > 0)) / (n > 0).sum()
+
+    return jax.value_and_grad(loss)(params)
+
+  l, g = value_and_grad(state.params, inp)
   return g, float(l)
 
 
@@ -139,9 +160,8 @@ def setup():
 
 def test_completion_logprobs_match_full_sequence_forward(setup):
   cfg, graphdef, state, batch, _, _ = setup
-  model = U.merge_model(graphdef, state)
-  got = U.completion_logprobs(model, jax.tree.map(jnp.asarray, batch), G)[0]
-  want = full_sequence_logprobs(model, batch)
+  got = U.rollout_logprobs(graphdef, state.params, state.frozen, U.put_batch(batch, None), group_size=G)
+  want = full_sequence_logprobs(U.merge_model(graphdef, state), batch)
   m = batch['completion_mask_BN']
   np.testing.assert_allclose(np.asarray(got)[m], np.asarray(want)[m], atol=WHOLE_MODEL_TOL, rtol=0)
 
@@ -163,16 +183,25 @@ def test_update_gradients_equal_hand_written_objective(setup):
   assert float(met['completion_tokens']) == batch['completion_mask_BN'].sum()
 
 
-def test_inner_iterations_reuse_the_compiled_update(setup):
-  _, graphdef, state, batch, gcfg, _ = setup
-  step = U.make_congrpo_update(graphdef, optax.adam(1e-3), gcfg)
-  s = U.init_train_state(U.merge_model(graphdef, copy_state(state)), optax.adam(1e-3))[1]
+@pytest.fixture(scope='module')
+def adamw_setup(setup):
+  """The policy of ``setup`` with AdamW + clipping, and its 1-device update (compiled once, shared)."""
+  _, graphdef, state, _, gcfg, _ = setup
+  tx, _ = U.make_optimizer(1e-2, weight_decay=0.01, max_grad_norm=0.5)
+  graphdef, st = U.init_train_state(U.merge_model(graphdef, copy_state(state)), tx)
+  return tx, graphdef, st, U.make_congrpo_update(graphdef, tx, gcfg)
+
+
+def test_inner_iterations_reuse_the_compiled_update(setup, adamw_setup):
+  batch = setup[3]
+  _, _, st, step = adamw_setup
+  s = copy_state(st)
   dev_batch = U.put_batch(batch, None)
   losses = []
   for _ in range(3):  # mu = 3 inner iterations on one rollout batch
     s, met = step(s, dev_batch)
     losses.append(float(met['loss']))
-  assert step.traces == 1
+  assert step.traces == 1   # mu inner iterations reuse one compiled program
   assert int(s.step) == 3
   assert losses[2] < losses[0]
 
@@ -206,12 +235,10 @@ def test_microbatched_update_equals_full_batch(setup):
     assert float(m2[k]) == pytest.approx(float(m1[k]), rel=MESH_TOL, abs=MESH_TOL), k
 
 
-def test_update_on_8_device_mesh_equals_1_device(setup):
+def test_update_on_8_device_mesh_equals_1_device(setup, adamw_setup):
   assert jax.device_count() == 8, 'conftest sets --xla_force_host_platform_device_count=8'
-  _, graphdef, state, batch, gcfg, step = setup
-  tx, _ = U.make_optimizer(1e-2, weight_decay=0.01, max_grad_norm=0.5)
-  graphdef, st = U.init_train_state(U.merge_model(graphdef, copy_state(state)), tx)
-  one = U.make_congrpo_update(graphdef, tx, gcfg)
+  batch, gcfg = setup[3], setup[4]
+  tx, graphdef, st, one = adamw_setup
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   eight = U.make_congrpo_update(graphdef, tx, gcfg, mesh=mesh)
   s1, m1 = one(copy_state(st), U.put_batch(batch, None))
@@ -284,13 +311,16 @@ def test_sft_loss_is_the_masked_mean_over_assistant_tokens():
   graphdef, state = U.init_train_state(model, optax.sgd(1.0))
   step = U.make_sft_step(graphdef, optax.sgd(1.0))
 
+  targets = list(zip(*np.nonzero(b['loss_mask_BT'])))
+
+  @jax.jit
   def manual(params, batch):
     m = nnx.merge(graphdef, params, state.frozen)
-    logits, _ = m(jnp.asarray(batch['input_ids_BT']), attention_mask_BT=jnp.asarray(batch['attention_mask_BT']),
-                  positions_3BT=jnp.asarray(batch['positions_3BT']),
-                  pixel_values=jnp.asarray(batch['pixel_values_LC']), vision_meta=batch['vision_meta'])
+    logits, _ = m(batch['input_ids_BT'], attention_mask_BT=batch['attention_mask_BT'],
+                  positions_3BT=batch['positions_3BT'], pixel_values=batch['pixel_values_LC'],
+                  vision_meta=batch['vision_meta'])
     lsm = jax.nn.log_softmax(logits, -1)
-    terms = [-lsm[b_, t - 1, batch['input_ids_BT'][b_, t]] for b_, t in zip(*np.nonzero(batch['loss_mask_BT']))]
+    terms = [-lsm[b_, t - 1, b['input_ids_BT'][b_, t]] for b_, t in targets]
     return jnp.mean(jnp.stack(terms))
 
   want_loss, want_g = jax.value_and_grad(manual)(state.params, b)

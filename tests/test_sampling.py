@@ -215,9 +215,9 @@ def test_no_retrace_for_a_new_batch_in_the_same_bucket(models):
   shapes = set()
   for m, specs, seed in ((model, other, 1), (model2, PROMPTS, 2)):
     b = _batch(cfg, specs, seed)
-    shapes.add((b.input_ids_PT.shape, b.pixel_values_LC.shape))
+    shapes.add((b.input_ids_PT.shape, b.pixel_values_ILC.shape))
     jax.block_until_ready(sample(m, b, key=jax.random.key(seed), config=config, num_samples=4))
-  assert shapes == {((3, 32), (256, cfg.vision.patch_dim))}
+  assert shapes == {((3, 32), (3, 64, cfg.vision.patch_dim))}
   assert trace_counts() == before
   # The counter does see compiles: another group size traces a new decode (the prefill is reused).
   sample(model, _batch(cfg), key=jax.random.key(0), config=config, num_samples=2)

@@ -2,9 +2,15 @@
 bucket, M-RoPE positions and ``rope_deltas``. Axis letters: see ``ops.py``; L patches, C patch vector.
 
 Compiled programs are keyed by shapes, so every shape the sampler sees comes from a short list of buckets:
-prompt length ``T`` (``length_buckets``), total image patches ``L`` (``patch_buckets``) and optionally the number
-of prompts ``P`` (``num_prompts``: extra all-padding prompts that start *done*). A new batch whose sizes fall in
-the same buckets reuses the compiled prefill and decode.
+prompt length ``T`` (``length_buckets``), patches per image ``L`` (``patch_buckets``), the number of images ``I``
+(at least ``P``, else a multiple of ``P``: dummy images fill the rest) and optionally the number of prompts ``P``
+(``num_prompts``: extra all-padding prompts that start *done*). A new batch whose sizes fall in the same buckets
+reuses the compiled prefill and decode.
+
+Images are kept apart, ``[I, L, C]``, so the sampler runs the vision tower once per image (``vmap``): attention
+cost grows with the sum of the squared patch counts, not with the square of the batch's total (the tower's own
+multi-image call attends over all patches of the call with a block mask). ``image_src_PT`` says which row of the
+flattened ``[I * L / merge**2, D]`` features each ``<|image_pad|>`` token takes (-1 for other tokens).
 
 Prompts are re-packed to the left: the real tokens of a row (``attention_mask`` 1) keep their order and are moved
 to the end of the row. This is exact: padding is never attended and positions count real tokens only
@@ -40,15 +46,16 @@ def pick_bucket(n: int, buckets: Sequence[int], what: str) -> int:
 class PromptBatch:
   """Left-padded prompts ready for :func:`medad_jax.sampling.sampler.prefill` (numpy, host side).
 
-  ``num_real`` prompts are real; rows past it are padding rows (all pad tokens) that start done.
+  Rows past the real prompts are padding rows (all pad tokens) that start done (``done_P``).
   """
 
   input_ids_PT: np.ndarray          # int32, left-padded with the pad token
   attention_mask_PT: np.ndarray     # int32, 1 for real tokens
   positions_3PT: np.ndarray         # int32 M-RoPE positions (0 for padding)
   rope_deltas_P: np.ndarray         # int32: a token at cache slot c has position c + delta
-  pixel_values_LC: np.ndarray | None  # float32 patches of all images, zero rows up to the patch bucket
-  vision_meta: VisionMeta | None
+  pixel_values_ILC: np.ndarray | None  # float32 patches per image, zero rows up to the patch bucket
+  vision_meta_I: VisionMeta | None  # one VisionMeta per image, stacked on a leading I axis
+  image_src_PT: np.ndarray          # int32 row of the flattened image features for image tokens, else -1
   done_P: np.ndarray                # bool: True for padding rows
   prompt_lengths_P: np.ndarray      # int32 real tokens per row (0 for padding rows)
 
@@ -126,22 +133,47 @@ def prepare_prompts(cfg: Qwen25VLConfig, input_ids, *, attention_mask=None, pixe
   if (pixel_values is None) != (image_grid_thw is None):
     raise ValueError('pixel_values and image_grid_thw must be given together')
   pixels, meta, grid = None, None, None
+  image_src = np.full((P, T), -1, np.int32)
   if pixel_values is not None:
-    pixels = np.asarray(pixel_values, np.float32)
     grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    C = cfg.vision.patch_dim
-    if pixels.ndim != 2 or pixels.shape[1] != C:
-      raise ValueError(f'pixel_values has shape {pixels.shape}; expected [num_patches, {C}]')
-    L_real = int(grid.prod(-1).sum())
-    if pixels.shape[0] != L_real:
-      raise ValueError(f'pixel_values has {pixels.shape[0]} patches but image_grid_thw {grid.tolist()} describes '
-                       f'{L_real} (sum of t*h*w)')
-    unit = cfg.vision.spatial_merge_size**2
-    L = pick_bucket(L_real, [b for b in patch_buckets if b % unit == 0], 'image patches in the batch')
-    pixels = np.concatenate([pixels, np.zeros((L - L_real, C), np.float32)])
-    meta = vision_meta(grid, cfg.vision, pad_to=L)
+    pixels, meta, feat_index = _per_image(cfg, np.asarray(pixel_values, np.float32), grid, P, patch_buckets)
+    is_img = (ids == cfg.image_token_id) & mask.astype(bool)
+    if int(is_img.sum()) != feat_index.size:
+      raise ValueError(f'input_ids hold {int(is_img.sum())} image tokens (id {cfg.image_token_id}) but '
+                       f'image_grid_thw {grid.tolist()} gives {feat_index.size} (sum of t*h*w/merge**2)')
+    image_src[is_img] = feat_index  # boolean indexing is row-major: the order the images were given in
   positions, deltas = rope_index(cfg, ids, mask, grid)
   done = np.arange(P) >= P_real
   lengths = np.array([r.size for r in rows] + [0] * (P - P_real), np.int32)
   return PromptBatch(input_ids_PT=ids, attention_mask_PT=mask, positions_3PT=positions, rope_deltas_P=deltas,
-                     pixel_values_LC=pixels, vision_meta=meta, done_P=done, prompt_lengths_P=lengths)
+                     pixel_values_ILC=pixels, vision_meta_I=meta, image_src_PT=image_src, done_P=done,
+                     prompt_lengths_P=lengths)
+
+
+def _per_image(cfg: Qwen25VLConfig, pixels: np.ndarray, grid: np.ndarray, P: int, patch_buckets: Sequence[int]
+               ) -> tuple[np.ndarray, VisionMeta, np.ndarray]:
+  """Concatenated patches -> ``([I, L, C] patches, stacked metas, flat feature row of every image token)``."""
+  C = cfg.vision.patch_dim
+  if pixels.ndim != 2 or pixels.shape[1] != C:
+    raise ValueError(f'pixel_values has shape {pixels.shape}; expected [num_patches, {C}]')
+  counts = grid.prod(-1)
+  if pixels.shape[0] != int(counts.sum()):
+    raise ValueError(f'pixel_values has {pixels.shape[0]} patches but image_grid_thw {grid.tolist()} describes '
+                     f'{int(counts.sum())} (sum of t*h*w)')
+  unit = cfg.vision.spatial_merge_size**2
+  L = pick_bucket(int(counts.max()), [b for b in patch_buckets if b % unit == 0], 'image patches per image')
+  n_img = len(grid)
+  I = P if n_img <= P else -(-n_img // P) * P
+  out = np.zeros((I, L, C), np.float32)
+  metas, feat_index, start = [], [], 0
+  for i in range(I):
+    if i < n_img:
+      out[i, :counts[i]] = pixels[start:start + counts[i]]
+      start += counts[i]
+      metas.append(vision_meta(grid[i:i + 1], cfg.vision, pad_to=L))
+      feat_index.append(i * (L // unit) + np.arange(counts[i] // unit))
+    else:  # a dummy image (one merge unit + padding): encoded, never read
+      m = cfg.vision.spatial_merge_size
+      metas.append(vision_meta(np.array([[1, m, m]]), cfg.vision, pad_to=L))
+  meta = jax.tree.map(lambda *xs: np.stack(xs), *metas)
+  return out, meta, np.concatenate(feat_index).astype(np.int32)

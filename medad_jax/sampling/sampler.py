@@ -98,22 +98,37 @@ class Rollout:
 # ----------------------------------------------------------------------------- prefill
 
 
+def embed_prompts(model, input_ids_PT: jax.Array, pixel_values_ILC: jax.Array | None, vision_meta_I,
+                  image_src_PT: jax.Array) -> jax.Array:
+  """Token embeddings with image features in place of ``<|image_pad|>`` tokens -> ``x_PTD``.
+
+  Like ``Qwen25VL.embed`` but the vision tower runs per image (``vmap`` over ``I``), see ``prompts.py``.
+  """
+  x_PTD = model.model.embed_tokens(input_ids_PT)
+  if pixel_values_ILC is None:
+    return x_PTD
+  feats_IMD = jax.vmap(lambda pix, meta: model.visual(pix, meta))(pixel_values_ILC, vision_meta_I)
+  feats_XD = feats_IMD.reshape(-1, feats_IMD.shape[-1]).astype(x_PTD.dtype)
+  img_PTD = jnp.take(feats_XD, jnp.maximum(image_src_PT, 0), axis=0)
+  return jnp.where((image_src_PT >= 0)[..., None], img_PTD, x_PTD)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'adapters'))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, attention_mask_PT: jax.Array,
-            positions_3PT: jax.Array, pixel_values_LC: jax.Array | None, vision_meta, *, max_new_tokens: int,
-            adapters: bool = True) -> tuple[dict, jax.Array]:
+            positions_3PT: jax.Array, pixel_values_ILC: jax.Array | None, vision_meta_I, image_src_PT: jax.Array, *,
+            max_new_tokens: int, adapters: bool = True) -> tuple[dict, jax.Array]:
   """Encodes ``P`` prompts once -> ``(cache_P with S = T + N slots, next-token logits_PV float32)``.
 
-  Only the last position goes through the LM head (left padding puts every prompt's last token there).
+  Arguments are the fields of a :class:`~medad_jax.sampling.prompts.PromptBatch`. Only the last position goes
+  through the LM head (left padding puts every prompt's last token there).
   """
   _TRACES['prefill'] += 1
   model = nnx.merge(graphdef, state)
   P, T = input_ids_PT.shape
   with _adapters(adapters):
-    h_PTD, cache = model.hidden_states(input_ids_PT, attention_mask_BT=attention_mask_PT,
-                                       positions_3BT=positions_3PT, pixel_values=pixel_values_LC,
-                                       vision_meta=vision_meta, cache=model.init_cache(P, T + max_new_tokens),
-                                       cache_index=0)
+    x_PTD = embed_prompts(model, input_ids_PT, pixel_values_ILC, vision_meta_I, image_src_PT)
+    h_PTD, cache = model.model(x_PTD, attention_mask_BT=attention_mask_PT, positions_3BT=positions_3PT,
+                               cache=model.init_cache(P, T + max_new_tokens), cache_index=0)
     logits_PV = model.logits(h_PTD[:, -1:])[:, 0]
   return cache, logits_PV
 
@@ -191,28 +206,16 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
 # ----------------------------------------------------------------------------- entry point
 
 
-def _place(batch: PromptBatch, mesh):
-  """Batch arrays -> device; with a mesh, prompt rows split over (data, fsdp), image patches replicated."""
-  arrays = dict(ids=batch.input_ids_PT, mask=batch.attention_mask_PT, deltas=batch.rope_deltas_P,
-                done=batch.done_P)
+def _place(batch: PromptBatch, mesh) -> PromptBatch:
+  """Batch arrays -> device; with a mesh, prompts and images are split over (data, fsdp) (positions on dim 1)."""
   if mesh is None:
-    out = {k: jnp.asarray(v) for k, v in arrays.items()}
-    out['positions'] = jnp.asarray(batch.positions_3PT)
-  else:
-    from medad_jax.sharding import shard_batch
-    out = shard_batch(arrays, mesh)
-    out['positions'] = shard_batch({'positions': batch.positions_3PT}, mesh, {'positions': 1})['positions']
-  pixels, meta = batch.pixel_values_LC, batch.vision_meta
-  if pixels is not None:
-    if mesh is None:
-      pixels, meta = jnp.asarray(pixels), jax.tree.map(jnp.asarray, meta)
-    else:
-      from medad_jax.sharding import shard_batch
-      rep = shard_batch({'pixels': pixels, **dataclasses.asdict(meta)}, mesh,
-                        {k: None for k in ('pixels', *dataclasses.asdict(meta))})
-      pixels = rep.pop('pixels')
-      meta = type(meta)(**rep)
-  return out, pixels, meta
+    return jax.tree.map(jnp.asarray, batch)
+  from medad_jax.sharding import shard_batch
+  flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
+  names = [jax.tree_util.keystr(p) for p, _ in flat]
+  placed = shard_batch(dict(zip(names, (v for _, v in flat))), mesh,
+                       {n: 1 for n in names if 'positions_3PT' in n})
+  return jax.tree_util.tree_unflatten(treedef, [placed[n] for n in names])
 
 
 def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops.SamplingConfig,
@@ -231,8 +234,9 @@ def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops
   if num_samples < 1:
     raise ValueError(f'num_samples={num_samples}: expected >= 1')
   graphdef, state = nnx.split(model)
-  arrays, pixels, meta = _place(batch, mesh)
-  cache_P, logits_PV = prefill(graphdef, state, arrays['ids'], arrays['mask'], arrays['positions'], pixels, meta,
+  b = _place(batch, mesh)
+  cache_P, logits_PV = prefill(graphdef, state, b.input_ids_PT, b.attention_mask_PT, b.positions_3PT,
+                               b.pixel_values_ILC, b.vision_meta_I, b.image_src_PT,
                                max_new_tokens=config.max_new_tokens, adapters=adapters)
-  return decode(graphdef, state, cache_P, logits_PV, arrays['deltas'], arrays['done'], key, config=config,
+  return decode(graphdef, state, cache_P, logits_PV, b.rope_deltas_P, b.done_P, key, config=config,
                 num_samples=num_samples, adapters=adapters)
