@@ -295,6 +295,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _positive(config, f'{stage}.optim.warmup_steps', allow_zero=True, integer=True)
       _positive(config, f'{stage}.epochs', integer=True)
       _positive(config, f'{stage}.num_microbatches', integer=True)
+      if config[stage].trainable == 'all' and config[stage].num_microbatches > 1:
+        _fail(f'{stage}.num_microbatches', config[stage].num_microbatches,
+              f'1 when {stage}.trainable=\'all\' (microbatching needs a frozen vision tower and embedding)')
   if 'sft' in config:
     _choice(config, 'sft.aggregation', AGGREGATIONS)
     _positive(config, 'sft.batch_size', integer=True)

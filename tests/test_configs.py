@@ -86,6 +86,7 @@ def test_an_override_changes_the_value_and_the_behaviour():
     (['rl.num_microbatches=3'], 'a divisor of rl.prompts_per_step'),
     (['reward.fmt=-1'], r'config.reward.fmt = -1.0: expected a number >= 0'),
     (['judge.backend=grpc'], 'config.judge.backend'),
+    (['sft.trainable=all', 'sft.num_microbatches=2'], "config.sft.num_microbatches = 2: expected 1 when"),
 ])
 def test_unknown_keys_and_bad_values_fail_clearly(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -97,7 +97,11 @@ def full_sequence_logprobs(model, batch):
 
 
 def reference_grpo_grads(graphdef, state, batch, *, beta, eps, ratio_to='old', filter_zero_var=False):
-  """Eq. 7-8 written out by hand on the full-sequence forward; -> (grads of the LoRA params, loss)."""
+  """Eq. 7-8 written out by hand on the full-sequence forward; -> (grads of the trainable params, loss).
+
+  The reference policy is ``state.ref_params`` when the state has one (full fine-tuning), else the LoRA policy
+  with its adapters switched off.
+  """
   r = batch['rewards_B'].reshape(P, G)
   adv = (r - r.mean(1, keepdims=True)).reshape(-1)
   m = batch['completion_mask_BN'].astype(np.float32)
@@ -107,8 +111,11 @@ def reference_grpo_grads(graphdef, state, batch, *, beta, eps, ratio_to='old', f
 
   @jax.jit
   def value_and_grad(params, inp):
-    with lora_disabled():
-      ref = _full_logprobs(nnx.merge(graphdef, params, state.frozen), inp)
+    if state.ref_params is not None:
+      ref = _full_logprobs(nnx.merge(graphdef, state.ref_params, state.frozen), inp)
+    else:
+      with lora_disabled():
+        ref = _full_logprobs(nnx.merge(graphdef, params, state.frozen), inp)
 
     def loss(params):
       logp = _full_logprobs(nnx.merge(graphdef, params, state.frozen), inp)
@@ -225,6 +232,28 @@ def test_update_variants_equal_hand_written_objective(setup, ratio_to, filter_ze
     assert_trees_close(s2.params, new_state.params, rtol=0, atol=0)
 
 
+def test_full_fine_tuning_update_with_a_reference_copy(setup):
+  """LoRA off: every Param is trained and the reference is a frozen copy (here perturbed, so KL > 0); precomputed
+  reference log-probs in the batch give the same update."""
+  cfg, _, _, batch, gcfg, _ = setup
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(5))
+  graphdef, state = U.init_train_state(model, optax.sgd(1.0), trainable='all', keep_reference=True)
+  assert any('embed_tokens' in '/'.join(map(str, p)) for p, _ in nnx.to_flat_state(state.params))
+  ref = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)),
+                     state.ref_params)
+  state = state.replace(ref_params=ref)
+  want_g, want_loss = reference_grpo_grads(graphdef, state, batch, beta=gcfg.beta, eps=gcfg.eps_low)
+  step = U.make_congrpo_update(graphdef, optax.sgd(1.0), gcfg)
+  new_state, met = step(copy_state(state), U.put_batch(batch, None))
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want_g))
+  assert_trees_close(sgd_delta(state.params, new_state.params), want_g, rtol=0, atol=WHOLE_MODEL_TOL * scale)
+  assert float(met['loss']) == pytest.approx(want_loss, abs=WHOLE_MODEL_TOL) and float(met['kl']) > 0
+  assert_trees_close(new_state.ref_params, ref, rtol=0, atol=0)   # the reference never moves
+  ref_logp = U.rollout_logprobs(graphdef, ref, state.frozen, U.put_batch(batch, None), group_size=G)
+  s2, met2 = step(copy_state(state), U.put_batch(dict(batch, ref_logp_BN=np.asarray(ref_logp)), None))
+  assert_trees_close(s2.params, new_state.params, rtol=0, atol=MESH_TOL)
+
+
 def test_microbatched_update_equals_full_batch(setup):
   _, graphdef, state, batch, gcfg, step = setup
   step2 = U.make_congrpo_update(graphdef, optax.sgd(1.0), dataclasses.replace(gcfg, num_microbatches=2))
@@ -329,6 +358,11 @@ def test_sft_loss_is_the_masked_mean_over_assistant_tokens():
   assert float(met['target_tokens']) == b['loss_mask_BT'].sum()
   scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want_g))
   assert_trees_close(sgd_delta(state.params, new_state.params), want_g, rtol=0, atol=WHOLE_MODEL_TOL * scale)
+  # Gradient accumulation over 2 microbatches (one example each) gives the same step.
+  step2 = U.make_sft_step(graphdef, optax.sgd(1.0), U.SFTConfig(num_microbatches=2))
+  s2, met2 = step2(copy_state(state), U.put_batch(b, None))
+  assert_trees_close(s2.params, new_state.params, rtol=0, atol=MESH_TOL)
+  assert float(met2['loss']) == pytest.approx(float(met['loss']), abs=MESH_TOL)
 
   # Prompt, image and padding positions are not targets: whatever the model predicts there (its logits) gets no
   # gradient from the loss. (Their *tokens* still condition the targets, as they must.)

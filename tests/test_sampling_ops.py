@@ -134,6 +134,16 @@ def test_row_keys_do_not_depend_on_batch_layout():
   assert len(set(np.asarray(full).tolist())) > 1  # different rows get different streams
 
 
+def test_stop_pattern_with_alternatives():
+  cfg = SamplingConfig(stop_sequences=(((3, 5), 8, (9, 10)),))
+  assert cfg.stop_sequences == (((3, 5), (8,), (9, 10)),)
+  rows = [[5, 8, 10], [3, 8, 9], [4, 8, 9], [3, 8, 11], [8, 5, 8]]  # match, match, no, no, no (too short)
+  tail = jnp.full((5, cfg.stop_window), -1, jnp.int32)
+  for step in range(3):
+    tail = ops.push_tail(tail, jnp.array([r[step] for r in rows], jnp.int32))
+  np.testing.assert_array_equal(ops.stop_sequence_hit(tail, cfg.stop_sequences), [True, True, False, False, False])
+
+
 def test_stop_sequence_window():
   cfg = SamplingConfig(stop_sequences=((7, 8, 9), (4,)))
   tail = jnp.full((3, cfg.stop_window), -1, jnp.int32)
@@ -156,6 +166,8 @@ def test_sampling_config_rejects_bad_settings(kw, msg):
 
 
 def test_sampling_config_is_hashable_and_normalised():
-  a = SamplingConfig(stop_token_ids=[3, 4], stop_sequences=[[1, 2]])
-  b = SamplingConfig(stop_token_ids=(3, 4), stop_sequences=((1, 2),))
+  a = SamplingConfig(stop_token_ids=[3, 4], stop_sequences=[[1, [2, 6]]])
+  b = SamplingConfig(stop_token_ids=(3, 4), stop_sequences=(((1,), (6, 2)),))
   assert a == b and hash(a) == hash(b) and a.stop_window == 2
+  with pytest.raises(ValueError, match=r'stop_sequences\[0\]\[1\]'):
+    SamplingConfig(stop_sequences=((1, ()),))

@@ -55,6 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--text-tokens', type=int, default=48, help='text tokens per prompt besides the image')
   p.add_argument('--repeats', type=int, default=2)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--peak-size', type=int, default=2048, help='matrix side of the matmul-peak measurement')
   p.add_argument('--json', default=None, help='also write the results to this JSON file')
   return p.parse_args(argv)
 
@@ -188,9 +189,9 @@ def main(argv: list[str]) -> int:
     raise SystemExit(f'--configs: unknown preset(s) {unknown}; choose from {sorted(PRESETS)}')
   import torch  # noqa: F401  (loaded before the summary so its thread count is shown)
   log.info('measuring the matmul peak')
-  peak = common.matmul_peak_flops()
-  common.emit(f'machine: {common.machine_summary()}\nmeasured fp32 matmul peak (jax, 2048^3): {peak / 1e9:.1f} '
-              'GFLOP/s')
+  peak = common.matmul_peak_flops(args.peak_size)
+  common.emit(f'machine: {common.machine_summary()}\nmeasured fp32 matmul peak (jax, {args.peak_size}^3): '
+              f'{peak / 1e9:.1f} GFLOP/s')
   results = [bench_config(n, PRESETS[n](), args, peak) for n in names]
   if args.json:
     with open(args.json, 'w') as f:

@@ -323,6 +323,8 @@ def load_checkpoint(path: str, *, cfg: Qwen25VLConfig | None = None, dtype: str 
   """
   from medad_jax.model.qwen25vl import Qwen25VL
 
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'checkpoint directory {path!r} does not exist')
   cfg = cfg or from_hf_config(path)
   overrides = {k: v for k, v in (('dtype', dtype), ('param_dtype', param_dtype)) if v is not None}
   cfg = cfg.replace(**overrides) if overrides else cfg

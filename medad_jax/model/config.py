@@ -201,11 +201,15 @@ def from_hf_dict(hf: dict, where: str = 'config.json', **overrides) -> Qwen25VLC
       rope_theta=float(vrope.get('rope_theta', 10000.0)), tokens_per_second=v.get('tokens_per_second', 2))
   eos = t.get('eos_token_id', 151645)
   eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+  # Qwen checkpoints often leave pad_token_id null; generation then pads with <|endoftext|> (151643).
+  pad = t.get('pad_token_id')
+  if pad is None:
+    pad = 151643 if tc.vocab_size > 151643 else eos[-1]
   cfg = Qwen25VLConfig(
       text=tc, vision=vc, image_token_id=hf.get('image_token_id', 151655),
       video_token_id=hf.get('video_token_id', 151656),
       vision_start_token_id=hf.get('vision_start_token_id', 151652),
-      vision_end_token_id=hf.get('vision_end_token_id', 151653), eos_token_ids=eos)
+      vision_end_token_id=hf.get('vision_end_token_id', 151653), eos_token_ids=eos, pad_token_id=int(pad))
   return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -219,6 +223,16 @@ def from_hf_config(path: str, **overrides) -> Qwen25VLConfig:
       hf = json.load(fh)
     except json.JSONDecodeError as e:
       raise ValueError(f'{f}: not valid JSON ({e})') from e
+  gen = os.path.join(os.path.dirname(f), 'generation_config.json')
+  if os.path.exists(gen) and 'eos_token_ids' not in overrides:
+    # generation_config.json lists every stop id (<|im_end|> and <|endoftext|>); config.json usually only one.
+    with open(gen) as fh:
+      try:
+        eos = json.load(fh).get('eos_token_id')
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{gen}: not valid JSON ({e})') from e
+    if eos is not None:
+      overrides['eos_token_ids'] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
   return from_hf_dict(hf, where=f, **overrides)
 
 

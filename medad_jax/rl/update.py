@@ -20,10 +20,12 @@ State layout (:class:`TrainState`)
 for full fine-tuning); ``frozen`` is everything else (the base weights), passed through unchanged; ``opt_state``
 is optax's; ``step`` an int32 scalar; ``rng`` a uint32 PRNG key the trainer derives per-step keys from
 (``fold_in(rng, step)``, so a resumed run draws the same keys); ``ref_params`` is a frozen copy of the trainable
-parameters at the start of RL and only exists for full fine-tuning (see "reference policy").
+parameters at the start of RL and only exists for full fine-tuning (see step 3 below).
 
 The state is donated: after a call the previous state's buffers are gone. Anything built from them (a merged
 model handed to the sampler) must be rebuilt from the returned state.
+
+The state, optimiser and placement helpers live in ``state.py`` and are re-exported here.
 
 Con-GRPO update, per call (one jitted program; the trainer calls it mu times on one rollout batch, which reuses
 the compiled program because only array values change)
@@ -54,7 +56,7 @@ Microbatching (``num_microbatches`` K > 1): the batch is split into K slices of 
 with ``lax.scan``, and the per-slice numerators are divided by the whole batch's denominators, so the loss and
 gradients equal the single-batch ones up to summation order. Image features are then computed once for all
 prompts outside the differentiated function, which requires the vision tower and token embedding to be frozen
-(true for the default LoRA targets); this is checked when the step is built.
+(true for the default LoRA targets); this is checked when the step is first traced.
 """
 
 from __future__ import annotations
@@ -63,19 +65,23 @@ import dataclasses
 import functools
 import logging
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from medad_jax.model.layers import lora_disabled
 from medad_jax.model.qwen25vl import continuation_positions
 from medad_jax.model.text import repeat_cache
 from medad_jax.rl import algo
+# Re-exported so a trainer needs one import (``from medad_jax.rl import update``).
+from medad_jax.rl.state import (JittedStep, TrainState, batch_shardings, init_train_state, make_optimizer,  # noqa: F401
+                                merge_model, optimizer_from_config, place_state, prepare_rl_policy, put_batch,
+                                tree_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -167,210 +173,10 @@ class SFTConfig:
     return cls(aggregation=sft.aggregation, num_microbatches=sft.num_microbatches)
 
 
-# ------------------------------------------------------------------------------------------ train state
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-  """Everything a step reads and writes (a pytree; the ``GraphDef`` is kept outside). See the module docstring."""
-
-  params: nnx.State
-  frozen: nnx.State
-  opt_state: Any
-  step: jax.Array
-  rng: jax.Array
-  ref_params: nnx.State | None = None
-
-  def replace(self, **kw) -> 'TrainState':
-    return dataclasses.replace(self, **kw)
-
-
-TRAINABLE = {'lora': nnx.LoRAParam, 'all': nnx.Param}
-
-
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable: str = 'lora',
-                     seed: int = 0, keep_reference: bool = False) -> tuple[nnx.GraphDef, TrainState]:
-  """Splits ``model`` into ``(graphdef, TrainState)``.
-
-  Args:
-    trainable: ``'lora'`` (the ``nnx.LoRAParam`` adapters; everything else frozen) or ``'all'`` (every
-      ``nnx.Param``).
-    seed: seeds ``TrainState.rng``.
-    keep_reference: store a frozen copy of the trainable parameters as the reference policy (full fine-tuning
-      Con-GRPO; with LoRA the reference is the adapters-off forward and this must stay False).
-  """
-  if trainable not in TRAINABLE:
-    raise ValueError(f'trainable={trainable!r}: expected one of {sorted(TRAINABLE)}')
-  graphdef, params, frozen = nnx.split(model, TRAINABLE[trainable], ...)
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  if n == 0:
-    raise ValueError(f'trainable={trainable!r} selects no parameters of the model' +
-                     (' (no LoRA adapters attached: call medad_jax.model.lora.apply_lora first)'
-                      if trainable == 'lora' else ''))
-  if keep_reference and trainable == 'lora':
-    raise ValueError('keep_reference=True with LoRA: the reference is the adapters-off forward, no copy needed')
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((params, frozen)))
-  log.info('trainable parameters: %s of %s (%.3f%%)', f'{n:,}', f'{total:,}', 100.0 * n / max(total, 1))
-  ref = jax.tree.map(jnp.copy, params) if keep_reference else None
-  state = TrainState(params=params, frozen=frozen, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                     rng=jax.random.PRNGKey(seed), ref_params=ref)
-  return graphdef, state
-
-
-def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
-  """The current policy as a module (for the sampler, evaluation and export). Shares the state's buffers."""
-  return nnx.merge(graphdef, state.params, state.frozen)
-
-
-def prepare_rl_policy(model: nnx.Module, lora_cfg) -> list[str]:
-  """pi_SFT -> the RL starting point with LoRA: merge any (SFT) adapters into the base, attach fresh RL adapters.
-
-  The adapters start with ``lora_b = 0``, so the policy starts equal to pi_SFT, and the adapters-off forward *is*
-  pi_SFT for the whole run. Returns the adapted module paths.
-  """
-  from medad_jax.model.lora import apply_lora, merge_lora
-  n = merge_lora(model)
-  log.info('merged %d SFT adapters into the base; attaching fresh RL adapters (rank %d)', n, lora_cfg.rank)
-  return apply_lora(model, lora_cfg, rngs=nnx.Rngs(lora_cfg.seed))
-
-
-def make_optimizer(learning_rate: float, *, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, max_grad_norm: float | None = 1.0, warmup_steps: int = 0,
-                   total_steps: int | None = None, schedule: str = 'constant'
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping -> ``(tx, lr_schedule)``.
-
-  ``schedule``: ``'constant'`` (after a linear warmup of ``warmup_steps``) or ``'cosine'`` (to 0 at
-  ``total_steps``). Defaults follow PyTorch's AdamW except ``weight_decay`` (0, as transformers' trainers).
-  """
-  if schedule == 'constant':
-    sched = optax.constant_schedule(learning_rate)
-    if warmup_steps:
-      sched = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), sched], [warmup_steps])
-  elif schedule == 'cosine':
-    if not total_steps:
-      raise ValueError('schedule="cosine" needs total_steps')
-    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1))
-  else:
-    raise ValueError(f'schedule={schedule!r}: expected "constant" or "cosine"')
-  parts = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
-  parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  return optax.chain(*parts), sched
-
-
-def optimizer_from_config(optim, total_steps: int | None = None
-                          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """:func:`make_optimizer` from an ``optim`` block of the configs (``configs/common.py:optim_config``)."""
-  return make_optimizer(optim.lr, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                        max_grad_norm=optim.max_grad_norm or None, warmup_steps=optim.warmup_steps,
-                        total_steps=total_steps, schedule=optim.schedule)
-
-
-# ------------------------------------------------------------------------------------------- shardings
-
-
-def _key_name(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for any pytree holding model-shaped leaves (params, optimizer moments, reference copy).
-
-  Each leaf's path (``'/'``-joined, attribute hops such as ``.value`` dropped) is matched against
-  ``medad_jax.sharding.PARAM_RULES``, which anchor at the end of the path: ``opt_state/0/mu/model/layers/0/
-  self_attn/q_proj/lora_a`` is sharded like the adapter itself. Scalars and unmatched leaves are replicated.
-  """
-  from medad_jax.sharding import param_spec
-
-  def one(path, x):
-    names = [_key_name(k) for k in path if not isinstance(k, jax.tree_util.GetAttrKey) or
-             _key_name(k) not in ('value', 'raw_value')]
-    shape = getattr(x, 'shape', ())
-    return NamedSharding(mesh, param_spec(tuple(names), shape, mesh) if len(shape) else P())
-
-  return jax.tree_util.tree_map_with_path(one, tree)
-
-
-# Batch keys whose batch axis is not 0, or that are not batch-major at all (None: replicated).
-BATCH_DIMS = {'prompt_positions_3PT': 1, 'positions_3BT': 1, 'pixel_values_LC': None, 'vision_meta': None}
-
-
-def batch_shardings(batch: dict, mesh: Mesh) -> dict:
-  """Shardings for a step batch: batch axis over (data, fsdp) where it divides, else replicated."""
-  from medad_jax.sharding import BATCH_AXES
-  n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-
-  def one(key, x):
-    bd = BATCH_DIMS.get(key, 0)
-    shape = np.shape(x)
-    if bd is None or len(shape) == 0 or shape[bd] % n:
-      return NamedSharding(mesh, P())
-    spec = [None] * len(shape)
-    spec[bd] = BATCH_AXES
-    return NamedSharding(mesh, P(*spec))
-
-  return {k: (jax.tree.map(lambda x: NamedSharding(mesh, P()), v) if BATCH_DIMS.get(k, 0) is None else one(k, v))
-          for k, v in batch.items()}
-
-
-def put_batch(batch: dict, mesh: Mesh | None) -> dict:
-  """Host batch -> device arrays (sharded as :func:`batch_shardings` says when a mesh is given)."""
-  if mesh is None:
-    return jax.tree.map(jnp.asarray, batch)
-  sh = batch_shardings(batch, mesh)
-  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x) if not isinstance(x, jax.Array) else x, s),
-                      batch, sh)
-
-
-class JittedStep:
-  """``(state, batch) -> (state, metrics)`` compiled once per batch structure, with shardings and donation.
-
-  Without a mesh it is ``jax.jit(fn, donate_argnums=0)``. With a mesh, the state's shardings come from
-  :func:`tree_shardings` and the batch's from :func:`batch_shardings`; metrics come back replicated.
-  """
-
-  def __init__(self, fn: Callable, mesh: Mesh | None = None, donate: bool = True):
-    self.mesh, self._donate = mesh, donate
-    self.traces = 0  # how many times the step was traced (= compiled); mu inner iterations must not add any
-
-    def counted(state, batch):
-      self.traces += 1
-      return fn(state, batch)
-
-    self._fn = counted
-    self._compiled: dict = {}
-
-  def _get(self, state, batch):
-    key = (jax.tree.structure(state), jax.tree.structure(batch))
-    if key not in self._compiled:
-      kw = dict(donate_argnums=0) if self._donate else {}
-      if self.mesh is not None:
-        ssh = tree_shardings(state, self.mesh)
-        kw.update(in_shardings=(ssh, batch_shardings(batch, self.mesh)),
-                  out_shardings=(ssh, NamedSharding(self.mesh, P())))
-      self._compiled[key] = jax.jit(self._fn, **kw)
-    return self._compiled[key]
-
-  def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    return self._get(state, batch)(state, batch)
-
-  def lower(self, state, batch):
-    return self._get(state, batch).lower(state, batch)
-
-
-def place_state(state: TrainState, mesh: Mesh) -> TrainState:
-  """Puts every leaf of ``state`` onto its sharding (:func:`tree_shardings`)."""
-  return jax.device_put(state, tree_shardings(state, mesh))
-
-
 # ---------------------------------------------------------------------------------------- shared pieces
 
 
-def _check_frozen_inputs(graphdef, state_like, what: str):
+def _check_frozen_inputs(state_like, what: str):
   """Microbatching precomputes prompt embeddings outside the gradient: they must not depend on trainable params."""
   flat = nnx.to_flat_state(state_like)
   bad = ['/'.join(map(str, p)) for p, _ in flat
@@ -459,7 +265,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
     if K == 1:
       grads, stats = grad_fn(state.params, batch)
     else:
-      _check_frozen_inputs(graphdef, state.params, 'SFTConfig')
+      _check_frozen_inputs(state.params, 'SFTConfig')
       model = nnx.merge(graphdef, state.params, state.frozen)
       x_BTD = jax.lax.stop_gradient(model.embed(batch['input_ids_BT'], batch.get('pixel_values_LC'),
                                                 batch.get('vision_meta')))
@@ -503,10 +309,25 @@ def rollout_batch(prompts, rollout, rewards_B) -> dict:
       'prompt_positions_3PT': prompts.positions_3PT, 'rope_deltas_P': prompts.rope_deltas_P,
       'completion_ids_BN': rollout.tokens_BN, 'completion_mask_BN': rollout.completion_mask_BN,
       'old_logp_BN': rollout.policy_logprobs_BN, 'rewards_B': np.asarray(rewards_B, np.float32)}
-  if prompts.pixel_values_LC is not None:
-    batch['pixel_values_LC'] = prompts.pixel_values_LC
-    batch['vision_meta'] = prompts.vision_meta
+  if prompts.pixel_values_ILC is not None:
+    batch.update(pixel_values_ILC=prompts.pixel_values_ILC, vision_meta_I=prompts.vision_meta_I,
+                 image_src_PT=prompts.image_src_PT)
   return batch
+
+
+def embed_prompts(model: nnx.Module, batch: dict) -> jax.Array:
+  """Prompt embeddings ``x_PTD`` with the images' features at the ``<|image_pad|>`` tokens, from either layout:
+
+  * the sampler's (``pixel_values_ILC``, ``vision_meta_I``, ``image_src_PT``: images kept apart, the vision tower
+    run per image), exactly as the sampler embedded the prompts it drew the rollouts from;
+  * the processor's (``pixel_values_LC`` + ``vision_meta``: all images packed, ``Qwen25VL.embed``);
+  * none (text-only prompts).
+  """
+  ids = batch['prompt_ids_PT']
+  if 'pixel_values_ILC' in batch:
+    from medad_jax.sampling.sampler import embed_prompts as sampler_embed
+    return sampler_embed(model, ids, batch['pixel_values_ILC'], batch['vision_meta_I'], batch['image_src_PT'])
+  return model.embed(ids, batch.get('pixel_values_LC'), batch.get('vision_meta'))
 
 
 def completion_logits(model: nnx.Module, batch: dict, group_size: int, x_PTD: jax.Array | None = None
@@ -525,9 +346,13 @@ def completion_logits(model: nnx.Module, batch: dict, group_size: int, x_PTD: ja
     raise ValueError(f'Con-GRPO batch: {comp_BN.shape[0]} completion rows for {Pn} prompts; expected '
                      f'prompts * group_size = {Pn * group_size}')
   if x_PTD is None:
-    x_PTD = model.embed(ids_PT, batch.get('pixel_values_LC'), batch.get('vision_meta'))
+    x_PTD = embed_prompts(model, batch)
+  # The prompt attends over its own T slots only; N empty (invalid) slots are appended for the completions.
   h_PTD, cache = model.model(x_PTD, attention_mask_BT=mask_PT, positions_3BT=batch['prompt_positions_3PT'],
-                             cache=model.init_cache(Pn, T + N), cache_index=0)
+                             cache=model.init_cache(Pn, T), cache_index=0)
+  cache = {'k': tuple(jnp.pad(k, ((0, 0), (0, N), (0, 0), (0, 0))) for k in cache['k']),
+           'v': tuple(jnp.pad(v, ((0, 0), (0, N), (0, 0), (0, 0))) for v in cache['v']),
+           'mask': jnp.pad(cache['mask'], ((0, 0), (0, N)))}
   cache = repeat_cache(cache, group_size)
   deltas_B = jnp.repeat(batch['rope_deltas_P'].astype(jnp.int32), group_size, axis=0)
   x_BND = model.model.embed_tokens(comp_BN)
@@ -608,16 +433,20 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
   Batch (``rollout_batch`` builds it from the sampler's output)::
 
       prompt_ids_PT [P, T], prompt_mask_PT [P, T], prompt_positions_3PT [3, P, T], rope_deltas_P [P]
-      pixel_values_LC [L, C], vision_meta                       optional: the prompts' images, once per prompt
+      pixel_values_ILC [I, L, C], vision_meta_I, image_src_PT   optional: the prompts' images, once per prompt,
+                                                                as the sampler's PromptBatch holds them (or the
+                                                                packed pixel_values_LC + vision_meta)
       completion_ids_BN [B, N], completion_mask_BN [B, N]       B = P * G, row p*G + g = rollout g of prompt p
       old_logp_BN [B, N]    log-probs of the sampled tokens under the rollout policy (0 where masked)
       rewards_B [B]         total rewards (Eq. 3)
-      ref_logp_BN [B, N]    optional precomputed reference log-probs
+      ref_logp_BN [B, N]    optional precomputed reference log-probs: with mu > 1 inner iterations, compute them
+                            once per rollout batch (``rollout_logprobs(..., adapters=False)``) instead of mu times
 
   Metrics (scalars): ``loss``, ``pg_loss``, ``kl_loss`` (beta * kl), ``kl`` (aggregated k3), ``kl_token_mean``,
   ``clip_frac_low`` / ``clip_frac_high`` (fraction of tokens whose lower / upper clip binds), ``ratio_mean`` /
   ``ratio_min`` / ``ratio_max``, ``entropy``, ``grad_norm`` (before clipping), ``update_norm``, ``reward_mean`` /
-  ``reward_std``, ``adv_abs_mean``, ``zero_var_groups`` / ``zero_var_frac``, ``completion_tokens``,
+  ``reward_std``, ``adv_abs_mean``, ``zero_var_groups`` / ``zero_var_frac`` (groups with equal rewards, among
+  those with completion tokens), ``completion_tokens``,
   ``completion_len``, ``logp_old_diff`` (mean ``logp - old_logp``: 0 at the first inner step when the teacher-
   forced log-probs match the sampler's), ``lr``.
   """
@@ -626,15 +455,16 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
   def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     for k in ROLLOUT_KEYS:
       if k not in batch:
-        raise KeyError(f'Con-GRPO batch: missing key {k!r}; expected {ROLLOUT_KEYS} (+ pixel_values_LC, '
-                       'vision_meta, ref_logp_BN)')
+        raise KeyError(f'Con-GRPO batch: missing key {k!r}; expected {ROLLOUT_KEYS} (+ images, ref_logp_BN)')
     G = cfg.group_size
     if batch['rewards_B'].shape[0] % G:
       raise ValueError(f'rewards_B has {batch["rewards_B"].shape[0]} rows, not a multiple of group_size={G}')
     if K > 1:
-      _check_frozen_inputs(graphdef, state.params, 'GRPOConfig')
+      _check_frozen_inputs(state.params, 'GRPOConfig')
     adv_B, zero_var_P = grpo_advantages(batch['rewards_B'], cfg)
     mask = batch['completion_mask_BN'].astype(jnp.float32)
+    # Padding prompts (no completion tokens at all) are not groups: they are left out of the zero-variance count.
+    real_P = jnp.any(mask.reshape(-1, G * mask.shape[1]) > 0, axis=1)
     if cfg.filter_zero_variance:
       mask = mask * jnp.repeat(~zero_var_P, G)[:, None].astype(jnp.float32)
     _, denom = algo.aggregate_parts(jnp.zeros_like(mask), mask, cfg.aggregation)
@@ -660,8 +490,7 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       grads, stats = grad_fn(state.params, full)
     else:
       policy = nnx.merge(graphdef, state.params, state.frozen)
-      x_PTD = jax.lax.stop_gradient(policy.embed(batch['prompt_ids_PT'], batch.get('pixel_values_LC'),
-                                                 batch.get('vision_meta')))
+      x_PTD = jax.lax.stop_gradient(embed_prompts(policy, batch))
       prompt_keys = ('prompt_ids_PT', 'prompt_mask_PT', 'rope_deltas_P')
       row_keys = ('completion_ids_BN', 'completion_mask_BN', 'old_logp_BN', 'adv_B', 'loss_mask_BN') + (
           ('ref_logp_BN',) if 'ref_logp_BN' in batch else ())
@@ -699,8 +528,8 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         'entropy': stats['entropy_sum'] / n, 'logp_old_diff': stats['logp_diff_sum'] / n,
         'grad_norm': grad_norm, 'update_norm': upd_norm,
         'reward_mean': jnp.mean(r), 'reward_std': jnp.std(r), 'adv_abs_mean': jnp.mean(jnp.abs(adv_B)),
-        'zero_var_groups': jnp.sum(zero_var_P.astype(jnp.int32)),
-        'zero_var_frac': jnp.mean(zero_var_P.astype(jnp.float32)),
+        'zero_var_groups': jnp.sum((zero_var_P & real_P).astype(jnp.int32)),
+        'zero_var_frac': jnp.sum((zero_var_P & real_P).astype(jnp.float32)) / jnp.maximum(jnp.sum(real_P), 1),
         'completion_tokens': stats['tokens'], 'completion_len': jnp.sum(comp) / comp.shape[0],
     }
     if lr_schedule is not None:

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 # Codes of ``finish_reason``; ``FINISH_REASONS[code]`` is the name.
-FINISH_LENGTH, FINISH_STOP_TOKEN, FINISH_STOP_SEQUENCE, FINISH_MASKED = 0, 1, 2, 3
-FINISH_REASONS = ('length', 'stop_token', 'stop_sequence', 'masked')
+FINISH_LENGTH, FINISH_STOP_TOKEN, FINISH_STOP_SEQUENCE, FINISH_MASKED, FINISH_STOP_STRING = 0, 1, 2, 3, 4
+FINISH_REASONS = ('length', 'stop_token', 'stop_sequence', 'masked', 'stop_string')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,9 @@ class SamplingConfig:
     top_p: nucleus mass in (0, 1] (1.0 = off).
     greedy: argmax of the unmodified logits (temperature / top-k / top-p ignored; sampling log-prob 0).
     stop_token_ids: a row finishes when it emits one of these (e.g. ``<|im_end|>``, ``<|endoftext|>``).
-    stop_sequences: token-id sequences; a row finishes when its last sampled tokens equal one of them (e.g. the
-      tokenisation of ``</answer>``). Matching is on the completion only, on device.
+    stop_sequences: token patterns; a row finishes when its last sampled tokens match one of them. A pattern is a
+      sequence whose items are a token id or a tuple of alternative ids. Matching is on the completion only, on
+      device. For stop *strings* (any tokenisation) use the string automata of ``stops.py`` instead.
   """
 
   max_new_tokens: int = 256
@@ -60,7 +61,8 @@ class SamplingConfig:
       raise ValueError(f'SamplingConfig.top_p={self.top_p}: expected a value in (0, 1] (1 = off)')
     # Normalise to tuples of ints so equal settings hash equal (lists would not hash at all).
     object.__setattr__(self, 'stop_token_ids', tuple(int(t) for t in self.stop_token_ids))
-    seqs = tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
+    seqs = tuple(tuple(_alternatives(x, f'stop_sequences[{i}][{j}]') for j, x in enumerate(s))
+                 for i, s in enumerate(self.stop_sequences))
     empty = [i for i, s in enumerate(seqs) if not s]
     if empty:
       raise ValueError(f'SamplingConfig.stop_sequences[{empty[0]}] is empty; expected at least one token id')
@@ -75,6 +77,14 @@ class SamplingConfig:
   def stop_window(self) -> int:
     """``M``: how many trailing tokens the stop-sequence check needs (at least 1, to keep shapes non-empty)."""
     return max([1] + [len(s) for s in self.stop_sequences])
+
+
+def _alternatives(x, where: str) -> tuple[int, ...]:
+  """A stop-pattern item (an id or several) -> a sorted tuple of distinct ids."""
+  ids = tuple(sorted({int(t) for t in x})) if isinstance(x, (tuple, list, set, frozenset)) else (int(x),)
+  if not ids or min(ids) < 0:
+    raise ValueError(f'SamplingConfig.{where} = {x!r}: expected a token id >= 0 or a non-empty tuple of them')
+  return ids
 
 
 def top_k_filter(logits_BV: jax.Array, k: int) -> jax.Array:
@@ -220,18 +230,23 @@ def push_tail(tail_BM: jax.Array, tokens_B: jax.Array) -> jax.Array:
   return jnp.concatenate([tail_BM[:, 1:], tokens_B[:, None].astype(tail_BM.dtype)], axis=1)
 
 
-def stop_sequence_hit(tail_BM: jax.Array, stop_sequences: tuple[tuple[int, ...], ...]) -> jax.Array:
-  """``[B]`` bool: the row's last ``len(s)`` tokens equal some stop sequence ``s`` (unrolled over the static set).
+def stop_sequence_hit(tail_BM: jax.Array, stop_sequences: tuple[tuple[tuple[int, ...], ...], ...]) -> jax.Array:
+  """``[B]`` bool: the row's last ``len(s)`` tokens match some stop pattern ``s`` (each position a set of ids;
+  unrolled over the static patterns).
 
-  Unfilled window slots hold -1, which matches no token id, so a sequence longer than the completion so far
-  cannot match.
+  Unfilled window slots hold -1, which matches no token id, so a pattern longer than the completion so far cannot
+  match.
   """
   M = tail_BM.shape[1]
   hit_B = jnp.zeros(tail_BM.shape[:1], bool)
   for seq in stop_sequences:
     if len(seq) > M:
       raise ValueError(f'stop sequence {seq} is longer than the stop window M={M}')
-    hit_B |= jnp.all(tail_BM[:, M - len(seq):] == jnp.asarray(seq, tail_BM.dtype)[None], axis=1)
+    match_B = jnp.ones(tail_BM.shape[:1], bool)
+    for j, alts in enumerate(seq):
+      tok_B = tail_BM[:, M - len(seq) + j]
+      match_B &= (tok_B == alts[0]) if len(alts) == 1 else jnp.isin(tok_B, jnp.asarray(alts, tail_BM.dtype))
+    hit_B |= match_B
   return hit_B
 
 

@@ -17,11 +17,15 @@ State (:class:`DecodeState`, gemma ``_sampler_loop.py`` style): a fixed token bu
 its write index, a ``done`` mask, per-row keys, and the log-probs of every sampled token under the unmodified
 policy (GRPO's old-policy log-probs) and under the sampling distribution.
 
-Stopping: a row is done when it samples a ``stop_token_ids`` token, when its last tokens equal a stop *token
-sequence* (``</answer>`` may be several tokens: each step pushes the token into a window of the last ``M`` tokens
-per row and compares the window's tail with every sequence, on device), or after ``N`` tokens. The stop token or
-sequence is part of the completion (mask 1, log-probs kept); later slots hold the pad token with mask 0 and
-log-prob 0. Rows can also start done (``done_P``: padding prompts), their finish reason is ``'masked'``.
+Stopping: a row is done when it samples a ``stop_token_ids`` token, when its last tokens match a stop *token
+pattern* (each step pushes the token into a window of the last ``M`` tokens per row and compares the window's
+tail with every pattern, on device), when its text completes a stop *string* such as ``</answer>`` in any
+tokenisation (a per-row automaton state advanced by one table gather per step, see ``stops.py``), or after ``N``
+tokens. The token that stops a row is part of its completion (mask 1, log-probs kept); later slots hold the pad
+token with mask 0 and log-prob 0. Rows can also start done (``done_P``: padding prompts): reason ``'masked'``.
+
+Sampling itself (``ops.py``) is an inverse-CDF draw with one uniform per row, not a Gumbel-max over the
+vocabulary: for 64 rows x 151,936 tokens that is ~5 ms instead of ~300 ms per step on a 2-core CPU.
 
 Static: sampling settings (:class:`~medad_jax.sampling.ops.SamplingConfig`), ``G``, the model's graph and whether
 LoRA adapters are applied. Arrays: parameters and the batch, so new weights and new batches in the same buckets
@@ -43,7 +47,7 @@ from flax import nnx
 from medad_jax.model.layers import lora_disabled
 from medad_jax.model.qwen25vl import continuation_positions
 from medad_jax.model.text import repeat_cache
-from medad_jax.sampling import ops
+from medad_jax.sampling import ops, stops
 from medad_jax.sampling.prompts import PromptBatch
 
 _TRACES: collections.Counter = collections.Counter()
@@ -73,6 +77,7 @@ class DecodeState:
   length_B: jax.Array           # int32 completion length (stop token included)
   finish_B: jax.Array           # int32 code, see ops.FINISH_REASONS
   tail_BM: jax.Array            # int32 last M sampled tokens (-1 before the first), for stop sequences
+  stop_state_BQ: jax.Array      # int32 state of each stop-string automaton (stops.py)
   cache: dict                   # KV cache, see medad_jax.model.text
   keys_B: jax.Array             # per-row PRNG keys
 
@@ -136,7 +141,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, a
 # ----------------------------------------------------------------------------- decode
 
 
-def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_id: int) -> DecodeState:
+def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_id: int,
+            stop_table_QSV: jax.Array | None) -> DecodeState:
   """Draws token ``s.step`` for every row from ``logits_BV`` and books it (tokens, log-probs, stops)."""
   tok_B, plp_B, slp_B = ops.draw(ops.step_keys(s.keys_B, s.step), logits_BV, cfg)
   active_B = ~s.done_B
@@ -145,23 +151,27 @@ def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_i
   slp_B = jnp.where(active_B, slp_B, 0.0)
   put = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step))  # noqa: E731
   tail_BM = ops.push_tail(s.tail_BM, tok_B)
+  stop_state_BQ, string_hit_B = stops.advance(stop_table_QSV, s.stop_state_BQ, tok_B)
   stop_tok_B = active_B & ops.is_stop_token(tok_B, cfg.stop_token_ids)
   stop_seq_B = active_B & ~stop_tok_B & ops.stop_sequence_hit(tail_BM, cfg.stop_sequences)
-  finish_B = jnp.where(stop_tok_B, ops.FINISH_STOP_TOKEN, jnp.where(stop_seq_B, ops.FINISH_STOP_SEQUENCE,
-                                                                       s.finish_B))
+  stop_str_B = active_B & ~stop_tok_B & ~stop_seq_B & string_hit_B
+  finish_B = jnp.select([stop_tok_B, stop_seq_B, stop_str_B],
+                        [ops.FINISH_STOP_TOKEN, ops.FINISH_STOP_SEQUENCE, ops.FINISH_STOP_STRING], s.finish_B)
   return dataclasses.replace(
       s, step=s.step + 1, tokens_BN=put(s.tokens_BN, tok_B), policy_logp_BN=put(s.policy_logp_BN, plp_B),
-      sample_logp_BN=put(s.sample_logp_BN, slp_B), done_B=s.done_B | stop_tok_B | stop_seq_B,
-      length_B=s.length_B + active_B.astype(jnp.int32), finish_B=finish_B, tail_BM=tail_BM)
+      sample_logp_BN=put(s.sample_logp_BN, slp_B), done_B=s.done_B | stop_tok_B | stop_seq_B | stop_str_B,
+      length_B=s.length_B + active_B.astype(jnp.int32), finish_B=finish_B.astype(jnp.int32), tail_BM=tail_BM,
+      stop_state_BQ=stop_state_BQ)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'config', 'num_samples', 'adapters'))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: jax.Array, rope_deltas_P: jax.Array,
-           done_P: jax.Array, key: jax.Array, *, config: ops.SamplingConfig, num_samples: int,
-           adapters: bool = True) -> Rollout:
+           done_P: jax.Array, key: jax.Array, stop_table_QSV: jax.Array | None = None, *,
+           config: ops.SamplingConfig, num_samples: int, adapters: bool = True) -> Rollout:
   """``G = num_samples`` completions per prefilled prompt, sharing the prompt's cache (see the module docstring).
 
   ``cache_P`` must have ``S = T + config.max_new_tokens`` slots (as :func:`prefill` builds it).
+  ``stop_table_QSV``: optional stop-string automata (``stops.py``); an array, so new strings do not recompile.
   """
   _TRACES['decode'] += 1
   model = nnx.merge(graphdef, state)
@@ -178,9 +188,9 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
       policy_logp_BN=jnp.zeros((B, N), jnp.float32), sample_logp_BN=jnp.zeros((B, N), jnp.float32),
       done_B=done_B, length_B=jnp.zeros((B,), jnp.int32),
       finish_B=jnp.where(done_B, ops.FINISH_MASKED, ops.FINISH_LENGTH).astype(jnp.int32),
-      tail_BM=jnp.full((B, config.stop_window), -1, jnp.int32), cache=cache,
-      keys_B=ops.row_keys(key, jnp.arange(B, dtype=jnp.int32)))
-  s = _record(s, rep(logits_PV), config, cfg_model.pad_token_id)
+      tail_BM=jnp.full((B, config.stop_window), -1, jnp.int32), stop_state_BQ=stops.init_states(B, stop_table_QSV),
+      cache=cache, keys_B=ops.row_keys(key, jnp.arange(B, dtype=jnp.int32)))
+  s = _record(s, rep(logits_PV), config, cfg_model.pad_token_id, stop_table_QSV)
 
   def cond(s: DecodeState) -> jax.Array:
     return (s.step < N) & ~jnp.all(s.done_B)
@@ -194,7 +204,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
                                          positions_3BT=continuation_positions(slot, deltas_B), cache=s.cache,
                                          cache_index=slot)
       logits_BV = model.logits(h_B1D)[:, 0]
-    return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id)
+    return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id, stop_table_QSV)
 
   s = jax.lax.while_loop(cond, body, s)
   return Rollout(tokens_BN=s.tokens_BN, completion_mask_BN=jnp.arange(N)[None, :] < s.length_B[:, None],
@@ -219,7 +229,7 @@ def _place(batch: PromptBatch, mesh) -> PromptBatch:
 
 
 def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops.SamplingConfig,
-           num_samples: int = 8, adapters: bool = True, mesh=None) -> Rollout:
+           num_samples: int = 8, adapters: bool = True, mesh=None, stop_table=None) -> Rollout:
   """``num_samples`` completions for each prompt of ``batch`` (see the module docstring).
 
   Args:
@@ -230,6 +240,7 @@ def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops
     num_samples: ``G``, completions per prompt.
     adapters: False runs the base model (LoRA adapters skipped), e.g. the reference policy.
     mesh: optional ``(data, fsdp, tensor)`` mesh; prompt rows are split over data x fsdp.
+    stop_table: optional ``[Q, S, V]`` stop-string automata (``stops.tokenizer_stop_table``).
   """
   if num_samples < 1:
     raise ValueError(f'num_samples={num_samples}: expected >= 1')
@@ -238,5 +249,6 @@ def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops
   cache_P, logits_PV = prefill(graphdef, state, b.input_ids_PT, b.attention_mask_PT, b.positions_3PT,
                                b.pixel_values_ILC, b.vision_meta_I, b.image_src_PT,
                                max_new_tokens=config.max_new_tokens, adapters=adapters)
-  return decode(graphdef, state, cache_P, logits_PV, b.rope_deltas_P, b.done_P, key, config=config,
+  table = None if stop_table is None else jnp.asarray(stop_table, jnp.int32)
+  return decode(graphdef, state, cache_P, logits_PV, b.rope_deltas_P, b.done_P, key, table, config=config,
                 num_samples=num_samples, adapters=adapters)
