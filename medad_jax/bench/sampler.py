@@ -101,7 +101,7 @@ def run_ours(model, cfg: Qwen25VLConfig, inputs: dict, args) -> dict:
                                                       num_samples=args.group), repeats=args.repeats, warmup=0)
   pre_args = (graphdef, state, batch.input_ids_PT, batch.attention_mask_PT, batch.positions_3PT,
               batch.pixel_values_ILC, batch.vision_meta_I, batch.image_src_PT)
-  prefill = lambda: sampler_lib.prefill(*pre_args, max_new_tokens=args.new_tokens)  # noqa: E731
+  prefill = lambda: sampler_lib.prefill(*pre_args)  # noqa: E731
   cache, logits = prefill()
   t_prefill = common.time_call(prefill, repeats=args.repeats, warmup=0)
   decode = lambda: sampler_lib.decode(graphdef, state, cache, logits, batch.rope_deltas_P, batch.done_P, key,  # noqa: E731

@@ -4,17 +4,19 @@ Axis letters: see ``ops.py`` (P prompts, G samples per prompt, B = P*G rows, T p
 
 Flow of :func:`sample` for ``P`` prompts and ``G`` samples each (Con-GRPO's group)::
 
-    prefill  (jit)  P prompts -> vision tower + decoder once -> cache_P [P, S = T + N slots], logits_PV (last token)
-    decode   (jit)  repeat_cache(cache_P, G) -> B = P*G rows sharing their prompt's prefix, then
-                    draw token 0 from the prefill logits, and while step < N and not all rows done:
-                      feed the last token at slot T + step - 1, draw token ``step`` from its logits
+    prefill  (jit)  P prompts -> vision tower (per image) + decoder, once -> cache_P [P, T], logits_PV (last token)
+    decode   (jit)  B = P*G rows share their prompt's cache (group_decode.py: prompt keys/values are stored and
+                    read once per prompt, each sample adds its own completion slots); draw token 0 from the
+                    prefill logits, then while step < N and not all rows done:
+                      feed the last token (completion slot step - 1), draw token ``step`` from its logits
 
-Each prompt's image and text are encoded once, whatever ``G`` is. Row ``b = p*G + g`` is sample ``g`` of prompt
+Each prompt's image and text are encoded once, whatever ``G`` is, and decode steps read each prompt's cache once
+rather than G times. Row ``b = p*G + g`` is sample ``g`` of prompt
 ``p``; its PRNG stream is ``fold_in(fold_in(key, b), step)``, so a row's tokens depend only on ``key``, its row id
 and its own logits, never on batch layout, padding rows or the mesh.
 
-State (:class:`DecodeState`, gemma ``_sampler_loop.py`` style): a fixed token buffer ``[B, N]``, the KV cache with
-its write index, a ``done`` mask, per-row keys, and the log-probs of every sampled token under the unmodified
+State (:class:`DecodeState`, gemma ``_sampler_loop.py`` style): a fixed token buffer ``[B, N]``, the KV cache (its
+write index is ``step - 1``), a ``done`` mask, per-row keys, and the log-probs of every sampled token under the unmodified
 policy (GRPO's old-policy log-probs) and under the sampling distribution.
 
 Stopping: a row is done when it samples a ``stop_token_ids`` token, when its last tokens match a stop *token
@@ -45,9 +47,7 @@ import numpy as np
 from flax import nnx
 
 from medad_jax.model.layers import lora_disabled
-from medad_jax.model.qwen25vl import continuation_positions
-from medad_jax.model.text import repeat_cache
-from medad_jax.sampling import ops, stops
+from medad_jax.sampling import group_decode, ops, stops
 from medad_jax.sampling.prompts import PromptBatch
 
 _TRACES: collections.Counter = collections.Counter()
@@ -66,8 +66,8 @@ def _adapters(on: bool):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
-  """The ``while_loop`` carry. ``step`` tokens have been sampled; the last one sits at cache slot ``T + step - 1``
-  once fed."""
+  """The ``while_loop`` carry. ``step`` tokens have been sampled; the last one goes to completion slot ``step - 1``
+  when it is fed."""
 
   step: jax.Array               # int32 scalar
   tokens_BN: jax.Array          # int32; pad after a row is done
@@ -78,7 +78,7 @@ class DecodeState:
   finish_B: jax.Array           # int32 code, see ops.FINISH_REASONS
   tail_BM: jax.Array            # int32 last M sampled tokens (-1 before the first), for stop sequences
   stop_state_BQ: jax.Array      # int32 state of each stop-string automaton (stops.py)
-  cache: dict                   # KV cache, see medad_jax.model.text
+  cache: dict                   # group_decode.GroupCache: shared prompt prefix + per-sample completion slots
   keys_B: jax.Array             # per-row PRNG keys
 
 
@@ -118,11 +118,11 @@ def embed_prompts(model, input_ids_PT: jax.Array, pixel_values_ILC: jax.Array | 
   return jnp.where((image_src_PT >= 0)[..., None], img_PTD, x_PTD)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'adapters'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'adapters'))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, attention_mask_PT: jax.Array,
             positions_3PT: jax.Array, pixel_values_ILC: jax.Array | None, vision_meta_I, image_src_PT: jax.Array, *,
-            max_new_tokens: int, adapters: bool = True) -> tuple[dict, jax.Array]:
-  """Encodes ``P`` prompts once -> ``(cache_P with S = T + N slots, next-token logits_PV float32)``.
+            adapters: bool = True) -> tuple[dict, jax.Array]:
+  """Encodes ``P`` prompts once -> ``(cache_P of T slots (text.py layout), next-token logits_PV float32)``.
 
   Arguments are the fields of a :class:`~medad_jax.sampling.prompts.PromptBatch`. Only the last position goes
   through the LM head (left padding puts every prompt's last token there).
@@ -133,7 +133,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, a
   with _adapters(adapters):
     x_PTD = embed_prompts(model, input_ids_PT, pixel_values_ILC, vision_meta_I, image_src_PT)
     h_PTD, cache = model.model(x_PTD, attention_mask_BT=attention_mask_PT, positions_3BT=positions_3PT,
-                               cache=model.init_cache(P, T + max_new_tokens), cache_index=0)
+                               cache=model.init_cache(P, T), cache_index=0)
     logits_PV = model.logits(h_PTD[:, -1:])[:, 0]
   return cache, logits_PV
 
@@ -170,7 +170,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
            config: ops.SamplingConfig, num_samples: int, adapters: bool = True) -> Rollout:
   """``G = num_samples`` completions per prefilled prompt, sharing the prompt's cache (see the module docstring).
 
-  ``cache_P`` must have ``S = T + config.max_new_tokens`` slots (as :func:`prefill` builds it).
+  ``cache_P``: the prompts' cache from :func:`prefill` (``T`` slots).
   ``stop_table_QSV``: optional stop-string automata (``stops.py``); an array, so new strings do not recompile.
   """
   _TRACES['decode'] += 1
@@ -179,8 +179,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
   G, N = num_samples, config.max_new_tokens
   P = logits_PV.shape[0]
   B = P * G
-  T = cache_P['mask'].shape[1] - N
-  cache = repeat_cache(cache_P, G)
+  cache = group_decode.group_cache(cache_P, G, N)
   rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731
   deltas_B, done_B = rep(rope_deltas_P.astype(jnp.int32)), rep(done_P.astype(bool))
   s = DecodeState(
@@ -196,14 +195,10 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
     return (s.step < N) & ~jnp.all(s.done_B)
 
   def body(s: DecodeState) -> DecodeState:
-    slot = T + s.step - 1  # the slot of the last sampled token
     last_B = jax.lax.dynamic_index_in_dim(s.tokens_BN, s.step - 1, axis=1, keepdims=False)
-    last_B = jnp.where(s.done_B, 0, last_B)  # done rows are not attended; feed an id that is always in range
+    last_B = jnp.where(s.done_B, 0, last_B)  # a done row only attends to itself; feed an id that is always in range
     with _adapters(adapters):
-      h_B1D, cache = model.hidden_states(last_B[:, None], attention_mask_BT=(~s.done_B)[:, None].astype(jnp.int32),
-                                         positions_3BT=continuation_positions(slot, deltas_B), cache=s.cache,
-                                         cache_index=slot)
-      logits_BV = model.logits(h_B1D)[:, 0]
+      logits_BV, cache = group_decode.decode_step(model, last_B, s.step - 1, deltas_B, s.cache)
     return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id, stop_table_QSV)
 
   s = jax.lax.while_loop(cond, body, s)
@@ -247,8 +242,7 @@ def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops
   graphdef, state = nnx.split(model)
   b = _place(batch, mesh)
   cache_P, logits_PV = prefill(graphdef, state, b.input_ids_PT, b.attention_mask_PT, b.positions_3PT,
-                               b.pixel_values_ILC, b.vision_meta_I, b.image_src_PT,
-                               max_new_tokens=config.max_new_tokens, adapters=adapters)
+                               b.pixel_values_ILC, b.vision_meta_I, b.image_src_PT, adapters=adapters)
   table = None if stop_table is None else jnp.asarray(stop_table, jnp.int32)
   return decode(graphdef, state, cache_P, logits_PV, b.rope_deltas_P, b.done_P, key, table, config=config,
                 num_samples=num_samples, adapters=adapters)
