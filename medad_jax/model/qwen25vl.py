@@ -24,7 +24,7 @@ from flax import nnx
 from medad_jax.model import text as text_lib
 from medad_jax.model import vision as vision_lib
 from medad_jax.model.config import Qwen25VLConfig
-from medad_jax.model.layers import Linear
+from medad_jax.model.layers import Linear, lora_enabled
 from medad_jax.model.rope_index import rope_index
 from medad_jax.model.vision import VisionMeta, VisionTransformer
 
@@ -87,7 +87,7 @@ class Qwen25VL(nnx.Module):
     """LM head -> ``logits_BTV`` in float32 (accumulated in float32 even for a bf16 model)."""
     if self.lm_head is None:
       w_DV = self.model.embed_tokens.embedding[...].astype(self.dtype).T
-    elif self.lm_head.lora_a is not None:
+    elif self.lm_head.lora_a is not None and lora_enabled():
       return self.lm_head(hidden_BTD).astype(jnp.float32)  # an adapted head: keep the LoRA term
     else:
       w_DV = self.lm_head.kernel[...].astype(self.dtype)
