@@ -99,6 +99,7 @@ def model_config(preset: str = 'small', *, dtype: str = 'float32', param_dtype: 
       # 'qwen2' (the Qwen2 BPE, rebuilt offline) or 'small' (trained on the synthetic corpus, for the miniature
       # whose vocabulary is a few thousand tokens).
       'tokenizer': tokenizer,
+      'vocab_size': 2048,   # of the 'small' tokenizer (learned from the training split); ignored for 'qwen2'
   })
 
 
@@ -127,8 +128,10 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
   return ml_collections.ConfigDict({
       'source': source,
       'dir': config_dict.placeholder(str) if data_dir is None else data_dir,
-      'cache_dir': 'data_cache',
+      # Relative: under $MEDAD_JAX_CACHE (default ~/.cache/medad_jax); built once, reused by later runs.
+      'cache_dir': 'data',
       'synth_images': synth_images,
+      'synth_seed': 0,
       'image_size': image_size,
       'test_fraction': 0.3,  # paper §4.1
       'max_prompt_len': 512,
@@ -143,6 +146,9 @@ def judge_config(backend: str = 'local', url: str = 'http://127.0.0.1:30000') ->
   return ml_collections.ConfigDict({
       'backend': backend, 'url': url, 'model': 'default', 'timeout_s': 30.0, 'max_retries': 4,
       'concurrency': 8, 'deadline_s': 300.0, 'on_failure': 'raise', 'api_key_env': '', 'template': 'chatml',
+      # local judge only: 'judge' (the instruction prompt, for chat checkpoints) or 'policy' (question + thought
+      # in the policy's own SFT format, the letter after <answer>; medad_jax/judge/flax_scorer.py)
+      'prompt_format': 'judge',
   })
 
 
@@ -166,6 +172,7 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'checkpoint': config_dict.placeholder(str),
       'trainable': 'lora',        # 'lora' (paper) or 'all' (full fine-tuning)
       'epochs': epochs,
+      'max_steps': -1,            # > 0 caps the number of steps (quick runs)
       'batch_size': batch_size,   # examples per optimizer step (global)
       'num_microbatches': 1,
       'aggregation': 'token_mean',
@@ -217,6 +224,8 @@ def eval_config(*, seeds: tuple[int, ...] = (0,), batch_size: int = 32) -> ml_co
       'max_new_tokens': 256,
       'greedy': False,            # sampled at temperature 1 so seeds differ (paper: mean +- std of 3 runs)
       'max_examples': -1,         # > 0 evaluates a prefix of the split
+      'include_sft': True,        # congrpo: also evaluate pi_SFT (the RL model with its adapters off)
+      'endpoint_api_key_env': '',
   })
 
 
@@ -227,9 +236,11 @@ def run_config(stage: str) -> ml_collections.ConfigDict:
       'name': stage,                                   # run directory prefix: runs/<name>-<time>
       'seed': 0,
       'workdir': config_dict.placeholder(str),         # default: a fresh runs/<name>-<time>
-      'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1},
+      # devices: how many local devices the mesh spans (-1: all).
+      'mesh': {'data': -1, 'fsdp': 1, 'tensor': 1, 'devices': -1},
       'ckpt': {'every_steps': 50, 'keep': 3, 'async_save': True},
       'log': {'every_steps': 1, 'tensorboard': True},
+      'export': False,                                 # write the merged final policy as an HF dir (export/)
   })
 
 
@@ -246,7 +257,7 @@ def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
     config.judge = judge_config('sglang')
   if 'sampling' in config:
     config.sampling = sampling_config(1024)
-  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'devices': -1})
   config.ckpt.every_steps = 100
 
 
@@ -325,6 +336,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('reward', dict(config.reward), 'at least one positive weight')
   if 'judge' in config:
     _choice(config, 'judge.backend', JUDGE_BACKENDS)
+    _choice(config, 'judge.prompt_format', ('judge', 'policy'))
   if 'sampling' in config:
     _positive(config, 'sampling.max_new_tokens', integer=True)
     _positive(config, 'sampling.temperature')
@@ -352,7 +364,7 @@ def missing_paths(config: ml_collections.ConfigDict) -> list[str]:
       out.append(f'config.{key} = {v!r} does not exist ({what})')
 
   evaluates_other = config.stage == 'eval' and config.eval.policy in ('hf', 'endpoint')
-  if (config.model.preset not in ('tiny', 'small') and not evaluates_other) or config.model.checkpoint:
+  if (config.model.preset not in ('tiny', 'mini', 'small') and not evaluates_other) or config.model.checkpoint:
     need('model.checkpoint', 'a local Hugging Face Qwen2.5-VL directory with config.json and *.safetensors')
   if config.stage == 'eval' and config.eval.policy == 'run':
     need('workdir', 'the run directory whose trained policy is evaluated')

@@ -55,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if 'paper' in variants:
     common.apply_paper_scale(config)
   else:
+    config.model = common.model_config('mini')
+    config.data.image_size = 112
+    config.data.synth_images = 300
+    config.judge.prompt_format = 'policy'
     config.sft.trainable = 'all'
     config.sft.batch_size = 16
     config.sft.optim.lr = 1e-3

@@ -35,7 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.apply_paper_scale(config)
     config.eval.seeds = (0, 1, 2)
   else:
-    config.eval.batch_size = 16
+    config.model = common.model_config('mini')
+    config.data.image_size = 112
+    config.data.synth_images = 300
+    config.judge.prompt_format = 'policy'
+    config.eval.batch_size = 32
     config.eval.max_new_tokens = 96
   if 'hf' in variants:
     config.eval.policy = 'hf'

@@ -142,9 +142,25 @@ class Qwen25VLConfig:
     )
 
   @classmethod
+  def mini(cls, vocab_size: int = 2048) -> 'Qwen25VLConfig':
+    """A ~4M-parameter model for the embedded CPU run (``--config=congrpo``): the Qwen2.5-VL architecture (window
+    attention, M-RoPE, GQA 2:1, tied head) at a width that trains SFT + Con-GRPO in minutes on two cores."""
+    v = vocab_size
+    return cls(
+        text=TextConfig(vocab_size=v, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                        intermediate_size=768, rope_theta=1e6, mrope_section=(8, 12, 12), rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, max_position_embeddings=8192),
+        vision=VisionConfig(depth=2, hidden_size=128, num_heads=2, intermediate_size=384, patch_size=14,
+                            temporal_patch_size=2, spatial_merge_size=2, window_size=56,
+                            fullatt_block_indexes=(1,), out_hidden_size=256),
+        image_token_id=v - 6, video_token_id=v - 5, vision_start_token_id=v - 4, vision_end_token_id=v - 3,
+        eos_token_ids=(v - 2, v - 1), pad_token_id=v - 1,
+    )
+
+  @classmethod
   def preset(cls, name: str) -> 'Qwen25VLConfig':
     presets = {'qwen2_5_vl_3b': cls.qwen2_5_vl_3b, 'qwen2_5_vl_7b': cls.qwen2_5_vl_7b, 'tiny': cls.tiny,
-               'small': cls.small}
+               'small': cls.small, 'mini': cls.mini}
     if name not in presets:
       raise ValueError(f'unknown model preset {name!r}; expected one of {sorted(presets)}')
     return presets[name]()

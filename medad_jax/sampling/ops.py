@@ -1,14 +1,18 @@
 """Sampling math on plain logits: settings, filtering (temperature, top-k, top-p), draws, log-probs, stop checks.
 
 Axis legend (shared by every file of ``medad_jax/sampling``):
-  B rows (samples: prompts x G)   P prompts   G samples per prompt   T prompt length (a bucket)
-  S cache length (T + N)          N max new tokens                   V vocabulary
-  M stop-sequence window (the longest stop sequence)
+  B rows (samples: B = P x G)     P prompts            G samples per prompt     T prompt length (a bucket)
+  N max new tokens (completion slots)                  V vocabulary             D model width
+  K key/value heads               J query heads per KV head                     H head dim
+  I images                        L patches per image (a bucket)                C patch vector (C*Tp*p*p)
+  M stop-pattern window (longest pattern)              Q stop strings           A stop-automaton states
+  K (block count) / b (block size) inside :func:`categorical` and :func:`argmax` only
 
 Everything here is a small pure function of arrays and a static :class:`SamplingConfig`, usable inside ``jit``.
 
 Filtering follows transformers' warper order (temperature, then top-k, then top-p on the top-k-renormalised
-distribution). Excluded tokens get ``-inf``: zero mass, so the inverse-CDF draw (:func:`categorical`) can never pick them.
+distribution). Excluded tokens get ``-inf``: zero mass, so the inverse-CDF draw (:func:`categorical`) never picks
+them.
 Ties: top-k keeps every token whose logit equals the k-th largest (as transformers' ``TopKLogitsWarper``); top-p
 keeps the smallest set of most likely tokens whose mass reaches ``top_p`` plus any token tied with its least likely
 member. A token is therefore excluded only when its logit is strictly below the kept threshold.

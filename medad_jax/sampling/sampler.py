@@ -142,7 +142,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, a
 
 
 def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_id: int,
-            stop_table_QSV: jax.Array | None) -> DecodeState:
+            stop_table_QAV: jax.Array | None) -> DecodeState:
   """Draws token ``s.step`` for every row from ``logits_BV`` and books it (tokens, log-probs, stops)."""
   tok_B, plp_B, slp_B = ops.draw(ops.step_keys(s.keys_B, s.step), logits_BV, cfg)
   active_B = ~s.done_B
@@ -151,7 +151,7 @@ def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_i
   slp_B = jnp.where(active_B, slp_B, 0.0)
   put = lambda buf, col: jax.lax.dynamic_update_slice(buf, col[:, None].astype(buf.dtype), (0, s.step))  # noqa: E731
   tail_BM = ops.push_tail(s.tail_BM, tok_B)
-  stop_state_BQ, string_hit_B = stops.advance(stop_table_QSV, s.stop_state_BQ, tok_B)
+  stop_state_BQ, string_hit_B = stops.advance(stop_table_QAV, s.stop_state_BQ, tok_B)
   stop_tok_B = active_B & ops.is_stop_token(tok_B, cfg.stop_token_ids)
   stop_seq_B = active_B & ~stop_tok_B & ops.stop_sequence_hit(tail_BM, cfg.stop_sequences)
   stop_str_B = active_B & ~stop_tok_B & ~stop_seq_B & string_hit_B
@@ -166,12 +166,12 @@ def _record(s: DecodeState, logits_BV: jax.Array, cfg: ops.SamplingConfig, pad_i
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'config', 'num_samples', 'adapters'))
 def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: jax.Array, rope_deltas_P: jax.Array,
-           done_P: jax.Array, key: jax.Array, stop_table_QSV: jax.Array | None = None, *,
+           done_P: jax.Array, key: jax.Array, stop_table_QAV: jax.Array | None = None, *,
            config: ops.SamplingConfig, num_samples: int, adapters: bool = True) -> Rollout:
   """``G = num_samples`` completions per prefilled prompt, sharing the prompt's cache (see the module docstring).
 
   ``cache_P``: the prompts' cache from :func:`prefill` (``T`` slots).
-  ``stop_table_QSV``: optional stop-string automata (``stops.py``); an array, so new strings do not recompile.
+  ``stop_table_QAV``: optional stop-string automata (``stops.py``); an array, so new strings do not recompile.
   """
   _TRACES['decode'] += 1
   model = nnx.merge(graphdef, state)
@@ -187,9 +187,9 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
       policy_logp_BN=jnp.zeros((B, N), jnp.float32), sample_logp_BN=jnp.zeros((B, N), jnp.float32),
       done_B=done_B, length_B=jnp.zeros((B,), jnp.int32),
       finish_B=jnp.where(done_B, ops.FINISH_MASKED, ops.FINISH_LENGTH).astype(jnp.int32),
-      tail_BM=jnp.full((B, config.stop_window), -1, jnp.int32), stop_state_BQ=stops.init_states(B, stop_table_QSV),
+      tail_BM=jnp.full((B, config.stop_window), -1, jnp.int32), stop_state_BQ=stops.init_states(B, stop_table_QAV),
       cache=cache, keys_B=ops.row_keys(key, jnp.arange(B, dtype=jnp.int32)))
-  s = _record(s, rep(logits_PV), config, cfg_model.pad_token_id, stop_table_QSV)
+  s = _record(s, rep(logits_PV), config, cfg_model.pad_token_id, stop_table_QAV)
 
   def cond(s: DecodeState) -> jax.Array:
     return (s.step < N) & ~jnp.all(s.done_B)
@@ -199,7 +199,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
     last_B = jnp.where(s.done_B, 0, last_B)  # a done row only attends to itself; feed an id that is always in range
     with _adapters(adapters):
       logits_BV, cache = group_decode.decode_step(model, last_B, s.step - 1, deltas_B, s.cache)
-    return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id, stop_table_QSV)
+    return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id, stop_table_QAV)
 
   s = jax.lax.while_loop(cond, body, s)
   return Rollout(tokens_BN=s.tokens_BN, completion_mask_BN=jnp.arange(N)[None, :] < s.length_B[:, None],
@@ -214,7 +214,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
 def _place(batch: PromptBatch, mesh) -> PromptBatch:
   """Batch arrays -> device; with a mesh, prompts and images are split over (data, fsdp) (positions on dim 1)."""
   if mesh is None:
-    return jax.tree.map(jnp.asarray, batch)
+    return jax.device_put(batch)  # one transfer call for every leaf
   from medad_jax.sharding import shard_batch
   flat, treedef = jax.tree_util.tree_flatten_with_path(batch)
   names = [jax.tree_util.keystr(p) for p, _ in flat]
@@ -235,7 +235,7 @@ def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops
     num_samples: ``G``, completions per prompt.
     adapters: False runs the base model (LoRA adapters skipped), e.g. the reference policy.
     mesh: optional ``(data, fsdp, tensor)`` mesh; prompt rows are split over data x fsdp.
-    stop_table: optional ``[Q, S, V]`` stop-string automata (``stops.tokenizer_stop_table``).
+    stop_table: optional ``[Q, A, V]`` stop-string automata (``stops.tokenizer_stop_table``).
   """
   if num_samples < 1:
     raise ValueError(f'num_samples={num_samples}: expected >= 1')

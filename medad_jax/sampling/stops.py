@@ -6,17 +6,17 @@ A stop string such as ``</answer>`` is several tokens under a BPE, and which tok
 
 * on the host, for every automaton state ``q`` (how many characters of the string are matched so far) and every
   token ``t``, feed ``t``'s text character by character through the Knuth-Morris-Pratt automaton of the string:
-  ``table[q, t]`` is the state after the token, and the accepting state ``S - 1`` once the string has been
+  ``table[q, t]`` is the state after the token, and the accepting state ``A - 1`` once the string has been
   completed anywhere inside it (absorbing);
 * on device, each decode step is one gather per stop string: ``state = table[state, token]``.
 
-The result is exact for any tokenisation of the completion, at the cost of a ``[Q, S, V]`` int32 table
-(``S`` = longest string + 1; 6 MB for ``</answer>`` over Qwen's 151,936 tokens), which is a regular array argument
+The result is exact for any tokenisation of the completion, at the cost of a ``[Q, A, V]`` int32 table
+(``A`` = longest string + 1; 6 MB for ``</answer>`` over Qwen's 151,936 tokens), which is a regular array argument
 of the decode loop: changing the stop strings does not recompile. Token texts come from decoding each id alone;
 a token holding part of a multi-byte UTF-8 character decodes to U+FFFD, so stop strings should be whole
 characters (ASCII tags like ``</answer>`` always are).
 
-Axis letters: see ``ops.py``; Q stop strings, S automaton states.
+Axis letters: see ``ops.py`` (Q stop strings, A automaton states).
 """
 
 from __future__ import annotations
@@ -62,22 +62,22 @@ def char_automaton(text: str) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def string_automaton(token_texts: Sequence[str], text: str, num_states: int | None = None) -> np.ndarray:
-  """``[S, V]`` int32 token-level transitions of the matcher for ``text``; state ``S - 1`` = matched (absorbing).
+  """``[A, V]`` int32 token-level transitions of the matcher for ``text``; state ``A - 1`` = matched (absorbing).
 
-  ``S`` defaults to ``len(text) + 1``; a larger ``num_states`` pads (the extra rows are never reached) so strings of
+  ``A`` defaults to ``len(text) + 1``; a larger ``num_states`` pads (the extra rows are never reached) so strings of
   different lengths share one table. Vectorised over the tokens that hold a character of ``text`` (the others
   send every state to 0), one character position at a time.
   """
   if not text:
     raise ValueError('stop string is empty')
   m = len(text)
-  S = m + 1 if num_states is None else num_states
-  if S < m + 1:
+  A = m + 1 if num_states is None else num_states
+  if A < m + 1:
     raise ValueError(f'num_states={num_states} < len({text!r}) + 1')
   delta, symbols = char_automaton(text)
   V = len(token_texts)
-  table = np.zeros((S, V), np.int32)
-  table[m:] = S - 1  # matched: absorbing (and padding rows, never reached)
+  table = np.zeros((A, V), np.int32)
+  table[m:] = A - 1  # matched: absorbing (and padding rows, never reached)
   chars = set(text)
   ids = [t for t, tok in enumerate(token_texts) if not chars.isdisjoint(tok)]
   if ids:
@@ -92,17 +92,17 @@ def string_automaton(token_texts: Sequence[str], text: str, num_states: int | No
     for pos in range(longest):
       live = pos < lengths
       state[live] = delta[state[live], codes[live, pos][:, None]]
-    table[:m, ids] = np.where(state == m, S - 1, state).T
+    table[:m, ids] = np.where(state == m, A - 1, state).T
   return table
 
 
 def stop_string_table(token_texts: Sequence[str], strings: Sequence[str]) -> np.ndarray | None:
-  """``[Q, S, V]`` int32 automata for ``strings`` (None when there are none); see the module docstring."""
+  """``[Q, A, V]`` int32 automata for ``strings`` (None when there are none); see the module docstring."""
   strings = list(strings)
   if not strings:
     return None
-  S = max(len(s) for s in strings) + 1
-  return np.stack([string_automaton(token_texts, s, S) for s in strings])
+  A = max(len(s) for s in strings) + 1
+  return np.stack([string_automaton(token_texts, s, A) for s in strings])
 
 
 @functools.lru_cache(maxsize=4)
@@ -124,15 +124,15 @@ def tokenizer_stop_table(tokenizer, strings: Sequence[str], vocab_size: int | No
   return stop_string_table(texts, strings)
 
 
-def init_states(batch: int, table_QSV: jax.Array | None) -> jax.Array:
+def init_states(batch: int, table_QAV: jax.Array | None) -> jax.Array:
   """``[B, Q]`` int32 start states (0); ``Q`` = 0 without a table."""
-  return jnp.zeros((batch, 0 if table_QSV is None else table_QSV.shape[0]), jnp.int32)
+  return jnp.zeros((batch, 0 if table_QAV is None else table_QAV.shape[0]), jnp.int32)
 
 
-def advance(table_QSV: jax.Array | None, state_BQ: jax.Array, tokens_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+def advance(table_QAV: jax.Array | None, state_BQ: jax.Array, tokens_B: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One token per row through every automaton -> ``(new state_BQ, hit_B)`` (hit: some string completed)."""
-  if table_QSV is None:
+  if table_QAV is None:
     return state_BQ, jnp.zeros(tokens_B.shape, bool)
-  Q, S, _ = table_QSV.shape
-  state_BQ = table_QSV[jnp.arange(Q)[None, :], state_BQ, tokens_B[:, None]]
-  return state_BQ, jnp.any(state_BQ == S - 1, axis=-1)
+  Q, A, _ = table_QAV.shape
+  state_BQ = table_QAV[jnp.arange(Q)[None, :], state_BQ, tokens_B[:, None]]
+  return state_BQ, jnp.any(state_BQ == A - 1, axis=-1)

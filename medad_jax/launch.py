@@ -1,0 +1,270 @@
+r"""The entry point: ``python -m medad_jax.launch --config=<name>[:variants] [--config.a.b=value ...]``.
+
+    python -m medad_jax.launch --config=congrpo                   # embedded miniature: SFT -> Con-GRPO -> eval
+    python -m medad_jax.launch --config=congrpo:paper --config.model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct \
+        --config.data.dir=/data/MedAD-38K --config.judge.url=http://judge:30000
+    python -m medad_jax.launch --config=sft --config.sft.epochs=1 --workdir=runs/my-sft
+    python -m medad_jax.launch --config=eval --config.workdir=runs/congrpo-20250101-120000
+
+``--config`` takes a short name (``congrpo``, ``sft``, ``eval``; see ``configs/``) or a path to a config file,
+then ``:`` and comma-separated variants. Configs are locked: an unknown key or an unparsable value fails while
+the flags are parsed, and ``configs.common.validate`` / ``missing_paths`` check values and paths, all before any
+work. ``--workdir`` (or ``--config.workdir``) names the run directory; by default a fresh ``runs/<name>-<time>``.
+Re-running with the same ``--workdir`` resumes: finished stages are restored from their checkpoints, an
+interrupted one continues from its last checkpoint (``kill -9`` included). SIGTERM saves a checkpoint and exits
+with status 0.
+
+Run directory::
+
+    <workdir>/
+      config.json                 the resolved config
+      metrics.jsonl, tb/          metrics of every stage (JSONL + TensorBoard events, no TensorFlow needed)
+      checkpoints/sft/<step>/     orbax: trainable params, optimizer, step, RNG, data-iterator state, meta
+      checkpoints/congrpo/<step>/
+      eval/results.json, table.md Table 1 (accuracy per task, overall, format and consistency rates)
+      export/                     the merged final policy as a Hugging Face directory (when export is on)
+      summary.json                stage wall times and the final table
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from absl import flags
+
+log = logging.getLogger('medad_jax.launch')
+
+
+class ConfigError(ValueError):
+  """A bad command line (unknown key, bad value, missing path), raised before any work."""
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """``--config=congrpo:paper`` -> ``--config=/abs/configs/congrpo.py:paper`` (config_flags wants a path)."""
+  from configs import common
+  out = []
+  for i, a in enumerate(argv):
+    if a.startswith('--config=') and i > 0:
+      out.append('--config=' + common.config_path(a[len('--config='):]))
+    else:
+      out.append(a)
+  return out
+
+
+def check_config(config) -> None:
+  """Values and paths, before any work; raises ``ValueError`` naming every missing path and its flag."""
+  from configs import common
+  try:
+    common.validate(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  missing = common.missing_paths(config)
+  if missing:
+    raise ConfigError('cannot start: ' + '; '.join(missing) + ' (set each with --config.<key>=...)')
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def _policy_params(model) -> str:
+  import jax
+  from flax import nnx
+  n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return f'{n / 1e9:.1f}B' if n >= 1e8 else f'{n / 1e6:.1f}M'
+
+
+def run_training(config, workdir: str) -> dict:
+  """The ``sft`` / ``congrpo`` pipeline in ``workdir``; returns the summary written to ``summary.json``."""
+  import jax
+
+  from medad_jax.rl import update as U
+  from medad_jax.train import congrpo, evaluate, pipeline as pl, sft
+
+  t0 = time.time()
+  run = pl.setup(config, workdir)
+  run.timings['setup'] = time.time() - t0
+  summary = {'workdir': workdir, 'config': config.name, 'devices': jax.device_count(),
+             'platform': jax.devices()[0].platform}
+
+  # ------------------------------------------------------------------------------------------------- SFT
+  sft_res = None
+  if config.sft.enabled:
+    if config.sft.checkpoint:
+      sft_res = sft.restore_finished(run, config.sft.checkpoint)
+    else:
+      sft_res = sft.train(run)
+      if sft_res.preempted:
+        return {**summary, 'preempted': 'sft'}
+  # -------------------------------------------------------------------------------------------- Con-GRPO
+  rl_res = None
+  if config.stage == 'congrpo' and config.rl.enabled:
+    base = U.merge_model(sft_res.graphdef, sft_res.state) if sft_res else pl.build_model(config, run.model_cfg,
+                                                                                         config.seed)
+    rl_res = congrpo.train(run, base)
+    if rl_res.preempted:
+      return {**summary, 'preempted': 'congrpo'}
+
+  # ------------------------------------------------------------------------------------------ evaluation
+  if config.eval.enabled:
+    t_eval = time.time()
+    results, params = [], {}
+    if rl_res is not None:
+      final = U.merge_model(rl_res.graphdef, rl_res.state)
+      weights = lambda: (rl_res.state.params, rl_res.state.frozen)  # noqa: E731
+      judge = congrpo.make_judge(run, rl_res.graphdef, weights, adapters=False)
+      bs = config.eval.batch_size
+      if config.eval.include_sft and config.rl.trainable == 'lora' and sft_res is not None:
+        # pi_SFT is exactly the RL model with its adapters off (the SFT weights were merged into the base).
+        gen = evaluate.flax_generator(run, final, greedy=config.eval.greedy, batch_size=bs, adapters=False)
+        results.append(evaluate.run_eval(run, gen, judge, name='SFT'))
+        params['SFT'] = _policy_params(final)
+      name = 'SFT + Con-GRPO' if sft_res is not None else 'Con-GRPO (RL-only)'
+      gen = evaluate.flax_generator(run, final, greedy=config.eval.greedy, batch_size=bs)
+      results.append(evaluate.run_eval(run, gen, judge, name=name))
+      params[name] = _policy_params(final)
+      judge.close()
+    elif sft_res is not None:
+      from flax import nnx
+      model = U.merge_model(sft_res.graphdef, sft_res.state)
+      gdef, st = nnx.split(model)
+      judge = congrpo.make_judge(run, gdef, lambda: (st,), adapters=True)
+      gen = evaluate.flax_generator(run, model, greedy=config.eval.greedy, batch_size=config.eval.batch_size)
+      results.append(evaluate.run_eval(run, gen, judge, name='SFT'))
+      params['SFT'] = _policy_params(model)
+      judge.close()
+    if results:
+      _, mpath = evaluate.write_report(workdir, results, params)
+      with open(mpath) as f:
+        summary['table'] = f.read()
+    run.timings['eval'] = time.time() - t_eval
+  if config.export and rl_res is not None:
+    from medad_jax.checkpointing import export_hf
+    export_hf(rl_res.graphdef, rl_res.state, os.path.join(workdir, 'export'))
+  run.logger.close()
+  run.timings['total'] = time.time() - t0
+  summary['seconds'] = {k: round(v, 1) for k, v in run.timings.items()}
+  pl.write_json(os.path.join(workdir, 'summary.json'), summary)
+  log.info('done in %.1f s (%s); run directory %s', run.timings['total'],
+           ', '.join(f'{k} {v:.0f}s' for k, v in run.timings.items() if k != 'total'), workdir)
+  return summary
+
+
+def run_eval_stage(config, workdir: str) -> dict:
+  """``--config=eval``: a finished run directory, a local HF checkpoint or an endpoint."""
+  from medad_jax.train import evaluate, pipeline as pl, restore
+
+  t0 = time.time()
+  policy = config.eval.policy
+  if policy == 'run':
+    config = restore.training_config(workdir, config)
+    run = pl.setup(config, workdir, config_name='eval_config.json')
+  else:
+    run = pl.setup(config, workdir)
+  if policy == 'endpoint':
+    from medad_jax.judge import make_judge
+    if config.judge.backend == 'local':
+      raise ValueError("config.judge.backend='local' cannot judge an endpoint policy (no local weights); set "
+                       "--config.judge.backend=sglang|openai|rule")
+    judge = make_judge(pl.judge_config(config))
+    gen = evaluate.endpoint_generator(run, url=config.eval.endpoint_url, model=config.eval.endpoint_model,
+                                      greedy=config.eval.greedy, api_key_env=config.eval.endpoint_api_key_env)
+    results = [evaluate.run_eval(run, gen, judge, name=config.eval.endpoint_model,
+                                 preprocess=evaluate.endpoint_preprocess)]
+    params = {}
+  else:
+    model, graphdef, weights, adapters_judge, name = restore.policy_for_eval(run)
+    from medad_jax.train import congrpo
+    judge = congrpo.make_judge(run, graphdef, weights, adapters=adapters_judge)
+    gen = evaluate.flax_generator(run, model, greedy=config.eval.greedy, batch_size=config.eval.batch_size)
+    results = [evaluate.run_eval(run, gen, judge, name=name)]
+    params = {name: _policy_params(model)}
+  judge.close()
+  _, mpath = evaluate.write_report(workdir, results, params)
+  run.logger.close()
+  with open(mpath) as f:
+    return {'workdir': workdir, 'table': f.read(), 'seconds': round(time.time() - t0, 1)}
+
+
+def _unknown_key(argv: list[str]) -> str | None:
+  """The first ``--config.a.b=`` override whose key the config lacks, as a message listing the keys there."""
+  from configs import common
+  spec = next(a[len('--config='):] for a in argv[1:] if a.startswith('--config='))
+  try:
+    base = common.load(spec)
+  except Exception:  # noqa: BLE001 -- the config itself is broken; the original error says how
+    return None
+  for a in argv[1:]:
+    if not a.startswith('--config.'):
+      continue
+    path = a[len('--config.'):].split('=', 1)[0].split('.')
+    node = base
+    for i, part in enumerate(path):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(path[:i]) or '<top level>'
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return f'unknown config key --config.{".".join(path)}: {where} has no {part!r}; known: {known}'
+      node = node[part]
+  return None
+
+
+def parse(argv: list[str]):
+  """``argv`` (program name first) -> ``(config, workdir flag)``; a bad key, value or path raises ``ValueError``
+  naming it, before any work."""
+  from ml_collections import config_flags
+  try:
+    argv = resolve_config_argv(list(argv))
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+  if not any(a.startswith('--config=') for a in argv[1:]):
+    raise ConfigError('missing --config=<name>[:variants] (e.g. --config=congrpo); see python -m medad_jax.launch '
+                     '--help')
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'experiment config: a name in configs/ (e.g. congrpo:paper) or '
+                                  'a path', flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string('workdir', None, 'run directory (default: config.workdir, else runs/<name>-<time>)',
+                      flag_values=fv)
+  try:
+    rest = fv(argv)
+  except (AttributeError, KeyError, ValueError, flags.Error) as e:  # unknown key, unparsable value, bad variant
+    raise ConfigError(f'bad command line: {_unknown_key(argv) or e}') from e
+  if len(rest) > 1:
+    raise ConfigError(f'unexpected arguments {rest[1:]}; overrides are --config.<key>=<value>')
+  config = fv.config
+  check_config(config)
+  return config, fv.workdir
+
+
+def main(argv: list[str]) -> dict:
+  """Parses ``argv`` and runs the stages the config names; returns the run summary."""
+  config, workdir_flag = parse(argv)
+  from medad_jax.metrics import make_workdir
+  if config.stage == 'eval' and config.eval.policy == 'run':
+    workdir = config.workdir  # evaluates that run; results go to <workdir>/eval
+  else:
+    workdir = make_workdir(config.name, workdir=workdir_flag or config.workdir)
+  log.info('run directory: %s', workdir)
+  if config.stage == 'eval':
+    return run_eval_stage(config, workdir)
+  return run_training(config, workdir)
+
+
+def cli():
+  if any(a in ('-h', '--help', '--helpfull') for a in sys.argv[1:]):
+    sys.stdout.write(__doc__)
+    return
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(name)s] %(message)s')
+  # orbax / TFDS / grain report every step through absl at INFO; keep the progress line readable
+  for noisy in ('absl', 'jax', 'orbax', 'tensorflow_datasets', 'etils', 'grain', 'httpx'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    main(sys.argv)
+  except ConfigError as e:  # a bad command line: the message says it all, no traceback
+    log.error('%s', e)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,0 +1,827 @@
+r"""Memory and FLOPs planner for one SFT step or one Con-GRPO step (rollout + update), per device.
+
+  python -m medad_jax.plan --config=congrpo:paper --mesh=data=1,fsdp=8,tensor=1 --device h100-80g
+  python -m medad_jax.plan --config=congrpo:paper --mesh=data=1,fsdp=1,tensor=1 --device h100-80g --remat
+  python -m medad_jax.plan --config=sft:paper --mesh=data=-1 --devices 8 --device v5e
+  python -m medad_jax.plan --config=congrpo --check-xla        # compile the step on CPU and compare (small configs)
+
+Axis legend:
+  P prompts per optimizer step   G rollouts per prompt   B = P*G rollouts   T prompt length (SFT: whole sequence)
+  N completion length (the sampler's max_new_tokens: rollouts are right-padded to it)   S = T + N keys
+  D model width   F MLP width   V vocabulary   Nq query heads   K key/value heads   H head dim   R LoRA rank
+  Lp patches per image (one image per prompt)   dp = data * fsdp (batch ways)   tp = tensor (head / MLP ways)
+
+What is counted, per device (every term is a small pure function below)
+-----------------------------------------------------------------------
+State (resident for the whole run): frozen parameters and trainable ones (LoRA adapters, or every parameter for
+full fine-tuning) in ``param_dtype``, sharded by ``medad_jax.sharding.PARAM_RULES`` exactly as the trainer places
+them (the parameter list is enumerated from the architecture: :func:`param_shapes`, checked against the real
+module tree in the tests); AdamW's two moments of the trainable parameters (optax keeps them in the parameters'
+dtype: fp32 here); the reference copy of the trainable parameters for full-fine-tuning Con-GRPO.
+
+Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of the backward pass):
+
+* decoder activations saved for the backward pass, per layer and token row, as XLA keeps them for *our* layer
+  (counted in the buffer assignment of the compiled step on CPU, fp32, LoRA on the 7 projections):
+  ``6 D`` (layer input, the two norm outputs, roped q, attention output, mid residual) + ``7 F`` (the SwiGLU
+  projections with their LoRA terms, the activation, the product) + ``R`` per adapted projection (``x @ A``) +
+  ``2 K*H`` (roped k and v, for rows that hold their own keys), and fp32 attention probabilities ``Nq*S`` per row:
+  2 copies (two layouts) for rows attending their own keys, 3 for completion rows over the cache (XLA's fusion
+  sometimes drops one; the counts are the ones seen most). In the Con-GRPO update the prompt runs once per prompt
+  (``P`` rows of ``T``) and the completions (``B`` rows of ``N``) attend to the prompt cache repeated G times,
+  which is saved too: ``2 * B * S * K * H`` per layer. Activations are in the compute dtype, probabilities and
+  logits in fp32. Batch axes are divided by ``dp``; with tensor parallelism GSPMD (the model sets no activation
+  shardings) ends up splitting every activation ``tp`` ways, which is what the plan assumes (checked on CPU).
+* with rematerialisation (``--remat``; analytic only: the model has no remat option yet) each layer keeps only its
+  inputs (``D`` per row, plus the repeated cache a completion layer reads) and one layer's full set is live while
+  it is recomputed.
+* logits: the fp32 logits of every scored position and their gradient, ``2 * rows * V * 4`` bytes (SFT scores
+  ``B*(T-1)`` positions, Con-GRPO ``B*N``); with V = 151,936 this is often the largest single term.
+* gradients of the trainable parameters, and 2 more copies of the AdamW moments: XLA copies the donated moments
+  that the update's skip-step select (``where(has_tokens, new, old)``) reads and schedules the copies early, so
+  they live through the step (seen in the CPU buffer assignment).
+* FSDP: the all-gathered weights XLA keeps from the forward for the backward; counted as every decoder matrix and
+  the embedding in the compute dtype, an upper bound (an 8-device CPU mesh kept about half of them). Without FSDP
+  but with ``param_dtype != dtype``: one layer's weights cast to the compute dtype.
+* vision tower: frozen under LoRA, so nothing is saved; its transient peak (``~3 * Nq_v * Lp^2 * 4`` bytes per
+  image, XLA's [N, L, L] attention logits, see ``model/vision.py``) is its own phase, before the decoder runs.
+
+Validation (``tests/test_plan.py``, :func:`check_against_xla`): XLA's ``memory_analysis()`` of the compiled step on
+CPU in fp32. Argument and output bytes (parameters, adapters, optimizer state, batch) match to 0.1% on every mesh;
+temp bytes match within 10% for LoRA SFT / Con-GRPO on the tiny and small presets, with microbatching, on pure
+data-parallel and on tensor-parallel meshes. Not validated: FSDP meshes (XLA:CPU kept between -16% and +37% of the
+plan's activations + gathered weights on the checks), full fine-tuning (the plan counts gradients, moment copies
+and activations as live together; XLA:CPU's temp was 23-68% lower), bf16 compute (CPU checks run in fp32), remat.
+
+Rollout (the compiled sampler): the KV cache in the group layout the sampler uses, ``2 * layers * (P*T + B*N) * K
+* H`` bytes in the compute dtype (the naive layout that repeats the prompt G times, ``2 * layers * B * S * K * H``,
+is printed for comparison), the decode step's fp32 ``[B, V]`` buffers (logits, log-softmax, CDF) and the prefill's
+one-layer working set.
+
+FLOPs per optimizer step (``medad_jax.bench.common`` model FLOPs: 2 per multiply-add, causal attention over the
+visible keys): rollout = vision + prefill of the P prompts + ``N - 1`` decode steps of the B rows; update =
+``mu`` x (policy forward + backward + reference forward). The backward of a frozen matrix costs one forward
+(input gradient only), of a trained one two; attention's backward costs two forwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import re
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from medad_jax.model.config import Qwen25VLConfig, TextConfig, VisionConfig
+
+log = logging.getLogger(__name__)
+
+GiB = 2.0**30
+
+# Saved tensors per decoder layer and token row, in units of the widths (see the module docstring).
+SAVED_D = 6
+SAVED_F = 7
+SAVED_KV = 2
+SAVED_PROBS = 2          # rows attending their own keys (SFT sequences, prompts)
+SAVED_PROBS_CACHED = 3   # completion rows attending the repeated prompt cache
+# Decode-step [B, V] fp32 buffers of the sampler (logits, log-softmax, CDF).
+DECODE_VOCAB_BUFFERS = 3
+# XLA's [N, L, L] attention buffers alive at once in the vision tower (model/vision.py, measured on CPU).
+VISION_ATTN_BUFFERS = 3
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+  data: int = 1
+  fsdp: int = 1
+  tensor: int = 1
+
+  @property
+  def devices(self) -> int:
+    return self.data * self.fsdp * self.tensor
+
+  @property
+  def dp(self) -> int:
+    return self.data * self.fsdp
+
+  def __str__(self) -> str:
+    return f'data={self.data},fsdp={self.fsdp},tensor={self.tensor}'
+
+
+def parse_mesh(spec: str, devices: int | None = None) -> MeshShape:
+  """``'data=1,fsdp=8,tensor=1'`` -> :class:`MeshShape`; one size may be ``-1`` (= the rest of ``devices``)."""
+  sizes = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  for part in [p.strip() for p in spec.split(',') if p.strip()]:
+    key, sep, value = part.partition('=')
+    if not sep or key not in sizes:
+      raise ValueError(f'--mesh {spec!r}: expected comma-separated data=N,fsdp=N,tensor=N, got {part!r}')
+    try:
+      sizes[key] = int(value)
+    except ValueError as e:
+      raise ValueError(f'--mesh {spec!r}: {key}={value!r} is not an integer') from e
+  if list(sizes.values()).count(-1) > 1:
+    raise ValueError(f'--mesh {spec!r}: at most one axis may be -1')
+  if -1 in sizes.values():
+    if devices is None:
+      raise ValueError(f'--mesh {spec!r} has a -1 axis: give --devices')
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if devices % known:
+      raise ValueError(f'--mesh {spec!r}: {devices} devices are not divisible by {known}')
+    sizes[[k for k, v in sizes.items() if v == -1][0]] = devices // known
+  if any(v < 1 for v in sizes.values()):
+    raise ValueError(f'--mesh {spec!r}: sizes must be >= 1')
+  mesh = MeshShape(**sizes)
+  if devices is not None and mesh.devices != devices:
+    raise ValueError(f'--mesh {spec!r} has {mesh.devices} devices, --devices says {devices}')
+  return mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+  name: str
+  hbm_bytes: float
+  peak_flops: float   # dense bf16 matmul peak per device
+  note: str = ''
+
+
+DEVICES = {
+    'h100-80g': Device('NVIDIA H100 SXM 80GB', 80 * GiB, 989e12,
+                       'JAX preallocates 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised'),
+    'v5e': Device('TPU v5e chip', 16 * GiB, 197e12, 'v5e-8 = 8 chips, one JAX device each'),
+    'v5p': Device('TPU v5p chip', 95 * GiB, 459e12, 'v5p-8 = 4 chips (8 TensorCores), one JAX device per chip'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """The shapes and settings of one optimizer step (global sizes; the plan divides by the mesh)."""
+
+  stage: str                   # 'congrpo' | 'sft'
+  prompts: int                 # P (SFT: examples per step)
+  group_size: int              # G (SFT: 1)
+  prompt_len: int              # T (SFT: the whole sequence)
+  completion_len: int          # N (SFT: 0)
+  image_patches: int           # Lp per image, one image per prompt (0: text only)
+  trainable: str = 'lora'      # 'lora' | 'all'
+  lora_rank: int = 16
+  lora_pattern: str = r'^model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$'
+  num_microbatches: int = 1
+  needs_reference: bool = True
+  inner_iterations: int = 1    # mu
+  dtype: str = 'bfloat16'      # compute
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.stage not in ('congrpo', 'sft'):
+      raise ValueError(f'Workload.stage={self.stage!r}: expected "congrpo" or "sft"')
+    if self.trainable not in ('lora', 'all'):
+      raise ValueError(f'Workload.trainable={self.trainable!r}: expected "lora" or "all"')
+    if self.prompts % self.num_microbatches:
+      raise ValueError(f'Workload: num_microbatches={self.num_microbatches} does not divide prompts={self.prompts}')
+
+  @property
+  def rollouts(self) -> int:
+    return self.prompts * self.group_size
+
+
+def dtype_bytes(name: str) -> int:
+  return int(np.dtype({'bfloat16': np.float16}.get(name, name)).itemsize)
+
+
+def image_patches(image_size: int, vision: VisionConfig) -> int:
+  """Patches of one square ``image_size`` image (the processor resizes to multiples of patch * merge)."""
+  unit = vision.patch_size * vision.spatial_merge_size
+  side = max(unit, round(image_size / unit) * unit) // vision.patch_size
+  return side * side
+
+
+def image_tokens(patches: int, vision: VisionConfig) -> int:
+  return patches // vision.spatial_merge_size**2
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+
+def param_shapes(cfg: Qwen25VLConfig, lora_rank: int = 0, lora_pattern: str | None = None
+                 ) -> list[tuple[str, tuple[int, ...], bool]]:
+  """Every parameter of ``Qwen25VL(cfg)`` (+ LoRA on the Linears whose path matches ``lora_pattern``) as
+  ``(path, shape, is_lora)``, in the model's own naming (see ``model/checkpoint.py``)."""
+  t, v = cfg.text, cfg.vision
+  D, H, F = t.hidden_size, t.head_dim, t.intermediate_size
+  linears: list[tuple[str, int, int, bool]] = []   # (module path, in, out, bias)
+  out: list[tuple[str, tuple[int, ...], bool]] = [('model/embed_tokens/embedding', (t.vocab_size, D), False)]
+  for i in range(t.num_layers):
+    p = f'model/layers/{i}'
+    linears += [(f'{p}/self_attn/q_proj', D, t.num_heads * H, True),
+                (f'{p}/self_attn/k_proj', D, t.num_kv_heads * H, True),
+                (f'{p}/self_attn/v_proj', D, t.num_kv_heads * H, True),
+                (f'{p}/self_attn/o_proj', t.num_heads * H, D, False),
+                (f'{p}/mlp/gate_proj', D, F, False), (f'{p}/mlp/up_proj', D, F, False),
+                (f'{p}/mlp/down_proj', F, D, False)]
+    out += [(f'{p}/input_layernorm/scale', (D,), False), (f'{p}/post_attention_layernorm/scale', (D,), False)]
+  out.append(('model/norm/scale', (D,), False))
+  if not t.tie_word_embeddings:
+    linears.append(('lm_head', D, t.vocab_size, False))
+  Dv, Fv, U = v.hidden_size, v.intermediate_size, v.hidden_size * v.spatial_merge_size**2
+  linears.append(('visual/patch_embed/proj', v.patch_dim, Dv, False))
+  for i in range(v.depth):
+    p = f'visual/blocks/{i}'
+    linears += [(f'{p}/attn/qkv', Dv, 3 * Dv, True), (f'{p}/attn/proj', Dv, Dv, True),
+                (f'{p}/mlp/gate_proj', Dv, Fv, True), (f'{p}/mlp/up_proj', Dv, Fv, True),
+                (f'{p}/mlp/down_proj', Fv, Dv, True)]
+    out += [(f'{p}/norm1/scale', (Dv,), False), (f'{p}/norm2/scale', (Dv,), False)]
+  out.append(('visual/merger/ln_q/scale', (Dv,), False))
+  linears += [('visual/merger/mlp_0', U, U, True), ('visual/merger/mlp_2', U, v.out_hidden_size, True)]
+  rx = re.compile(lora_pattern) if (lora_rank and lora_pattern) else None
+  for path, i, o, bias in linears:
+    out.append((f'{path}/kernel', (i, o), False))
+    if bias:
+      out.append((f'{path}/bias', (o,), False))
+    if rx is not None and rx.search(path):
+      out += [(f'{path}/lora_a', (i, lora_rank), True), (f'{path}/lora_b', (lora_rank, o), True)]
+  return out
+
+
+def lora_targets(cfg: Qwen25VLConfig, lora_pattern: str) -> list[tuple[str, int, int]]:
+  """``(path, in, out)`` of the adapted Linears (those :func:`param_shapes` gives a ``lora_a``)."""
+  shapes = dict((p, s) for p, s, _ in param_shapes(cfg, 1, lora_pattern))
+  return [(p[:-len('/lora_a')], s[0], shapes[p[:-len('/lora_a')] + '/lora_b'][1]) for p, s in shapes.items()
+          if p.endswith('/lora_a')]
+
+
+def shard_elements(path: str, shape: tuple[int, ...], mesh: MeshShape) -> int:
+  """Elements of one parameter on one device under ``medad_jax.sharding.PARAM_RULES``."""
+  from jax.sharding import AbstractMesh
+  from medad_jax.sharding import AXES, param_spec
+  am = AbstractMesh((mesh.data, mesh.fsdp, mesh.tensor), AXES)
+  spec = param_spec(tuple(path.split('/')), shape, am) if shape else ()
+  n = 1
+  for i, dim in enumerate(shape):
+    ax = spec[i] if i < len(spec) else None
+    n *= dim // (am.shape[ax] if ax is not None else 1)
+  return n
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+  frozen: int           # elements, whole model
+  trainable: int
+  frozen_device: int    # elements on one device
+  trainable_device: int
+  decoder_layer_matrices: int   # elements of one decoder layer's matrices (unsharded)
+
+
+def count_params(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> ParamCounts:
+  shapes = param_shapes(cfg, w.lora_rank if w.trainable == 'lora' else 0, w.lora_pattern)
+  fz = tr = fz_dev = tr_dev = 0
+  for path, shape, is_lora in shapes:
+    n, n_dev = math.prod(shape), shard_elements(path, shape, mesh)
+    if is_lora or w.trainable == 'all':
+      tr, tr_dev = tr + n, tr_dev + n_dev
+    else:
+      fz, fz_dev = fz + n, fz_dev + n_dev
+  layer = sum(math.prod(s) for p, s, lo in shapes if p.startswith('model/layers/0/') and len(s) == 2 and not lo)
+  return ParamCounts(fz, tr, fz_dev, tr_dev, layer)
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+
+def decoder_row_bytes(t: TextConfig, *, act_bytes: int, lora_widths: Sequence[int], own_keys: bool,
+                      tp: int = 1) -> float:
+  """Bytes one decoder layer saves per token row (without the attention probabilities):
+  ``(6 D + 7 F + sum(R) + 2 K*H (own_keys)) / tp`` in the compute dtype."""
+  kv = SAVED_KV * t.num_kv_heads * t.head_dim if own_keys else 0
+  return act_bytes * (SAVED_D * t.hidden_size + SAVED_F * t.intermediate_size + sum(lora_widths) + kv) / tp
+
+
+def attention_probs_bytes(t: TextConfig, rows: int, keys: int, tp: int = 1, *, cached: bool = False) -> float:
+  """fp32 attention probabilities one layer saves: ``c * rows * Nq/tp * keys * 4`` with ``c`` = 2 for rows that
+  attend their own keys and 3 for completion rows over the repeated cache."""
+  return (SAVED_PROBS_CACHED if cached else SAVED_PROBS) * rows * (t.num_heads / tp) * keys * 4
+
+
+def repeated_cache_bytes(t: TextConfig, rows: int, keys: int, act_bytes: int, tp: int = 1) -> float:
+  """The prompt cache repeated to the completion rows, as one completion layer reads (and saves) it: k and v."""
+  return 2 * rows * keys * t.num_kv_heads * t.head_dim / tp * act_bytes
+
+
+def logits_bytes(rows: int, vocab: int, tp: int = 1) -> float:
+  """fp32 logits of ``rows`` scored positions and their gradient."""
+  return 2 * rows * vocab / tp * 4
+
+
+def vision_transient_bytes(v: VisionConfig, images: int, patches: int) -> float:
+  """The vision tower's peak working set for ``images`` images of ``patches`` patches (vmapped per image):
+  XLA's fp32 ``[N, L, L]`` attention logits, about three alive at once (``model/vision.py``)."""
+  return VISION_ATTN_BUFFERS * images * v.num_heads * patches**2 * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+  """Per-device bytes of the update step's saved activations (one microbatch)."""
+
+  prompt: float          # rows that hold their own keys: SFT sequences, or the P prompts of Con-GRPO
+  completion: float      # the B completion rows (Con-GRPO)
+  cache: float           # the repeated prompt cache saved by the completion layers
+  probs: float           # fp32 attention probabilities
+  remat: bool
+
+  @property
+  def total(self) -> float:
+    return self.prompt + self.completion + self.cache + self.probs
+
+
+def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = False) -> Activations:
+  """Saved decoder activations of one (micro)batch on one device, without or with per-layer remat."""
+  t = cfg.text
+  ab, tp, L = dtype_bytes(w.dtype), mesh.tensor, t.num_layers
+  P = w.prompts / mesh.dp / w.num_microbatches
+  B, T, N = P * w.group_size, w.prompt_len, w.completion_len
+  per_layer_widths = [w.lora_rank for path, _, _ in lora_targets(cfg, w.lora_pattern)
+                      if path.startswith('model/layers/0/')] if w.trainable == 'lora' else []
+  prompt_row = decoder_row_bytes(t, act_bytes=ab, lora_widths=per_layer_widths, own_keys=True, tp=tp)
+  comp_row = decoder_row_bytes(t, act_bytes=ab, lora_widths=per_layer_widths, own_keys=False, tp=tp)
+  if w.stage == 'sft':
+    rows_p, keys_p, rows_c, keys_c = P * T, T, 0, 0
+  else:
+    rows_p, keys_p, rows_c, keys_c = P * T, T, B * N, T + N
+  probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp)
+                 + attention_probs_bytes(t, rows_c, keys_c, tp, cached=True))
+  cache_layer = repeated_cache_bytes(t, B, T + N, ab, tp) if rows_c else 0.0
+  if not remat:
+    return Activations(prompt=L * rows_p * prompt_row, completion=L * rows_c * comp_row, cache=L * cache_layer,
+                       probs=L * probs_layer, remat=False)
+  # Per-layer checkpointing: every layer keeps its inputs (the residual stream, and the repeated cache a completion
+  # layer reads); the layer being recomputed holds its full set once.
+  inputs = L * ((rows_p + rows_c) * t.hidden_size * ab + cache_layer)
+  one_layer = rows_p * prompt_row + rows_c * comp_row + probs_layer
+  return Activations(prompt=inputs, completion=one_layer, cache=0.0, probs=0.0, remat=True)
+
+
+def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
+  """FSDP: the decoder's matrices and the token embedding all-gathered over fsdp (tensor-sharded only) in the
+  compute dtype, as if XLA kept every gathered weight from the forward for the backward (an upper bound: on an
+  8-device CPU mesh it kept the q/k/v/o and down projections of every layer and the embedding, not gate/up)."""
+  t = cfg.text
+  mats = sum(math.prod(s) for p, s, lo in param_shapes(cfg) if len(s) == 2 and
+             (p.startswith('model/') or p.startswith('lm_head')))
+  return mats / mesh.tensor * dtype_bytes(w.dtype)
+
+
+def scored_rows(w: Workload, mesh: MeshShape) -> float:
+  """Positions whose logits the update computes, per device and microbatch."""
+  P = w.prompts / mesh.dp / w.num_microbatches
+  return P * (w.prompt_len - 1) if w.stage == 'sft' else P * w.group_size * w.completion_len
+
+
+def rollout_cache_bytes(t: TextConfig, prompts: float, group: int, prompt_len: int, new_tokens: int,
+                        act_bytes: int, *, grouped: bool = True, tp: int = 1) -> float:
+  """KV cache of a rollout: group layout ``2*layers*(P*T + B*N)*K*H`` (the sampler's), or the naive layout that
+  repeats every prompt to its G samples, ``2*layers*B*(T+N)*K*H``."""
+  kh = t.num_kv_heads * t.head_dim / tp
+  B = prompts * group
+  slots = prompts * prompt_len + B * new_tokens if grouped else B * (prompt_len + new_tokens)
+  return 2 * t.num_layers * slots * kh * act_bytes
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+
+def lora_flops(targets: Sequence[tuple[str, int, int]], rank: int, tokens: float, layers_share: float = 1.0
+               ) -> float:
+  """Forward FLOPs of the LoRA terms ``(x @ A) @ B`` of ``targets`` over ``tokens`` tokens."""
+  return layers_share * tokens * sum(2 * rank * (i + o) for _, i, o in targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flops:
+  rollout: float
+  update_forward: float
+  update_backward: float
+  reference_forward: float
+
+  @property
+  def update(self) -> float:
+    return self.update_forward + self.update_backward + self.reference_forward
+
+  @property
+  def total(self) -> float:
+    return self.rollout + self.update
+
+
+def step_flops(cfg: Qwen25VLConfig, w: Workload) -> Flops:
+  """Model FLOPs of one optimizer step, whole mesh (see the module docstring)."""
+  from medad_jax.bench.common import text_flops, vision_flops
+  t = cfg.text
+  P, G, T, N, Lp = w.prompts, w.group_size, w.prompt_len, w.completion_len, w.image_patches
+  B = P * G
+  vis = P * vision_flops(cfg.vision, Lp) if Lp else 0.0
+  targets = lora_targets(cfg, w.lora_pattern) if w.trainable == 'lora' else []
+  H = t.head_dim
+
+  def attn(new: int, ctx: int) -> float:   # causal QK^T + AV of ``new`` tokens over keys [0, ctx)
+    return t.num_layers * 4 * t.num_heads * H * (new * (ctx - new) + new * (new + 1) / 2)
+
+  if w.stage == 'sft':
+    fwd_text = P * text_flops(t, T, T, lm_head_tokens=T - 1)
+    attn_fl = P * attn(T, T)
+    tokens = P * T
+    rollout = 0.0
+  else:
+    fwd_text = P * text_flops(t, T, T, lm_head_tokens=0) + B * text_flops(t, N, T + N, lm_head_tokens=N)
+    attn_fl = P * attn(T, T) + B * attn(N, T + N)
+    tokens = P * T + B * N
+    decode = B * sum(text_flops(t, 1, T + s + 1) for s in range(max(N - 1, 0)))
+    rollout = vis + P * text_flops(t, T, T, lm_head_tokens=1) + decode
+    rollout += lora_flops(targets, w.lora_rank, P * T + B * max(N - 1, 0))
+  lora_fwd = lora_flops(targets, w.lora_rank, tokens)
+  forward = vis + fwd_text + lora_fwd
+  matmul = fwd_text - attn_fl
+  if w.trainable == 'all':
+    backward = 2 * forward
+  else:   # frozen matrices: input gradients only; attention: 2x; adapters: dA, dB and dX
+    backward = matmul + 2 * attn_fl + 3 * lora_fwd
+  ref = (vis + fwd_text) if (w.stage == 'congrpo' and w.needs_reference) else 0.0
+  mu = w.inner_iterations if w.stage == 'congrpo' else 1
+  return Flops(rollout=rollout, update_forward=mu * forward, update_backward=mu * backward,
+               reference_forward=mu * ref)
+
+
+# ------------------------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  name: str
+  bytes: float
+  phase: str      # 'state' | 'update' | 'rollout'
+  note: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  cfg: Qwen25VLConfig
+  workload: Workload
+  mesh: MeshShape
+  remat: bool
+  terms: tuple[Term, ...]
+  activations_no_remat: float
+  activations_remat: float
+  flops: Flops
+  params: ParamCounts
+
+  def total(self, phase: str) -> float:
+    return sum(t.bytes for t in self.terms if t.phase in ('state', phase))
+
+  @property
+  def peak(self) -> float:
+    """The largest of the three phases: update step, rollout, vision tower (each on top of the state)."""
+    return max(self.total('update'), self.total('rollout'), self.total('vision'))
+
+
+def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = False) -> Plan:
+  """Every memory term (bytes per device) and the step FLOPs for ``w`` on ``mesh``."""
+  t = cfg.text
+  pb, ab, tp = dtype_bytes(w.param_dtype), dtype_bytes(w.dtype), mesh.tensor
+  pc = count_params(cfg, w, mesh)
+  acts = update_activations(cfg, w, mesh, remat=remat)
+  acts_other = update_activations(cfg, w, mesh, remat=not remat)
+  P_dev = w.prompts / mesh.dp
+  terms = [
+      Term('parameters, frozen', pc.frozen_device * pb, 'state', f'{pc.frozen / 1e6:,.1f}M in {w.param_dtype}'),
+      Term('parameters, trainable' + (' (LoRA adapters)' if w.trainable == 'lora' else ''),
+           pc.trainable_device * pb, 'state', f'{pc.trainable / 1e6:,.2f}M in {w.param_dtype}'),
+      Term('AdamW moments (mu, nu)', 2 * pc.trainable_device * pb, 'state', 'optax keeps them in the params dtype'),
+  ]
+  if w.stage == 'congrpo' and w.trainable == 'all' and w.needs_reference:
+    terms.append(Term('reference copy of the parameters', pc.trainable_device * pb, 'state', 'full fine-tuning'))
+  terms += [
+      Term('gradients', pc.trainable_device * pb, 'update'),
+      Term('AdamW moment copies (XLA, skip-step select)', 2 * pc.trainable_device * pb, 'update'),
+  ]
+  if mesh.fsdp > 1:
+    terms.append(Term('fsdp: gathered weights kept for the backward', gathered_weights_bytes(cfg, w, mesh),
+                      'update', 'upper bound: every decoder matrix + embedding, compute dtype'))
+  elif w.param_dtype != w.dtype:
+    terms.append(Term('weight cast to the compute dtype (1 layer)', pc.decoder_layer_matrices / tp * ab, 'update'))
+  mb = f', microbatch 1/{w.num_microbatches}' if w.num_microbatches > 1 else ''
+  if acts.remat:
+    terms += [Term('activations: layer inputs (remat)', acts.prompt, 'update', 'analytic only' + mb),
+              Term('activations: one layer recomputed (remat)', acts.completion, 'update', 'analytic only' + mb)]
+  else:
+    terms += [Term('activations: prompt / sequence rows', acts.prompt, 'update', mb.lstrip(', ')),
+              Term('activations: completion rows', acts.completion, 'update'),
+              Term('activations: repeated prompt cache', acts.cache, 'update'),
+              Term('activations: attention probabilities (fp32)', acts.probs, 'update')]
+  terms.append(Term('logits + their gradient (fp32)', logits_bytes(scored_rows(w, mesh), t.vocab_size, tp), 'update',
+                    f'{scored_rows(w, mesh):,.0f} positions x V={t.vocab_size:,}'))
+  if w.num_microbatches > 1:
+    terms.append(Term('prompt embeddings for all microbatches', P_dev * w.prompt_len * t.hidden_size * ab, 'update'))
+  if w.stage == 'congrpo':
+    grouped = rollout_cache_bytes(t, P_dev, w.group_size, w.prompt_len, w.completion_len, ab, tp=tp)
+    naive = rollout_cache_bytes(t, P_dev, w.group_size, w.prompt_len, w.completion_len, ab, grouped=False, tp=tp)
+    B_dev = P_dev * w.group_size
+    terms += [
+        Term('rollout KV cache (group layout)', grouped, 'rollout', f'naive repeated layout: {naive / GiB:.2f} GiB'),
+        Term('rollout decode buffers [B, V] fp32', DECODE_VOCAB_BUFFERS * B_dev * t.vocab_size / tp * 4, 'rollout'),
+        Term('rollout prefill (one layer + fp32 probabilities)',
+             P_dev * w.prompt_len * decoder_row_bytes(t, act_bytes=ab, lora_widths=(), own_keys=True, tp=tp)
+             + attention_probs_bytes(t, P_dev * w.prompt_len, w.prompt_len, tp), 'rollout'),
+    ]
+  if w.image_patches:
+    # Transient and before the decoder runs: it competes with the update's peak instead of adding to it.
+    images = math.ceil(P_dev / w.num_microbatches) if w.num_microbatches > 1 and w.stage == 'sft' else math.ceil(P_dev)
+    terms.append(Term('vision tower transient (peak before the decoder)',
+                      vision_transient_bytes(cfg.vision, images, w.image_patches), 'vision',
+                      f'{images} image(s) of {w.image_patches} patches; not added to the update total'))
+  return Plan(cfg=cfg, workload=w, mesh=mesh, remat=remat, terms=tuple(terms),
+              activations_no_remat=(acts_other if remat else acts).total,
+              activations_remat=(acts if remat else acts_other).total, flops=step_flops(cfg, w), params=pc)
+
+
+def xla_predicted(p: Plan, batch_bytes: float) -> dict[str, float]:
+  """What ``compiled.memory_analysis()`` should report for the update step on one device: ``argument`` (state +
+  batch), ``output`` (the new state) and ``temp`` (the update phase's transient terms)."""
+  state = sum(t.bytes for t in p.terms if t.phase == 'state')
+  temp = sum(t.bytes for t in p.terms if t.phase == 'update')
+  return {'argument': state + batch_bytes, 'output': state, 'temp': temp}
+
+
+# ------------------------------------------------------------------------------------------- printing
+
+
+def _gib(x: float) -> str:
+  return f'{x / GiB:8.2f} GiB' if x >= 0.01 * GiB else f'{x / 2**20:8.2f} MiB'
+
+
+def format_plan(p: Plan, device: Device | None = None) -> str:
+  w, m = p.workload, p.mesh
+  lines = [f'plan: {w.stage}, {w.trainable} ({"rank " + str(w.lora_rank) if w.trainable == "lora" else "all"}), '
+           f'P={w.prompts} G={w.group_size} (B={w.rollouts}), T={w.prompt_len} N={w.completion_len} '
+           f'image patches={w.image_patches}, dtype={w.dtype} params={w.param_dtype}, microbatches='
+           f'{w.num_microbatches}, mesh {m} ({m.devices} devices){", remat" if p.remat else ""}']
+  width = max(len(t.name) for t in p.terms) + 2
+  for phase, title in (('state', 'resident state'), ('update', 'update step (jitted SFT / Con-GRPO update)'),
+                       ('vision', 'vision tower'), ('rollout', 'rollout (compiled sampler)')):
+    rows = [t for t in p.terms if t.phase == phase]
+    if not rows:
+      continue
+    lines.append(f'-- {title}')
+    lines += [f'  {t.name:<{width}}{_gib(t.bytes)}  {t.note}' for t in rows]
+  lines.append('-- per-device totals')
+  lines.append(f'  {"state + update step":<{width}}{_gib(p.total("update"))}')
+  if w.stage == 'congrpo':
+    lines.append(f'  {"state + rollout":<{width}}{_gib(p.total("rollout"))}')
+  lines.append(f'  {"activations without / with remat":<{width}}{_gib(p.activations_no_remat)} / '
+               f'{p.activations_remat / GiB:.2f} GiB (remat: analytic only)')
+  f = p.flops
+  lines.append('-- FLOPs per optimizer step (whole mesh)')
+  lines.append(f'  rollout {f.rollout:.3e}   update {f.update:.3e} (forward {f.update_forward:.3e}, backward '
+               f'{f.update_backward:.3e}, reference {f.reference_forward:.3e})   total {f.total:.3e}')
+  if device is not None:
+    t_ideal = f.total / (m.devices * device.peak_flops)
+    frac = p.peak / device.hbm_bytes
+    verdict = 'FITS' if frac <= 0.9 else ('TIGHT (> 90%)' if frac <= 1.0 else 'DOES NOT FIT')
+    lines.append(f'-- on {m.devices} x {device.name} ({device.hbm_bytes / GiB:.0f} GiB, '
+                 f'{device.peak_flops / 1e12:.0f} TFLOP/s bf16)')
+    lines.append(f'  peak {p.peak / GiB:.2f} GiB = {100 * frac:.0f}% of device memory: {verdict}')
+    lines.append(f'  step time at 100% of peak FLOP/s: {t_ideal:.2f} s (at 40% MFU: {t_ideal / 0.4:.2f} s)')
+    if device.note:
+      lines.append(f'  note: {device.note}')
+  return '\n'.join(lines)
+
+
+def fit_search(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, device: Device, headroom: float = 0.9
+               ) -> list[tuple[int, bool, float]]:
+  """``(num_microbatches, remat, peak bytes)`` for every microbatch count that splits the per-device prompts into
+  whole groups, without and with remat; the caller picks the first whose peak is within ``headroom`` of HBM."""
+  per_dev = w.prompts // mesh.dp if w.prompts % mesh.dp == 0 else 0
+  out = []
+  for remat in (False, True):
+    for k in [k for k in range(1, per_dev + 1) if per_dev % k == 0] or [1]:
+      p = plan(cfg, dataclasses.replace(w, num_microbatches=k), mesh, remat=remat)
+      out.append((k, remat, p.peak))
+  return out
+
+
+def format_fit(rows: list[tuple[int, bool, float]], device: Device, headroom: float = 0.9) -> str:
+  lines = [f'-- fit search on {device.name} ({headroom:.0%} of {device.hbm_bytes / GiB:.0f} GiB)']
+  for k, remat, peak in rows:
+    ok = peak <= headroom * device.hbm_bytes
+    lines.append(f'  microbatches={k:<3} remat={"yes" if remat else "no ":<3}  peak {peak / GiB:9.2f} GiB  '
+                 f'{"fits" if ok else "-"}')
+  fits = [r for r in rows if r[2] <= headroom * device.hbm_bytes]
+  if fits:
+    k, remat, _ = fits[0]
+    lines.append(f'  smallest change that fits: --config.rl.num_microbatches={k} (or sft.num_microbatches)'
+                 f'{" + per-layer remat (not implemented in the model yet)" if remat else ""}')
+  else:
+    lines.append('  nothing fits: use more devices (a larger data/fsdp mesh), shorter completions or bf16 params')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------- config -> workload
+
+
+def workload_from_config(config, *, prompt_len: int | None = None, text_tokens: int = 128,
+                         completion_len: int | None = None) -> tuple[Qwen25VLConfig, Workload]:
+  """The architecture and the step shapes of an experiment config (``configs/*.py``).
+
+  ``prompt_len`` defaults to the image's tokens + 2 vision markers + ``text_tokens`` (chat template, question and
+  options); SFT adds ``data.max_target_len`` (the answer), Con-GRPO's completions are ``sampling.max_new_tokens``.
+  """
+  from medad_jax.model.config import from_hf_config
+  mc = config.model
+  if mc.checkpoint:
+    cfg = from_hf_config(mc.checkpoint)
+  else:
+    cfg = Qwen25VLConfig.preset(mc.preset)
+  cfg = cfg.replace(dtype=mc.dtype, param_dtype=mc.param_dtype)
+  patches = image_patches(config.data.image_size, cfg.vision)
+  prompt = prompt_len or image_tokens(patches, cfg.vision) + 2 + text_tokens
+  lora = config.get('lora')
+  common = dict(lora_rank=lora.rank if lora else 0, lora_pattern=lora.pattern if lora else '',
+                dtype=mc.dtype, param_dtype=mc.param_dtype, image_patches=patches)
+  if config.stage == 'congrpo' and config.rl.enabled:
+    rl = config.rl
+    n = completion_len or config.sampling.max_new_tokens
+    w = Workload(stage='congrpo', prompts=rl.prompts_per_step, group_size=rl.group_size, prompt_len=prompt,
+                 completion_len=n, trainable=rl.trainable, num_microbatches=rl.num_microbatches,
+                 needs_reference=rl.beta > 0 or rl.ratio_to == 'sft', inner_iterations=rl.inner_iterations,
+                 **common)
+  else:
+    s = config.sft
+    w = Workload(stage='sft', prompts=s.batch_size, group_size=1, prompt_len=prompt + config.data.max_target_len
+                 if prompt_len is None else prompt, completion_len=0, trainable=s.trainable,
+                 num_microbatches=s.num_microbatches, **common)
+  return cfg, w
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m medad_jax.plan', description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='congrpo:paper', help='config spec, e.g. congrpo:paper or sft')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override, as --config.KEY=VALUE of the launcher (repeatable)')
+  p.add_argument('--mesh', default='data=1,fsdp=1,tensor=1', help='data=N,fsdp=N,tensor=N (one may be -1)')
+  p.add_argument('--devices', type=int, default=None, help='device count (needed for a -1 mesh axis)')
+  p.add_argument('--device', choices=sorted(DEVICES), default=None, help='device to give a verdict for')
+  p.add_argument('--remat', action='store_true', help='plan with per-layer rematerialisation (analytic only)')
+  p.add_argument('--prompt-len', type=int, default=None, help='T (default: image tokens + 2 + --text-tokens)')
+  p.add_argument('--text-tokens', type=int, default=128, help='text tokens per prompt besides the image')
+  p.add_argument('--completion-len', type=int, default=None, help='N (default: sampling.max_new_tokens)')
+  p.add_argument('--fit', action='store_true', help='with --device: try microbatch counts and remat, report what fits')
+  p.add_argument('--check-xla', action='store_true',
+                 help='also compile the step on CPU (fp32, 1 device) and compare with XLA memory analysis')
+  return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S')
+  args = parse_args(argv)
+  from configs import common as configs_common
+  config = configs_common.load(args.config, args.set)
+  mesh = parse_mesh(args.mesh, args.devices)
+  cfg, w = workload_from_config(config, prompt_len=args.prompt_len, text_tokens=args.text_tokens,
+                                completion_len=args.completion_len)
+  p = plan(cfg, w, mesh, remat=args.remat)
+  sys.stdout.write(f'config {args.config} {" ".join(args.set)}\n')
+  sys.stdout.write(format_plan(p, DEVICES[args.device] if args.device else None) + '\n')
+  if args.fit:
+    if not args.device:
+      raise SystemExit('--fit needs --device')
+    sys.stdout.write(format_fit(fit_search(cfg, w, mesh, DEVICES[args.device]), DEVICES[args.device]) + '\n')
+  if args.check_xla:
+    rows = check_against_xla(cfg, dataclasses.replace(w, dtype='float32', param_dtype='float32'))
+    sys.stdout.write(format_xla_check(rows) + '\n')
+  return 0
+
+
+# ------------------------------------------------------------------------------------------- XLA check
+
+
+def check_against_xla(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape = MeshShape(), *, seed: int = 0
+                      ) -> dict[str, tuple[float, float]]:
+  """Compiles the real step for ``w`` on ``mesh`` (CPU devices) -> ``{quantity: (planned, XLA)}`` for the per-device
+  argument, output and temp bytes of ``compiled.memory_analysis()``. Use small configs: this builds the model."""
+  import jax
+  from flax import nnx
+  from medad_jax.model.lora import LoraConfig, apply_lora
+  from medad_jax.model.qwen25vl import Qwen25VL
+  from medad_jax.rl import update as U
+  from medad_jax.sharding import make_mesh
+  if w.dtype != 'float32' or w.param_dtype != 'float32':
+    raise ValueError('check_against_xla: the CPU check runs in float32 (Workload.dtype / param_dtype)')
+  if jax.device_count() < mesh.devices:
+    raise ValueError(f'check_against_xla: mesh {mesh} needs {mesh.devices} devices, JAX has {jax.device_count()} '
+                     '(set XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax)')
+  jmesh = (make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=jax.devices()[:mesh.devices])
+           if mesh.devices > 1 else None)
+  cfg = cfg.replace(dtype='float32', param_dtype='float32')
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+  if w.trainable == 'lora':
+    apply_lora(model, LoraConfig(rank=w.lora_rank, alpha=2.0 * w.lora_rank, pattern=w.lora_pattern))
+  tx, _ = U.make_optimizer(1e-4)
+  keep_ref = w.stage == 'congrpo' and w.trainable == 'all' and w.needs_reference
+  graphdef, state = U.init_train_state(model, tx, trainable=w.trainable, keep_reference=keep_ref)
+  side = int(round(math.sqrt(w.image_patches)))
+  if w.stage == 'sft':
+    batch = sft_batch(cfg, w.prompts, w.prompt_len, side, seed=seed)
+    step = U.make_sft_step(graphdef, tx, U.SFTConfig(num_microbatches=w.num_microbatches), mesh=jmesh)
+  else:
+    batch = rollout_batch(cfg, w.prompts, w.group_size, w.prompt_len, w.completion_len, side, seed=seed)
+    gcfg = U.GRPOConfig(group_size=w.group_size, beta=0.04 if w.needs_reference else 0.0,
+                        num_microbatches=w.num_microbatches)
+    step = U.make_congrpo_update(graphdef, tx, gcfg, mesh=jmesh)
+  if jmesh is not None:
+    state = U.place_state(state, jmesh)
+  dev_batch = U.put_batch(batch, jmesh)
+  ma = step.lower(state, dev_batch).compile().memory_analysis()
+  batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(dev_batch))
+  pred = xla_predicted(plan(cfg, w, mesh), batch_bytes)
+  # Scalars of the state (step, rng, optimizer count) and the metrics are a few bytes: not modelled.
+  return {'argument': (pred['argument'], float(ma.argument_size_in_bytes)),
+          'output': (pred['output'], float(ma.output_size_in_bytes)),
+          'temp': (pred['temp'], float(ma.temp_size_in_bytes))}
+
+
+def format_xla_check(rows: dict[str, tuple[float, float]]) -> str:
+  out = ['-- planned vs XLA compiled memory analysis (CPU, fp32, 1 device)']
+  for k, (pl, xla) in rows.items():
+    out.append(f'  {k:<9} planned {pl / 2**20:10.3f} MiB   XLA {xla / 2**20:10.3f} MiB   '
+               f'{100 * (pl - xla) / xla:+6.1f}%')
+  return '\n'.join(out)
+
+
+# ------------------------------------------------------------------------------------------- synthetic batches
+
+
+def _image_prompt_ids(cfg: Qwen25VLConfig, rows: int, length: int, side: int, rng: np.random.Generator
+                      ) -> np.ndarray:
+  """``rows`` sequences of ``length`` ids: text, one ``side x side``-patch image near the start, text."""
+  n_img = image_tokens(side * side, cfg.vision) if side else 0
+  if n_img + 3 > length:
+    raise ValueError(f'length {length} cannot hold an image of {n_img} tokens plus its markers')
+  ids = rng.integers(0, cfg.text.vocab_size - 10, size=(rows, length)).astype(np.int32)
+  if n_img:
+    ids[:, 1] = cfg.vision_start_token_id
+    ids[:, 2:2 + n_img] = cfg.image_token_id
+    ids[:, 2 + n_img] = cfg.vision_end_token_id
+  return ids
+
+
+def rollout_batch(cfg: Qwen25VLConfig, prompts: int, group: int, prompt_len: int, completion_len: int,
+                  image_side: int, *, seed: int = 0) -> dict:
+  """A full-length Con-GRPO update batch (numpy) in the processor layout: ``prompts`` prompts of ``prompt_len``
+  tokens with one ``image_side x image_side``-patch image each, ``prompts * group`` completions of
+  ``completion_len`` tokens (all real), random rewards and old log-probs."""
+  from medad_jax.model.rope_index import rope_index
+  from medad_jax.model.vision import vision_meta
+  rng = np.random.default_rng(seed)
+  ids = _image_prompt_ids(cfg, prompts, prompt_len, image_side, rng)
+  mask = np.ones_like(ids)
+  grid = np.array([[1, image_side, image_side]] * prompts) if image_side else None
+  pos, deltas = rope_index(cfg, ids, mask, grid)
+  B = prompts * group
+  batch = dict(prompt_ids_PT=ids, prompt_mask_PT=mask, prompt_positions_3PT=pos, rope_deltas_P=deltas,
+               completion_ids_BN=rng.integers(0, cfg.text.vocab_size - 10, (B, completion_len)).astype(np.int32),
+               completion_mask_BN=np.ones((B, completion_len), bool),
+               old_logp_BN=-rng.random((B, completion_len)).astype(np.float32),
+               rewards_B=rng.random(B).astype(np.float32))
+  if image_side:
+    batch.update(pixel_values_LC=rng.normal(size=(prompts * image_side**2, cfg.vision.patch_dim)).astype(np.float32),
+                 vision_meta=vision_meta(grid, cfg.vision))
+  return batch
+
+
+def sft_batch(cfg: Qwen25VLConfig, rows: int, length: int, image_side: int, *, seed: int = 0) -> dict:
+  """An SFT batch (numpy): ``rows`` sequences of ``length`` tokens with one image each, the second half as the
+  assistant target."""
+  from medad_jax.model.rope_index import rope_index
+  from medad_jax.model.vision import vision_meta
+  rng = np.random.default_rng(seed)
+  ids = _image_prompt_ids(cfg, rows, length, image_side, rng)
+  mask = np.ones_like(ids)
+  grid = np.array([[1, image_side, image_side]] * rows) if image_side else None
+  pos, _ = rope_index(cfg, ids, mask, grid)
+  loss_mask = np.zeros(ids.shape, np.float32)
+  loss_mask[:, length // 2:] = 1.0
+  batch = dict(input_ids_BT=ids, attention_mask_BT=mask, positions_3BT=pos, loss_mask_BT=loss_mask)
+  if image_side:
+    batch.update(pixel_values_LC=rng.normal(size=(rows * image_side**2, cfg.vision.patch_dim)).astype(np.float32),
+                 vision_meta=vision_meta(grid, cfg.vision))
+  return batch
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

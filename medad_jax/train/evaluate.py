@@ -1,0 +1,283 @@
+"""Table 1 evaluation: per-task accuracy, overall accuracy, format rate and consistency rate on the test split.
+
+    results = evaluate.run_eval(run, policy, judge, name='MedAD-R1 (ours)')      # one policy, every seed
+    evaluate.write_report(run.workdir, [results, ...])                         # eval/results.json + table.md
+
+Metrics (each over the questions of the split, per seed; reported as mean +- std over ``eval.seeds``):
+  * accuracy per task (Table 1's five columns) and overall: the parsed ``<answer>`` letter equals the ground truth
+    (``rewards.accuracy_reward``; no answer block = wrong);
+  * format rate: ``R_fmt`` (the think-then-answer grammar of ``medad_jax.rewards``);
+  * consistency rate: ``R_con``, the fraction of completions whose answer equals the judge's verdict ``F(T, Q)``
+    read from the thought alone (completions without a thought or an answer count as inconsistent).
+
+Policies (``eval.policy``): ``run`` (a trained policy in memory or restored from the run directory), ``hf`` (any
+local Hugging Face Qwen2.5-VL directory, loaded into our Flax model) and ``endpoint`` (any model behind an SGLang
+or OpenAI-compatible ``/v1/chat/completions`` server; the image goes as a base64 PNG data URL). Every policy sees
+the same prompts (the question with its options, after the image) and is scored by the same code.
+
+Seeds: with ``eval.greedy=False`` each seed samples at temperature ``sampling.temperature`` with its own key (the
+paper's "mean +- std of 3 runs"); greedy decoding is deterministic and then one seed is enough. Sweep with
+``--config.eval.seeds='(0,1,2)'``; a sweep across *training* seeds is a shell loop over ``--config.seed`` whose
+run directories ``python -m medad_jax.train.evaluate aggregate runs/a runs/b ...`` folds into one table.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from medad_jax.data.pipeline import make_dataset
+from medad_jax.data.schema import TASKS, load_image
+from medad_jax.rewards import RewardWeights, score_batch
+from medad_jax.train import pipeline as pl
+
+log = logging.getLogger(__name__)
+
+# Table 1's columns, in the paper's order.
+TABLE1 = (('anatomy_identification', 'Anatomy ID.'), ('anomaly_detection', 'Anomaly Det.'),
+          ('lesion_localization', 'Lesion Loc.'), ('modality_classification', 'Modality Class.'),
+          ('pathology_characterization', 'Pathology Char.'))
+COLUMNS = tuple(t for t, _ in TABLE1) + ('overall', 'format_rate', 'consistency_rate')
+HEADERS = tuple(h for _, h in TABLE1) + ('Overall', 'Format', 'Consistency')
+
+# A policy for evaluation: (batch of prompt examples with 'meta', seed, batch index) -> completion texts.
+Generator = Callable[[Sequence[dict], int, int], list[str]]
+
+
+# ----------------------------------------------------------------------------------------------- policies
+
+
+def flax_generator(run: pl.Run, model, *, greedy: bool, batch_size: int, adapters: bool = True) -> Generator:
+  """Our Flax policy: the sampler with one completion per prompt (rows padded to ``batch_size``)."""
+  from medad_jax.sampling.sampler import sample
+  cfg = run.model_cfg
+  scfg = pl.sampling_config(run.config.sampling, cfg, greedy=greedy, max_new_tokens=run.config.eval.max_new_tokens)
+  table = pl.stop_table(run.tokenizer, cfg)
+  mesh = run.mesh_or_none()
+
+  def gen(examples, seed, index):
+    pb = pl.prompt_batch(examples, cfg, num_prompts=batch_size)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+    roll = jax.device_get(sample(model, pb, key=key, config=scfg, num_samples=1, adapters=adapters, mesh=mesh,
+                                 stop_table=table))
+    texts = pl.decode_completions(run.tokenizer, np.asarray(roll.tokens_BN), np.asarray(roll.lengths_B))
+    return texts[:len(examples)]
+
+  return gen
+
+
+def _png_data_url(record_image) -> str:
+  buf = io.BytesIO()
+  record_image.save(buf, format='PNG')
+  return 'data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode()
+
+
+def endpoint_generator(run: pl.Run, *, url: str, model: str, greedy: bool, api_key_env: str = '',
+                       timeout_s: float = 120.0, max_retries: int = 4, concurrency: int = 8) -> Generator:
+  """A model behind an SGLang / OpenAI-compatible server (``/v1/chat/completions``, image as a data URL).
+
+  Transport errors, 5xx, 408 and 429 are retried with backoff; any other 4xx fails at once with the server's
+  message (the judge package's error reading, ``medad_jax.judge.remote.error_message``).
+  """
+  from concurrent.futures import ThreadPoolExecutor
+
+  import httpx
+
+  from medad_jax.judge.remote import error_message
+  headers = {}
+  if api_key_env:
+    key = os.environ.get(api_key_env)
+    if not key:
+      raise ValueError(f'config.eval.endpoint_api_key_env: environment variable {api_key_env!r} is not set')
+    headers['Authorization'] = f'Bearer {key}'
+  client = httpx.Client(base_url=url.rstrip('/'), headers=headers, timeout=httpx.Timeout(timeout_s),
+                        limits=httpx.Limits(max_connections=concurrency))
+  pool = ThreadPoolExecutor(concurrency)
+  temperature = 0.0 if greedy else run.config.sampling.temperature
+  max_tokens = run.config.eval.max_new_tokens
+
+  def one(ex, seed):
+    messages = [{'role': 'user', 'content': [
+        {'type': 'image_url', 'image_url': {'url': _png_data_url(ex['image'])}},
+        {'type': 'text', 'text': ex['meta']['question']}]}]
+    payload = {'model': model, 'messages': messages, 'temperature': temperature, 'max_tokens': max_tokens,
+               'seed': seed}
+    last = ''
+    for attempt in range(max_retries + 1):
+      try:
+        r = client.post('/v1/chat/completions', json=payload)
+      except httpx.TransportError as e:
+        last = f'{type(e).__name__}: {e}'
+      else:
+        if r.status_code < 300:
+          try:
+            return r.json()['choices'][0]['message']['content'] or ''
+          except (ValueError, KeyError, IndexError, TypeError):
+            last = f'malformed body {r.text[:200]!r}'
+        else:
+          try:
+            msg = error_message(r.json())
+          except ValueError:
+            msg = r.text[:300]
+          if r.status_code < 500 and r.status_code not in (408, 429):
+            raise RuntimeError(f'endpoint {url} rejected question {ex["meta"]["id"]!r}: HTTP {r.status_code} {msg}')
+          last = f'HTTP {r.status_code}: {msg}'
+      time.sleep(min(0.5 * 2 ** attempt, 8.0))
+    raise RuntimeError(f'endpoint {url}: question {ex["meta"]["id"]!r} failed after {max_retries} retries: {last}')
+
+  def gen(examples, seed, index):
+    return list(pool.map(lambda ex: one(ex, seed), examples))
+
+  return gen
+
+
+def endpoint_preprocess(r) -> dict:
+  """Records for the endpoint policy: the decoded image and the metadata (no tokenisation here)."""
+  return {'image': load_image(r), 'meta': pl.record_meta(r)}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class Result:
+  """One evaluated policy: per-seed metric dicts (``COLUMNS`` keys, fractions in [0, 1]) and counts."""
+  name: str
+  per_seed: list[dict]
+  num_questions: int
+  seconds: float
+
+  def mean_std(self) -> dict[str, tuple[float, float]]:
+    return {k: (float(np.mean([s[k] for s in self.per_seed])), float(np.std([s[k] for s in self.per_seed])))
+            for k in COLUMNS}
+
+
+def score(texts: Sequence[str], metas: Sequence[dict], judge) -> dict[str, np.ndarray]:
+  """Per-question ``acc``, ``fmt``, ``con`` arrays (the rewards' definitions) for one batch."""
+  rb = score_batch(list(texts), answers=[m['answer'] for m in metas], questions=[m['question'] for m in metas],
+                   options=[m['options'] for m in metas], judge=judge, weights=RewardWeights())
+  return {'acc': rb.acc, 'fmt': rb.fmt, 'con': rb.con}
+
+
+def summarize(tasks: Sequence[str], acc: np.ndarray, fmt: np.ndarray, con: np.ndarray) -> dict[str, float]:
+  tasks = np.asarray(tasks)
+  out = {}
+  for t, _ in TABLE1:
+    sel = tasks == t
+    out[t] = float(acc[sel].mean()) if sel.any() else float('nan')
+  out.update(overall=float(acc.mean()), format_rate=float(fmt.mean()), consistency_rate=float(con.mean()))
+  return out
+
+
+def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=None,
+             progress_stage: str = 'eval') -> Result:
+  """Evaluates one policy on ``eval.split`` for every seed in ``eval.seeds``; logs per seed."""
+  config = run.config
+  records = run.data.test if config.eval.split == 'test' else run.data.train
+  n = len(records) if config.eval.max_examples <= 0 else min(len(records), config.eval.max_examples)
+  source = records if n == len(records) else [records[i] for i in range(n)]
+  bs = config.eval.batch_size
+  t0 = time.time()
+  per_seed = []
+  for seed in config.eval.seeds:
+    ds = make_dataset(source, batch_size=bs, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
+                      preprocess=preprocess or pl.prompt_preprocess(run.processor), batch_fn=pl.list_batch,
+                      read_threads=config.data.read_threads)
+    tasks, parts, samples = [], {'acc': [], 'fmt': [], 'con': []}, []
+    n_batches = -(-n // bs)
+    for i, examples in enumerate(ds):
+      metas = [ex['meta'] for ex in examples]
+      texts = generator(examples, int(seed), i)
+      s = score(texts, metas, judge)
+      for k in parts:
+        parts[k].append(s[k])
+      tasks += [m['task'] for m in metas]
+      if len(samples) < 5:
+        samples.append({'id': metas[0]['id'], 'completion': texts[0], 'answer': metas[0]['answer']})
+      log.info('[%s] %s seed %d: batch %d/%d, accuracy so far %.3f', progress_stage, name, seed, i + 1, n_batches,
+               float(np.concatenate(parts['acc']).mean()))
+    res = summarize(tasks, *(np.concatenate(parts[k]) for k in ('acc', 'fmt', 'con')))
+    res['seed'] = int(seed)
+    res['samples'] = samples
+    per_seed.append(res)
+    # A task absent from a truncated split has no accuracy (NaN); it is left out of the log, not invented.
+    slug = re.sub(r'[^0-9A-Za-z_.-]+', '_', name).strip('_').lower()
+    run.logger.write_now(f'{progress_stage}/{slug}', int(seed),
+                         {'accuracy': res['overall'], **{k: res[k] for k in COLUMNS if np.isfinite(res[k])}})
+  return Result(name, per_seed, n, time.time() - t0)
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+
+
+def _cell(mean: float, std: float, n_seeds: int) -> str:
+  return f'{100 * mean:.2f}' + (f' ± {100 * std:.2f}' if n_seeds > 1 else '')
+
+
+def markdown_table(results: Sequence[Result], params: dict[str, str] | None = None) -> str:
+  """Table 1's layout (accuracy in %, mean ± std over seeds) plus the format and consistency rates."""
+  params = params or {}
+  lines = ['| Model | Params | ' + ' | '.join(HEADERS) + ' |', '|' + ' --- |' * (len(HEADERS) + 2)]
+  for r in results:
+    ms = r.mean_std()
+    cells = [_cell(*ms[k], len(r.per_seed)) for k in COLUMNS]
+    lines.append(f'| {r.name} | {params.get(r.name, "-")} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def write_report(workdir: str, results: Sequence[Result], params: dict[str, str] | None = None,
+                 extra: dict | None = None) -> tuple[str, str]:
+  """``<workdir>/eval/results.json`` and ``<workdir>/eval/table.md``; returns their paths."""
+  d = os.path.join(workdir, 'eval')
+  os.makedirs(d, exist_ok=True)
+  payload = {'columns': list(COLUMNS), 'tasks': list(TASKS), 'policies': [
+      {'name': r.name, 'params': (params or {}).get(r.name), 'num_questions': r.num_questions,
+       'seconds': round(r.seconds, 2), 'per_seed': r.per_seed,
+       'mean': {k: v[0] for k, v in r.mean_std().items()}, 'std': {k: v[1] for k, v in r.mean_std().items()}}
+      for r in results], **(extra or {})}
+  jpath, mpath = os.path.join(d, 'results.json'), os.path.join(d, 'table.md')
+  pl.write_json(jpath, payload)
+  n_seeds = max(len(r.per_seed) for r in results)
+  table = markdown_table(results, params)
+  with open(mpath, 'w') as f:
+    f.write(f'Accuracy (%) on the test split, {results[0].num_questions} questions'
+            + (f', mean ± std over {n_seeds} seeds' if n_seeds > 1 else '') + '.\n\n' + table + '\n')
+  log.info('evaluation table (%s):\n%s', mpath, table)
+  return jpath, mpath
+
+
+def aggregate(run_dirs: Sequence[str]) -> str:
+  """Folds the ``eval/results.json`` of several runs (e.g. a sweep over ``--config.seed``) into one table: every
+  policy name's per-seed entries are pooled, so the table shows mean ± std across the runs."""
+  pooled: dict[str, Result] = {}
+  for d in run_dirs:
+    path = os.path.join(d, 'eval', 'results.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{d}: no eval/results.json (did the run finish its evaluation?)')
+    with open(path) as f:
+      payload = json.load(f)
+    for p in payload['policies']:
+      r = pooled.setdefault(p['name'], Result(p['name'], [], p['num_questions'], 0.0))
+      if p['num_questions'] != r.num_questions:
+        raise ValueError(f'{path}: {p["name"]!r} was evaluated on {p["num_questions"]} questions, other runs on '
+                         f'{r.num_questions}; aggregate only runs over the same split')
+      r.per_seed.extend(p['per_seed'])
+      r.seconds += p['seconds']
+  return markdown_table(list(pooled.values()))
+
+
+if __name__ == '__main__':
+  if len(sys.argv) < 3 or sys.argv[1] != 'aggregate':
+    sys.exit('usage: python -m medad_jax.train.evaluate aggregate RUN_DIR [RUN_DIR ...]')
+  sys.stdout.write(aggregate(sys.argv[2:]) + '\n')

@@ -1,0 +1,349 @@
+"""What every stage builds before it trains or evaluates: mesh, data, tokenizer, model, processor and batches.
+
+The trainers (``sft.py``, ``congrpo.py``, ``evaluate.py``) read top to bottom and call these functions; a notebook
+can call them too. Everything is driven by the experiment config (``configs/common.py``).
+
+Data (``config.data``)
+  ``synth``: the medad-synth benchmark (``medad_jax.data.synth``) with ``data.synth_images`` images of
+  ``data.image_size`` px, built once as a TFDS ``array_record`` dataset under ``data.cache_dir`` and reused by any
+  later run with the same settings. ``medad38k``: the JSONL + images directory ``data.dir``, built the same way.
+  Either way the splits are read through ``tfds_builders.RecordSource`` (random access by question).
+
+Tokenizer (``config.model.tokenizer``)
+  ``qwen2``: the Qwen2 BPE (rebuilt offline, or the checkpoint's own ``tokenizer.json``). ``small``: a byte-level
+  BPE of ``model.vocab_size`` tokens learned from the training split's questions and targets (cached next to the
+  dataset), for the miniature whose embedding table would otherwise dwarf the rest of the model.
+
+Batches
+  SFT: ``processor(image, question, target)`` per record, right-padded to a length bucket, images' patches
+  concatenated and padded to a patch bucket (so the step compiles once per bucket pair), M-RoPE positions on the
+  host (:func:`sft_batch`). RL / evaluation: prompt-only processor outputs, turned into the sampler's
+  left-padded ``PromptBatch`` by :func:`prompt_batch`. Record metadata (formatted question, option texts, answer
+  letter, task) rides along for the rewards.
+
+Axis letters as in ``medad_jax/rl/update.py``: B rows, T tokens, L patches, C patch vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from medad_jax.data.schema import LETTERS, TASKS, MedADRecord, format_question, format_target, load_image
+from medad_jax.model.config import Qwen25VLConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = os.path.join('~', '.cache', 'medad_jax')
+SFT_LENGTH_BUCKETS = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+PROMPT_LENGTH_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+PATCH_BUCKET = 256  # total patches of a batch are padded to a multiple of this
+
+
+def cache_root(config) -> str:
+  """``data.cache_dir``, with ``~`` expanded; a relative path is taken under ``$MEDAD_JAX_CACHE`` (default
+  ``~/.cache/medad_jax``), so the synthetic benchmark and its tokenizer are built once per machine."""
+  d = os.path.expanduser(config.data.cache_dir)
+  if not os.path.isabs(d):
+    d = os.path.join(os.path.expanduser(os.environ.get('MEDAD_JAX_CACHE', DEFAULT_CACHE)), d)
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+# ------------------------------------------------------------------------------------------------------ mesh
+
+
+def make_mesh(config):
+  """The (data, fsdp, tensor) mesh of ``config.mesh`` over the local devices."""
+  from medad_jax.sharding import make_mesh as _make
+  m = config.mesh
+  devices = jax.devices() if m.devices == -1 else jax.devices()[:m.devices]
+  mesh = _make(m.data, m.fsdp, m.tensor, devices=devices)
+  log.info('mesh %s over %d %s device(s)', dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+  return mesh
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The built dataset: ``train`` / ``test`` are random-access sequences of ``MedADRecord``."""
+  builder_dir: str
+  train: Sequence[MedADRecord]
+  test: Sequence[MedADRecord]
+
+
+def build_data(config) -> Data:
+  """Builds (first use) or reuses the dataset ``config.data`` names; see the module docstring."""
+  from medad_jax.data import synth, tfds_builders
+  d = config.data
+  tfds_dir = os.path.join(cache_root(config), 'tfds')
+  if d.source == 'synth':
+    scfg = synth.SynthConfig(num_images=d.synth_images, seed=d.synth_seed, image_size=d.image_size,
+                             test_fraction=d.test_fraction)
+    log.info('data: medad-synth %s (built once under %s)', scfg, tfds_dir)
+    builder_dir = tfds_builders.build_synth(scfg, tfds_dir)
+  elif d.source == 'medad38k':
+    if not d.dir or not os.path.isdir(d.dir):
+      raise FileNotFoundError(f'config.data.dir = {d.dir!r}: expected the MedAD-38K directory (JSONL + images)')
+    builder_dir = tfds_builders.build_medad38k(d.dir, tfds_dir, policy='strict')
+  else:
+    raise ValueError(f'config.data.source = {d.source!r}: expected synth or medad38k')
+  train = tfds_builders.RecordSource(builder_dir, 'train')
+  test = tfds_builders.RecordSource(builder_dir, 'test')
+  log.info('data: %d train / %d test questions in %s', len(train), len(test), builder_dir)
+  return Data(builder_dir, train, test)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+
+
+def corpus_texts(records: Sequence[MedADRecord]) -> list[str]:
+  """The strings the small tokenizer learns from: every question (with options) and SFT target."""
+  out = []
+  for i in range(len(records)):
+    r = records[i]
+    out.append(format_question(r))
+    if r.cot is not None:
+      out.append(format_target(r))
+  return out
+
+
+def build_tokenizer(config, data: Data | None):
+  """The tokenizer ``config.model.tokenizer`` names (see the module docstring)."""
+  kind = config.model.tokenizer
+  if kind == 'qwen2' or checkpoint_dir(config) != config.model.checkpoint:
+    from medad_jax.api import load_tokenizer
+    return load_tokenizer(checkpoint_dir(config))
+  if kind != 'small':
+    raise ValueError(f"config.model.tokenizer = {kind!r}: expected 'qwen2' or 'small'")
+  from transformers import Qwen2Tokenizer
+
+  from medad_jax.tokenizer import train_small_tokenizer
+  if data is None:
+    raise ValueError("config.model.tokenizer = 'small' needs the training data to learn its vocabulary")
+  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|v1'.encode()).hexdigest()[:12]
+  path = os.path.join(cache_root(config), 'tokenizers', f'small-{config.model.vocab_size}-{key}')
+  if os.path.exists(os.path.join(path, 'tokenizer_config.json')):
+    tok = Qwen2Tokenizer.from_pretrained(path)
+    log.info('tokenizer: small BPE (%d tokens) from %s', len(tok), path)
+    return tok
+  tok = train_small_tokenizer(corpus_texts(data.train), config.model.vocab_size)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  tok.save_pretrained(tmp)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    os.replace(tmp, path)
+  except OSError:  # another process finished first: use theirs
+    pass
+  log.info('tokenizer: trained a small BPE (%d tokens) on the training split, cached at %s', len(tok), path)
+  return Qwen2Tokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def checkpoint_dir(config) -> str | None:
+  """The HF directory the model comes from: ``eval.hf_dir`` when evaluating one, else ``model.checkpoint``."""
+  if config.stage == 'eval' and config.eval.policy == 'hf':
+    return config.eval.hf_dir
+  return config.model.checkpoint
+
+
+def model_config(config, tokenizer) -> Qwen25VLConfig:
+  """The architecture: the checkpoint's ``config.json`` when ``model.checkpoint`` is set, else ``model.preset``
+  with the tokenizer's vocabulary and special-token ids."""
+  from medad_jax.model.config import from_hf_config
+  from medad_jax.tokenizer import config_for_tokenizer
+  m = config.model
+  ckpt = checkpoint_dir(config)
+  if ckpt:
+    cfg = from_hf_config(ckpt)
+  else:
+    cfg = config_for_tokenizer(Qwen25VLConfig.preset(m.preset), tokenizer, vocab_multiple=64)
+  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+def build_model(config, cfg: Qwen25VLConfig, seed: int):
+  """The base policy: loaded from ``model.checkpoint`` or randomly initialised (the miniature)."""
+  from flax import nnx
+
+  from medad_jax.model.checkpoint import load_checkpoint
+  from medad_jax.model.qwen25vl import Qwen25VL
+  if config.model.checkpoint:
+    model, _ = load_checkpoint(config.model.checkpoint, cfg=cfg)
+    return model
+  return Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def lora_config(config):
+  from medad_jax.model.lora import LoraConfig
+  lc = config.lora
+  return LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, pattern=lc.pattern, seed=config.seed)
+
+
+def build_processor(config, tokenizer, cfg: Qwen25VLConfig):
+  """The Qwen2.5-VL processor, resizing images to at most ``data.image_size`` squared pixels."""
+  from medad_jax.processor import DEFAULT_MIN_PIXELS, Qwen25VLProcessor
+  max_pixels = config.data.image_size ** 2
+  return Qwen25VLProcessor(tokenizer, cfg.vision, min_pixels=min(DEFAULT_MIN_PIXELS, max_pixels),
+                           max_pixels=max_pixels)
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+def record_meta(r: MedADRecord) -> dict[str, Any]:
+  """Host-side metadata of one record for rewards and evaluation."""
+  return {'id': r.id, 'question': format_question(r), 'options': list(r.options), 'answer': r.answer,
+          'task': r.task}
+
+
+def _pad_patches(pixels_LC: np.ndarray, grid: np.ndarray, cfg: Qwen25VLConfig) -> tuple[np.ndarray, Any]:
+  """Pads the batch's patches to a multiple of :data:`PATCH_BUCKET` (one compiled shape per bucket)."""
+  from medad_jax.model.vision import vision_meta
+  L = pixels_LC.shape[0]
+  Lp = -(-L // PATCH_BUCKET) * PATCH_BUCKET
+  out = np.zeros((Lp, pixels_LC.shape[1]), np.float32)
+  out[:L] = pixels_LC
+  return out, vision_meta(grid, cfg.vision, pad_to=Lp)
+
+
+def sft_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, buckets: Sequence[int] = SFT_LENGTH_BUCKETS
+              ) -> dict:
+  """Processor outputs (with ``loss_mask``) -> the SFT step's batch (``update.SFT_KEYS`` + images)."""
+  from medad_jax.model.rope_index import rope_index
+  from medad_jax.processor import pad_batch
+  b = pad_batch(examples, buckets, cfg.pad_token_id, padding_side='right')
+  grid = b['image_grid_thw']
+  positions, _ = rope_index(cfg, b['input_ids'], b['attention_mask'], grid)
+  pixels, meta = _pad_patches(b['pixel_values'], grid, cfg)
+  return {'input_ids_BT': b['input_ids'], 'attention_mask_BT': b['attention_mask'], 'positions_3BT': positions,
+          'loss_mask_BT': b['loss_mask'], 'pixel_values_LC': pixels, 'vision_meta': meta}
+
+
+def sft_preprocess(processor):
+  """grain ``preprocess`` for SFT: one record -> processor output with its loss mask."""
+  def fn(r: MedADRecord) -> dict:
+    return dict(processor(load_image(r), format_question(r), format_target(r)))
+  return fn
+
+
+def prompt_preprocess(processor):
+  """grain ``preprocess`` for RL and evaluation: one record -> prompt-only processor output + metadata."""
+  def fn(r: MedADRecord) -> dict:
+    out = dict(processor(load_image(r), format_question(r), None))
+    out['meta'] = record_meta(r)
+    return out
+  return fn
+
+
+def list_batch(elements: Sequence[dict]) -> list[dict]:
+  """grain ``batch_fn`` keeping the elements as a list (the trainer pads them itself)."""
+  return list(elements)
+
+
+def prompt_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, num_prompts: int | None = None):
+  """Prompt-only processor outputs -> the sampler's ``PromptBatch`` (padded to ``num_prompts`` rows)."""
+  from medad_jax.sampling.prompts import prepare_prompts
+  return prepare_prompts(cfg, [ex['input_ids'] for ex in examples],
+                         pixel_values=np.concatenate([ex['pixel_values'] for ex in examples]),
+                         image_grid_thw=np.concatenate([ex['image_grid_thw'] for ex in examples]),
+                         length_buckets=PROMPT_LENGTH_BUCKETS, num_prompts=num_prompts)
+
+
+def decode_completions(tokenizer, tokens_BN: np.ndarray, lengths_B: np.ndarray) -> list[str]:
+  """Sampled tokens -> text (control tokens dropped; the think / answer tags are ordinary tokens and stay)."""
+  return [tokenizer.decode(tokens_BN[b, :lengths_B[b]].tolist(), skip_special_tokens=True)
+          for b in range(tokens_BN.shape[0])]
+
+
+def stop_table(tokenizer, cfg: Qwen25VLConfig):
+  """Stop-string automata for ``</answer>`` (a completion ends when its text closes the answer)."""
+  from medad_jax.sampling import stops
+  return stops.tokenizer_stop_table(tokenizer, ('</answer>',), cfg.text.vocab_size)
+
+
+def sampling_config(sampling, cfg: Qwen25VLConfig, *, greedy: bool = False, max_new_tokens: int | None = None):
+  from medad_jax.sampling.ops import SamplingConfig
+  return SamplingConfig(max_new_tokens=max_new_tokens or sampling.max_new_tokens,
+                        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                        greedy=greedy, stop_token_ids=tuple(cfg.eos_token_ids))
+
+
+def reward_weights(config):
+  from medad_jax.rewards import RewardWeights
+  return RewardWeights(fmt=config.reward.fmt, acc=config.reward.acc, con=config.reward.con)
+
+
+def judge_config(config):
+  """``config.judge`` -> ``medad_jax.judge.JudgeConfig``."""
+  from medad_jax.judge import JudgeConfig
+  j = config.judge
+  return JudgeConfig(backend=j.backend, url=j.url, model=j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
+                     concurrency=j.concurrency, deadline_s=j.deadline_s, on_failure=j.on_failure,
+                     api_key_env=j.api_key_env, template=j.template)
+
+
+def write_json(path: str, obj) -> None:
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def task_index(task: str) -> int:
+  return TASKS.index(task)
+
+
+def letter_index(letter: str) -> int:
+  return LETTERS.index(letter)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class Run:
+  """What the stages of one run share (built once by :func:`setup`)."""
+  config: Any
+  workdir: str
+  mesh: Any
+  data: Data
+  tokenizer: Any
+  model_cfg: Qwen25VLConfig
+  processor: Any
+  logger: Any
+  timings: dict = dataclasses.field(default_factory=dict)   # stage -> wall seconds
+
+  def mesh_or_none(self):
+    """The mesh when it spans several devices; None on one device (plain ``jax.jit``, no sharding)."""
+    return self.mesh if self.mesh is not None and self.mesh.size > 1 else None
+
+
+def setup(config, workdir: str, *, config_name: str = 'config.json') -> Run:
+  """Mesh, data, tokenizer, model config, processor and the metrics logger of a run.
+
+  ``config_name``: where the resolved config is written (an evaluation of a finished run writes
+  ``eval_config.json`` and leaves the run's own ``config.json`` alone).
+  """
+  from medad_jax.metrics import MetricsLogger
+  os.makedirs(workdir, exist_ok=True)
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  with open(os.path.join(workdir, config_name), 'w') as f:
+    f.write(text)
+  mesh = make_mesh(config)
+  data = build_data(config)
+  tok = build_tokenizer(config, data)
+  cfg = model_config(config, tok)
+  proc = build_processor(config, tok, cfg)
+  logger = MetricsLogger(workdir, tensorboard=config.log.tensorboard)
+  return Run(config, workdir, mesh, data, tok, cfg, proc, logger)

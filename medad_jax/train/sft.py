@@ -1,0 +1,137 @@
+"""Stage 1, Cognitive Injection: supervised fine-tuning on ``<think>..</think><answer>..</answer>`` (Eq. 1).
+
+    graphdef, state = sft.train(run)        # run = pipeline.setup(config, workdir)
+
+Top to bottom: model (+ LoRA adapters unless ``sft.trainable='all'``) -> optimizer and train state -> the jitted
+step (``medad_jax.rl.update.make_sft_step``: masked NLL over the assistant tokens, buffer donation, shardings) ->
+the grain input pipeline -> checkpoint restore -> the loop (log, checkpoint, SIGTERM) -> a final checkpoint marked
+``done`` that later stages (and a resumed run) restore instead of training again.
+
+Steps: ``sft.epochs * len(train) // sft.batch_size`` (batches never straddle a partial remainder: the data repeats
+and the step count decides), capped by ``sft.max_steps`` when that is > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+
+import jax
+
+from medad_jax.checkpointing import Checkpointer, PreemptionGuard
+from medad_jax.data.pipeline import make_dataset
+from medad_jax.rl import update as U
+from medad_jax.train import pipeline as pl
+
+log = logging.getLogger(__name__)
+STAGE = 'sft'
+
+
+@dataclasses.dataclass
+class Result:
+  graphdef: object
+  state: U.TrainState
+  preempted: bool = False
+
+
+def num_steps(config, num_examples: int) -> int:
+  s = config.sft
+  n = max(1, s.epochs * num_examples // s.batch_size)
+  return min(n, s.max_steps) if s.max_steps > 0 else n
+
+
+def init_state(run: pl.Run, total_steps: int):
+  """-> ``(graphdef, state, tx, schedule)`` of a fresh SFT run (placed on the mesh)."""
+  config = run.config
+  model = pl.build_model(config, run.model_cfg, config.seed)
+  if config.sft.trainable == 'lora':
+    from medad_jax.model.lora import apply_lora
+    from flax import nnx
+    lcfg = pl.lora_config(config)
+    apply_lora(model, lcfg, rngs=nnx.Rngs(lcfg.seed))
+  tx, sched = U.optimizer_from_config(config.sft.optim, total_steps)
+  graphdef, state = U.init_train_state(model, tx, trainable=config.sft.trainable, seed=config.seed)
+  mesh = run.mesh_or_none()
+  if mesh is not None:
+    state = U.place_state(state, mesh)
+  return graphdef, state, tx, sched
+
+
+def checkpointer(run: pl.Run) -> Checkpointer:
+  c = run.config.ckpt
+  return Checkpointer(os.path.join(run.workdir, 'checkpoints', STAGE), keep=c.keep, every_steps=c.every_steps,
+                      async_save=c.async_save)
+
+
+def train(run: pl.Run) -> Result:
+  config, logger = run.config, run.logger
+  t_start = time.time()
+  total = num_steps(config, len(run.data.train))
+  graphdef, state, tx, sched = init_state(run, total)
+  mesh = run.mesh_or_none()
+  step_fn = U.make_sft_step(graphdef, tx, U.SFTConfig.from_config(config.sft), mesh=mesh, lr_schedule=sched)
+
+  # ---------------------------------------------------------------------------------------------- data
+  ds = make_dataset(run.data.train, batch_size=config.sft.batch_size, seed=config.seed, num_epochs=None,
+                    shard_index=0, shard_count=1, preprocess=pl.sft_preprocess(run.processor),
+                    batch_fn=functools.partial(pl.sft_batch, cfg=run.model_cfg), drop_remainder=True,
+                    read_threads=config.data.read_threads)
+  it = iter(ds)
+
+  # ------------------------------------------------------------------------------------ checkpoint restore
+  ckpt = checkpointer(run)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state, data_state, meta = restored
+    if meta.get('done'):
+      log.info('sft: finished checkpoint found (step %d); not training again', int(state.step))
+      ckpt.close()
+      return Result(graphdef, state)
+    it.set_state(data_state)
+    log.info('sft: resuming at step %d of %d', int(state.step), total)
+  start = int(jax.device_get(state.step))
+  logger.total_steps[STAGE] = total
+
+  # ------------------------------------------------------------------------------------------------ loop
+  preempted = False
+  with PreemptionGuard() as guard:
+    for step in range(start, total):
+      batch = U.put_batch(next(it), mesh)
+      state, metrics = step_fn(state, batch)
+      if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
+        logger.log(STAGE, step + 1, metrics)
+      if guard.should_stop:
+        logger.flush()
+        ckpt.save(step + 1, state, data_state=it.get_state(), meta={'stage': STAGE}, force=True)
+        ckpt.close()
+        log.warning('sft: stopped by signal %s at step %d; checkpoint saved', guard.received, step + 1)
+        return Result(graphdef, state, preempted=True)
+      if step + 1 < total:
+        ckpt.maybe_save(step + 1, state, data_state=it.get_state(), meta={'stage': STAGE})
+  logger.flush()
+  ckpt.save(total, state, data_state=it.get_state(), meta={'stage': STAGE, 'done': True}, force=True)
+  ckpt.close()
+  run.timings[STAGE] = time.time() - t_start
+  log.info('sft: %d steps in %.1f s', total - start, run.timings[STAGE])
+  return Result(graphdef, state, preempted)
+
+
+def restore_finished(run: pl.Run, run_dir: str) -> Result:
+  """The finished SFT policy of another run directory (``sft.checkpoint``), rebuilt exactly as it was trained."""
+  d = os.path.join(run_dir, 'checkpoints', STAGE)
+  if not os.path.isdir(d):
+    raise FileNotFoundError(f'config.sft.checkpoint = {run_dir!r}: no SFT checkpoints under {d}')
+  total = num_steps(run.config, len(run.data.train))
+  graphdef, state, _, _ = init_state(run, total)
+  ckpt = Checkpointer(d, keep=run.config.ckpt.keep)
+  try:
+    out = ckpt.restore_latest(state)
+  finally:
+    ckpt.close()
+  if out is None or not out[2].get('done'):
+    raise ValueError(f'config.sft.checkpoint = {run_dir!r}: the SFT run there has not finished (no checkpoint '
+                     'marked done)')
+  return Result(graphdef, out[0])
