@@ -164,10 +164,20 @@ class Result:
 
 
 def score(texts: Sequence[str], metas: Sequence[dict], judge) -> dict[str, np.ndarray]:
-  """Per-question ``acc``, ``fmt``, ``con`` arrays (the rewards' definitions) for one batch."""
+  """Per-question ``acc``, ``fmt``, ``con`` arrays (the rewards' definitions) for one batch, plus ``rule_agree``:
+  for each judged completion whose thought the extractive ``rule`` judge can read, 1 when the configured judge's
+  verdict equals the rule judge's (NaN elsewhere) -- how far the judge tracks what the thought plainly says."""
+  from medad_jax.judge.local import extract_conclusion
+  from medad_jax.rewards import parse_completion
+  options = [m['options'] for m in metas]
   rb = score_batch(list(texts), answers=[m['answer'] for m in metas], questions=[m['question'] for m in metas],
-                   options=[m['options'] for m in metas], judge=judge, weights=RewardWeights())
-  return {'acc': rb.acc, 'fmt': rb.fmt, 'con': rb.con}
+                   options=options, judge=judge, weights=RewardWeights())
+  agree = np.full(len(texts), np.nan, np.float32)
+  for i in np.flatnonzero(rb.judged):
+    rule = extract_conclusion(parse_completion(texts[i], options[i]).thought or '', options[i])
+    if rule is not None and rb.verdicts[i] is not None:
+      agree[i] = float(rule == rb.verdicts[i])
+  return {'acc': rb.acc, 'fmt': rb.fmt, 'con': rb.con, 'rule_agree': agree}
 
 
 def summarize(tasks: Sequence[str], acc: np.ndarray, fmt: np.ndarray, con: np.ndarray) -> dict[str, float]:
@@ -194,7 +204,7 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
     ds = make_dataset(source, batch_size=bs, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
                       preprocess=preprocess or pl.prompt_preprocess(run.processor), batch_fn=pl.list_batch,
                       read_threads=config.data.read_threads)
-    tasks, parts, samples = [], {'acc': [], 'fmt': [], 'con': []}, []
+    tasks, parts, samples = [], {'acc': [], 'fmt': [], 'con': [], 'rule_agree': []}, []
     n_batches = -(-n // bs)
     for i, examples in enumerate(ds):
       metas = [ex['meta'] for ex in examples]
@@ -208,6 +218,9 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
       log.info('[%s] %s seed %d: batch %d/%d, accuracy so far %.3f', progress_stage, name, seed, i + 1, n_batches,
                float(np.concatenate(parts['acc']).mean()))
     res = summarize(tasks, *(np.concatenate(parts[k]) for k in ('acc', 'fmt', 'con')))
+    agree = np.concatenate(parts['rule_agree'])
+    res['judge_rule_agreement'] = float(np.nanmean(agree)) if np.isfinite(agree).any() else None
+    res['judge_rule_compared'] = int(np.isfinite(agree).sum())
     res['seed'] = int(seed)
     res['samples'] = samples
     per_seed.append(res)
