@@ -325,7 +325,14 @@ def test_bad_inputs_get_clear_errors(models):
   with pytest.raises(ValueError, match=r'prompt 1: token ids span .*expected ids in \[0, 512\)'):
     prepare_prompts(cfg, [[1, 2], [3, 9999]])
   with pytest.raises(ValueError, match='prompt 0 has no real tokens'):
-    prepare_prompts(cfg, np.ones((2, 4)), attention_mask=np.array([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    prepare_prompts(cfg, np.ones((2, 4), np.int32), attention_mask=np.array([[0, 0, 0, 0], [1, 1, 1, 1]]))
+  with pytest.raises(ValueError, match='prompt 0: token ids have dtype float64; expected integers'):
+    prepare_prompts(cfg, np.ones((2, 4)))
+  with pytest.raises(ValueError, match=r'image patches per image = 32 exceeds the largest bucket 16'):
+    prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix, image_grid_thw=grids, patch_buckets=(16,))
+  with pytest.raises(ValueError, match=r'input_ids hold 4 image tokens .* gives 18'):
+    # prompt 0 alone (4 image tokens) with grids for 16 + 56 = 72 patches (4 + 14 image tokens)
+    prepare_prompts(cfg, [ids[0][mask[0] == 1]], pixel_values=pix, image_grid_thw=[[1, 4, 4], [1, 4, 14]])
   with pytest.raises(ValueError, match='pad_token_id=151643 is outside the vocabulary'):
     prepare_prompts(cfg.replace(pad_token_id=151643), [[1, 2]])
   with pytest.raises(ValueError, match='num_prompts=2 is smaller than the 3 prompts'):

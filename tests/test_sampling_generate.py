@@ -51,7 +51,8 @@ def test_generate_decodes_the_rollout_of_the_token_level_sampler(small):
   np.testing.assert_array_equal(out.prompt_index, np.arange(2 * G) // G)
   # The same prompts through the token-level API with the same key give the same rollout.
   exs = [proc(im, q) for im, q in zip(images, questions)]
-  batch = prepare_prompts(cfg, [e['input_ids'] for e in exs], pixel_values=np.concatenate([e['pixel_values'] for e in exs]),
+  batch = prepare_prompts(cfg, [e['input_ids'] for e in exs],
+                          pixel_values=np.concatenate([e['pixel_values'] for e in exs]),
                           image_grid_thw=np.concatenate([e['image_grid_thw'] for e in exs]))
   config = SamplingConfig(max_new_tokens=N, temperature=0.9, stop_token_ids=cfg.eos_token_ids)
   r = sample(model, batch, key=jax.random.key(4), config=config, num_samples=G,
@@ -116,7 +117,8 @@ def test_stop_strings_end_rollouts_on_device(small):
   tok, cfg, proc, model = small
   texts = stops._vocab_texts(tok) + ('',) * (cfg.text.vocab_size - len(tok))
   exs = [proc(_image(56, 56, s), q) for s, q in ((0, 'Is there an anomaly?'), (1, 'Which region?'))]
-  batch = prepare_prompts(cfg, [e['input_ids'] for e in exs], pixel_values=np.concatenate([e['pixel_values'] for e in exs]),
+  batch = prepare_prompts(cfg, [e['input_ids'] for e in exs],
+                          pixel_values=np.concatenate([e['pixel_values'] for e in exs]),
                           image_grid_thw=np.concatenate([e['image_grid_thw'] for e in exs]))
   N, config = 10, SamplingConfig(max_new_tokens=10, greedy=True)
   free = np.asarray(sample(model, batch, key=jax.random.key(0), config=config, num_samples=1).tokens_BN)
@@ -133,3 +135,15 @@ def test_stop_strings_end_rollouts_on_device(small):
     assert int(r.lengths_B[b]) == n and r.finish_reasons()[b] == ('length' if hit is None else 'stop_string')
     np.testing.assert_array_equal(np.asarray(r.tokens_BN)[b, :n], free[b, :n])
   assert r.finish_reasons()[0] == 'stop_string' and int(r.lengths_B[0]) <= 5
+
+
+def test_stop_table_must_cover_the_model_vocabulary(small):
+  tok, cfg, proc, model = small
+  exs = [proc(_image(56, 56, 0), 'q')]
+  batch = prepare_prompts(cfg, [e['input_ids'] for e in exs], pixel_values=exs[0]['pixel_values'],
+                          image_grid_thw=exs[0]['image_grid_thw'])
+  short = stops.tokenizer_stop_table(tok, ['</answer>'])  # len(tok) < the model's padded vocabulary
+  assert short.shape[2] < cfg.text.vocab_size
+  with pytest.raises(ValueError, match=rf'stop_table has shape .*expected \[strings, states, {cfg.text.vocab_size}\]'):
+    sample(model, batch, key=jax.random.key(0), config=SamplingConfig(max_new_tokens=2), num_samples=1,
+           stop_table=short)

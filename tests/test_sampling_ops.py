@@ -171,3 +171,26 @@ def test_sampling_config_is_hashable_and_normalised():
   assert a == b and hash(a) == hash(b) and a.stop_window == 2
   with pytest.raises(ValueError, match=r'stop_sequences\[0\]\[1\]'):
     SamplingConfig(stop_sequences=((1, ()),))
+
+
+@pytest.mark.parametrize('V', [24, 600, 2003])  # 3 blocks of 8; 15 of 40; V prime: padded to 8 of 256
+def test_two_level_categorical_is_exact_at_the_edges(V):
+  rng = np.random.default_rng(V)
+  logits = rng.normal(size=(3, V)).astype(np.float32)
+  logits[:, ::3] = -np.inf  # excluded tokens
+  x = jnp.asarray(logits)
+  probs = np.asarray(jax.nn.softmax(x, axis=-1), np.float64)
+  # u -> 1 gives the last token with mass, u -> 0+ the first; a mid u the inverse CDF of the block, then token.
+  last = [int(np.flatnonzero(np.isfinite(r))[-1]) for r in logits]
+  first = [int(np.flatnonzero(np.isfinite(r))[0]) for r in logits]
+  top = jnp.ones((3, 2))
+  np.testing.assert_array_equal(ops.categorical(top, x)[0], last)
+  np.testing.assert_array_equal(ops.categorical(jnp.full((3, 2), 1e-30), x)[0], first)
+  tok, lse = ops.categorical(jnp.full((3, 2), 0.5), x)
+  np.testing.assert_allclose(lse, jax.nn.logsumexp(x, axis=-1), atol=1e-5)
+  assert np.isfinite(logits[np.arange(3), np.asarray(tok)]).all()
+  # Frequencies over many draws (chi-square), the excluded third never drawn.
+  u = ops.uniform_open_closed(ops.row_keys(jax.random.key(V), jnp.arange(30000)))
+  toks = np.asarray(jax.jit(ops.categorical)(u, jnp.broadcast_to(x[0], (30000, V)))[0])
+  assert np.isfinite(logits[0, toks]).all()
+  assert _chi2_pvalue(np.bincount(toks, minlength=V), probs[0]) > 1e-3

@@ -18,7 +18,6 @@ completes the string.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Sequence
 
 import jax
@@ -27,8 +26,6 @@ import numpy as np
 from medad_jax.sampling import ops, stops
 from medad_jax.sampling.prompts import DEFAULT_LENGTH_BUCKETS, DEFAULT_PATCH_BUCKETS, PromptBatch, prepare_prompts
 from medad_jax.sampling.sampler import sample
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ Axis legend (shared by every file of ``medad_jax/sampling``):
   K key/value heads               J query heads per KV head                     H head dim
   I images                        L patches per image (a bucket)                C patch vector (C*Tp*p*p)
   M stop-pattern window (longest pattern)              Q stop strings           A stop-automaton states
-  K (block count) / b (block size) inside :func:`categorical` and :func:`argmax` only
+  U vocabulary blocks, W tokens per block (the two-level draw / argmax: V = U * W after padding)
 
 Everything here is a small pure function of arrays and a static :class:`SamplingConfig`, usable inside ``jit``.
 
@@ -52,7 +52,7 @@ class SamplingConfig:
   top_p: float = 1.0
   greedy: bool = False
   stop_token_ids: tuple[int, ...] = ()
-  stop_sequences: tuple[tuple[int, ...], ...] = ()
+  stop_sequences: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -146,14 +146,16 @@ def _cdf_block(V: int) -> tuple[int, int]:
   return block, -(-V // block) * block
 
 
-def categorical(u_B: jax.Array, logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Inverse-CDF draw -> ``(tokens_B int32, logsumexp_B)``: the first token whose cumulative ``softmax`` mass
-  reaches ``u`` of the total.
+def categorical(u_B2: jax.Array, logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Inverse-CDF draw in two levels -> ``(tokens_B int32, logsumexp_B)``.
 
-  ``u_B`` must lie in ``(0, 1]``. Tokens with ``-inf`` logits have zero mass and are never returned. One uniform per
-  row (instead of ``V`` Gumbel variates) and a two-level cumulative sum (block totals, then inside one block) make
-  the draw two passes over the logits: for 64 rows of Qwen2.5's 151,936 tokens it costs on a CPU about a twentieth
-  of a Gumbel-max draw. The log-normaliser comes for free (token log-prob = ``logit - logsumexp``).
+  ``u_B2``: two uniforms in ``(0, 1]`` per row. The first picks a block of the vocabulary with probability its
+  softmax mass (the first block whose cumulative mass reaches ``u * total``), the second a token inside that block
+  the same way; the product of the two is exactly the token's probability, and each level resolves its uniform's
+  2^-24 steps separately, so even ~1e-9-probability tokens are drawn at the right rate. Tokens with ``-inf``
+  logits have zero mass and are never returned. One pass for the block totals and one small block: for 64 rows of
+  Qwen2.5's 151,936 tokens this costs on a CPU about a twentieth of a Gumbel-max draw over the vocabulary. The
+  log-normaliser comes for free (token log-prob = ``logit - logsumexp``).
   """
   B, V = logits_BV.shape
   block, Vp = _cdf_block(V)
@@ -162,17 +164,17 @@ def categorical(u_B: jax.Array, logits_BV: jax.Array) -> tuple[jax.Array, jax.Ar
   m_B = jnp.max(x_BV, axis=-1)
   if Vp != V:
     x_BV = jnp.pad(x_BV, ((0, 0), (0, Vp - V)), constant_values=-jnp.inf)
-  x_BKb = x_BV.reshape(B, nb, block)  # K blocks of b tokens
-  cum_BK = jnp.cumsum(jnp.sum(jnp.exp(x_BKb - m_B[:, None, None]), axis=-1), axis=-1)
-  total_B = cum_BK[:, -1]
-  target_B = u_B * total_B
-  j_B = jnp.minimum(jnp.sum(cum_BK < target_B[:, None], axis=-1), nb - 1)
-  before_B = jnp.where(j_B > 0, jnp.take_along_axis(cum_BK, jnp.maximum(j_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-  p_Bb = jnp.exp(jnp.take_along_axis(x_BKb, j_B[:, None, None], axis=1)[:, 0] - m_B[:, None])
-  k_B = jnp.sum(jnp.cumsum(p_Bb, axis=-1) < (target_B - before_B)[:, None], axis=-1)
-  # Rounding can push the target past the block's own running total: take its last token with mass then.
-  last_B = block - 1 - jnp.argmax((p_Bb > 0)[:, ::-1], axis=-1)
-  k_B = jnp.where(k_B >= block, last_B, k_B)
+  x_BUW = x_BV.reshape(B, nb, block)  # U blocks of W tokens
+  cum_BU = jnp.cumsum(jnp.sum(jnp.exp(x_BUW - m_B[:, None, None]), axis=-1), axis=-1)
+  total_B = cum_BU[:, -1]
+  j_B = jnp.minimum(jnp.sum(cum_BU < (u_B2[:, 0] * total_B)[:, None], axis=-1), nb - 1)
+  p_BW = jnp.exp(jnp.take_along_axis(x_BUW, j_B[:, None, None], axis=1)[:, 0] - m_B[:, None])
+  cum_BW = jnp.cumsum(p_BW, axis=-1)
+  target_B = u_B2[:, 1] * cum_BW[:, -1]
+  k_B = jnp.minimum(jnp.sum(cum_BW < target_B[:, None], axis=-1), block - 1)  # u <= 1: inside the block
+  # A block is only chosen when its mass is > 0. Should u * mass underflow to 0 (a block of ~1e-38 mass), take
+  # its first token with mass rather than possibly a zero-mass one.
+  k_B = jnp.where(target_B > 0, k_B, jnp.argmax(p_BW > 0, axis=-1))
   return (j_B * block + k_B).astype(jnp.int32), m_B + jnp.log(total_B)
 
 
@@ -187,16 +189,16 @@ def argmax(logits_BV: jax.Array) -> tuple[jax.Array, jax.Array]:
   x_BV = logits_BV.astype(jnp.float32)
   if Vp != V:
     x_BV = jnp.pad(x_BV, ((0, 0), (0, Vp - V)), constant_values=-jnp.inf)
-  x_BKb = x_BV.reshape(B, Vp // block, block)
-  bmax_BK = jnp.max(x_BKb, axis=-1)
-  j_B = jnp.argmax(bmax_BK, axis=-1)
-  k_B = jnp.argmax(jnp.take_along_axis(x_BKb, j_B[:, None, None], axis=1)[:, 0], axis=-1)
-  return (j_B * block + k_B).astype(jnp.int32), jnp.max(bmax_BK, axis=-1)
+  x_BUW = x_BV.reshape(B, Vp // block, block)
+  bmax_BU = jnp.max(x_BUW, axis=-1)
+  j_B = jnp.argmax(bmax_BU, axis=-1)
+  k_B = jnp.argmax(jnp.take_along_axis(x_BUW, j_B[:, None, None], axis=1)[:, 0], axis=-1)
+  return (j_B * block + k_B).astype(jnp.int32), jnp.max(bmax_BU, axis=-1)
 
 
 def uniform_open_closed(keys_B: jax.Array) -> jax.Array:
-  """One float32 uniform in ``(0, 1]`` per row key."""
-  return 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
+  """Two float32 uniforms in ``(0, 1]`` per row key: ``[B, 2]``."""
+  return 1.0 - jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys_B)
 
 
 def draw(keys_B: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig

@@ -101,7 +101,7 @@ def prepare_prompts(cfg: Qwen25VLConfig, input_ids, *, attention_mask=None, pixe
       Image prompts hold one ``<|image_pad|>`` token per merged patch, as the processor writes them.
     pixel_values: ``[L, C]`` patches of all images of the batch in prompt order (the processor's output).
     image_grid_thw: ``[num_images, 3]`` patch grids of those images, in the same order.
-    length_buckets / patch_buckets: allowed padded prompt lengths / total patch counts.
+    length_buckets / patch_buckets: allowed padded prompt lengths / patch counts per image.
     num_prompts: pad the batch with all-padding rows (done from the start) to this many prompts.
   """
   rows = _rows(input_ids, attention_mask)
@@ -110,6 +110,9 @@ def prepare_prompts(cfg: Qwen25VLConfig, input_ids, *, attention_mask=None, pixe
   empty = [i for i, r in enumerate(rows) if r.size == 0]
   if empty:
     raise ValueError(f'prompt {empty[0]} has no real tokens (attention_mask all 0 or an empty sequence)')
+  floats = [i for i, r in enumerate(rows) if not np.issubdtype(r.dtype, np.integer)]
+  if floats:
+    raise ValueError(f'prompt {floats[0]}: token ids have dtype {rows[floats[0]].dtype}; expected integers')
   bad = [(i, int(r.min()), int(r.max())) for i, r in enumerate(rows)
          if r.min() < 0 or r.max() >= cfg.text.vocab_size]
   if bad:

@@ -16,8 +16,8 @@ rather than G times. Row ``b = p*G + g`` is sample ``g`` of prompt
 and its own logits, never on batch layout, padding rows or the mesh.
 
 State (:class:`DecodeState`, gemma ``_sampler_loop.py`` style): a fixed token buffer ``[B, N]``, the KV cache (its
-write index is ``step - 1``), a ``done`` mask, per-row keys, and the log-probs of every sampled token under the unmodified
-policy (GRPO's old-policy log-probs) and under the sampling distribution.
+write index is ``step - 1``), a ``done`` mask, per-row keys, and the log-probs of every sampled token under the
+unmodified policy (GRPO's old-policy log-probs) and under the sampling distribution.
 
 Stopping: a row is done when it samples a ``stop_token_ids`` token, when its last tokens match a stop *token
 pattern* (each step pushes the token into a window of the last ``M`` tokens per row and compares the window's
@@ -243,6 +243,12 @@ def sample(model: nnx.Module, batch: PromptBatch, *, key: jax.Array, config: ops
   b = _place(batch, mesh)
   cache_P, logits_PV = prefill(graphdef, state, b.input_ids_PT, b.attention_mask_PT, b.positions_3PT,
                                b.pixel_values_ILC, b.vision_meta_I, b.image_src_PT, adapters=adapters)
-  table = None if stop_table is None else jnp.asarray(stop_table, jnp.int32)
+  table = None
+  if stop_table is not None:
+    V = model.cfg.text.vocab_size
+    if np.ndim(stop_table) != 3 or np.shape(stop_table)[2] != V:
+      raise ValueError(f'stop_table has shape {np.shape(stop_table)}; expected [strings, states, {V}] (the model '
+                       'vocabulary: stops.tokenizer_stop_table(tokenizer, strings, cfg.text.vocab_size))')
+    table = jnp.asarray(stop_table, jnp.int32)
   return decode(graphdef, state, cache_P, logits_PV, b.rope_deltas_P, b.done_P, key, table, config=config,
                 num_samples=num_samples, adapters=adapters)
