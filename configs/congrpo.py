@@ -37,6 +37,33 @@ ABLATIONS = ('rl_only', 'sft_only', 'acc_only', 'con_only', 'fmt_focused', 'acc_
 VARIANTS = ('paper', 'eq8') + ABLATIONS
 
 
+def apply_miniature(config: ml_collections.ConfigDict) -> None:
+  """The embedded CPU run (see the module docstring for why each setting differs from the paper)."""
+  config.model = common.model_config('mini')
+  config.data.image_size = 56            # 2x2 merged patches = 4 image tokens: sequences fit the 128 bucket
+  config.data.synth_images = 500         # 350 train / 150 test images = 1,750 / 750 questions
+  config.judge.prompt_format = 'policy'  # the frozen SFT policy reads question + thought in its own format
+  if 'sft' in config:
+    config.sft.trainable = 'all'         # no pretrained base: every weight must learn
+    config.sft.batch_size = 16
+    config.sft.epochs = 4
+    config.sft.optim.lr = 3e-3
+    config.sft.optim.schedule = 'cosine'
+    config.sft.optim.warmup_steps = 30
+  if 'lora' in config:
+    config.lora.rank = 8
+    config.lora.alpha = 16.0
+  if 'rl' in config:
+    config.rl.prompts_per_step = 4       # 4 prompts x G = 8 = 32 rollouts per step
+    config.rl.optim.lr = 1e-4            # LoRA adapters from zero; 1e-6 would not move a 4M model in 20 steps
+    config.rl.max_steps = 20
+    config.sampling.max_new_tokens = 96  # the synthetic CoTs are 40-60 tokens
+  config.eval.batch_size = 32
+  config.eval.max_new_tokens = 96
+  config.eval.greedy = True              # one deterministic pass (sampled seeds: --config.eval.greedy=False)
+  config.ckpt.every_steps = 50
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = common.parse_variants(arg, VARIANTS)
   rewards = [v for v in variants if v in common.REWARD_WEIGHTS]
@@ -55,23 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if 'paper' in variants:
     common.apply_paper_scale(config)
   else:
-    config.model = common.model_config('mini')
-    config.data.image_size = 112
-    config.data.synth_images = 300
-    config.judge.prompt_format = 'policy'
-    config.sft.trainable = 'all'
-    config.sft.batch_size = 16
-    config.sft.optim.lr = 1e-3
-    config.sft.optim.warmup_steps = 10
-    config.rl.prompts_per_step = 4
-    config.rl.optim.lr = 1e-4
-    config.rl.max_steps = 20
-    config.lora.rank = 8
-    config.lora.alpha = 16.0
-    config.sampling.max_new_tokens = 96
-    config.eval.batch_size = 16
-    config.eval.max_new_tokens = 96
-    config.ckpt.every_steps = 10
+    apply_miniature(config)
   if 'rl_only' in variants:
     config.sft.enabled = False
   if 'sft_only' in variants:

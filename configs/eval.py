@@ -31,16 +31,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data = common.data_config('synth')
   config.judge = common.judge_config('local')
   config.eval = common.eval_config()
+  config.sampling = common.sampling_config()   # temperature etc. of sampled (non-greedy) evaluation
   if 'paper' in variants:
     common.apply_paper_scale(config)
     config.eval.seeds = (0, 1, 2)
   else:
-    config.model = common.model_config('mini')
-    config.data.image_size = 112
-    config.data.synth_images = 300
-    config.judge.prompt_format = 'policy'
-    config.eval.batch_size = 32
-    config.eval.max_new_tokens = 96
+    from configs.congrpo import apply_miniature
+    apply_miniature(config)   # the miniature's model, data and evaluation settings
   if 'hf' in variants:
     config.eval.policy = 'hf'
   if 'endpoint' in variants:

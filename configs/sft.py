@@ -10,8 +10,8 @@ Variants (comma-separated after the colon):
   paper   Qwen2.5-VL-3B from a local HF directory, MedAD-38K, bf16, global batch 64, LoRA lr 1e-4, 2 epochs.
   (none)  the miniature: the ``small`` architecture, randomly initialised, on the synthetic benchmark.
 
-Miniature settings that differ from the paper because of scale: there is no pretrained base, so SFT trains all
-parameters (``sft.trainable='all'``) at lr 1e-3 with a small batch.
+Miniature settings that differ from the paper because of scale: those of ``configs/congrpo.py`` (there is no
+pretrained base, so SFT trains all parameters of the ``mini`` architecture at lr 3e-3, cosine, batch 16, 4 epochs).
 """
 
 import ml_collections
@@ -34,11 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.apply_paper_scale(config)
     config.name = 'sft-paper'
   else:
-    config.sft.trainable = 'all'
-    config.sft.batch_size = 16
-    config.sft.optim.lr = 1e-3
-    config.sft.optim.warmup_steps = 10
-    config.eval.batch_size = 16
-    config.eval.max_new_tokens = 96
+    from configs.congrpo import apply_miniature
+    apply_miniature(config)   # the same miniature as configs/congrpo.py (model, data, SFT schedule, eval)
   config.lock()
   return config

@@ -599,32 +599,57 @@ def format_plan(p: Plan, device: Device | None = None) -> str:
   return '\n'.join(lines)
 
 
-def fit_search(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, device: Device, headroom: float = 0.9
-               ) -> list[tuple[int, bool, float]]:
-  """``(num_microbatches, remat, peak bytes)`` for every microbatch count that splits the per-device prompts into
-  whole groups, without and with remat; the caller picks the first whose peak is within ``headroom`` of HBM."""
-  per_dev = w.prompts // mesh.dp if w.prompts % mesh.dp == 0 else 0
+def mesh_shapes(devices: int, kv_heads: int) -> list[MeshShape]:
+  """Every (data, fsdp, tensor) factorisation of ``devices`` whose tensor size divides the key/value heads (the
+  regime the tensor-parallel activation model was checked in: heads and KV cache split evenly)."""
   out = []
-  for remat in (False, True):
-    for k in [k for k in range(1, per_dev + 1) if per_dev % k == 0] or [1]:
-      p = plan(cfg, dataclasses.replace(w, num_microbatches=k), mesh, remat=remat)
-      out.append((k, remat, p.peak))
+  for t in [t for t in range(1, devices + 1) if devices % t == 0 and kv_heads % t == 0]:
+    for f in [f for f in range(1, devices // t + 1) if (devices // t) % f == 0]:
+      out.append(MeshShape(devices // t // f, f, t))
   return out
 
 
-def format_fit(rows: list[tuple[int, bool, float]], device: Device, headroom: float = 0.9) -> str:
-  lines = [f'-- fit search on {device.name} ({headroom:.0%} of {device.hbm_bytes / GiB:.0f} GiB)']
-  for k, remat, peak in rows:
-    ok = peak <= headroom * device.hbm_bytes
-    lines.append(f'  microbatches={k:<3} remat={"yes" if remat else "no ":<3}  peak {peak / GiB:9.2f} GiB  '
-                 f'{"fits" if ok else "-"}')
-  fits = [r for r in rows if r[2] <= headroom * device.hbm_bytes]
-  if fits:
-    k, remat, _ = fits[0]
-    lines.append(f'  smallest change that fits: --config.rl.num_microbatches={k} (or sft.num_microbatches)'
-                 f'{" + per-layer remat (not implemented in the model yet)" if remat else ""}')
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  mesh: MeshShape
+  num_microbatches: int
+  remat: bool
+  peak: float
+
+
+def fit_search(cfg: Qwen25VLConfig, w: Workload, meshes: Sequence[MeshShape]) -> list[Fit]:
+  """Peak bytes for every mesh, every microbatch count that splits each device's prompts into whole groups, and
+  remat off / on; ordered by (remat, microbatches, peak), so the first one that fits is the smallest change."""
+  out = []
+  for mesh in meshes:
+    if w.prompts % mesh.dp:
+      continue
+    per_dev = w.prompts // mesh.dp
+    for remat in (False, True):
+      for k in [k for k in range(1, per_dev + 1) if per_dev % k == 0]:
+        p = plan(cfg, dataclasses.replace(w, num_microbatches=k), mesh, remat=remat)
+        out.append(Fit(mesh, k, remat, p.peak))
+  return sorted(out, key=lambda f: (f.remat, f.num_microbatches, f.peak))
+
+
+def format_fit(fits: Sequence[Fit], device: Device, stage: str, headroom: float = 0.9) -> str:
+  budget = headroom * device.hbm_bytes
+  ok = [f for f in fits if f.peak <= budget]
+  lines = [f'-- fit search on {device.name} (budget {headroom:.0%} of {device.hbm_bytes / GiB:.0f} GiB): '
+           f'{len(ok)} of {len(fits)} settings fit']
+  for f in (ok or sorted(fits, key=lambda f: f.peak))[:6]:
+    lines.append(f'  mesh {str(f.mesh):<26} microbatches={f.num_microbatches:<3} remat={"yes" if f.remat else "no":<3} '
+                 f'peak {f.peak / GiB:8.2f} GiB{"" if f.peak <= budget else "  (does not fit)"}')
+  if ok:
+    f = ok[0]
+    key = 'rl' if stage == 'congrpo' else 'sft'
+    m = f.mesh
+    lines.append(f'  smallest change that fits: --config.mesh.data={m.data} --config.mesh.fsdp={m.fsdp} '
+                 f'--config.mesh.tensor={m.tensor} --config.{key}.num_microbatches={f.num_microbatches}'
+                 f'{" + per-layer remat (not in the model yet)" if f.remat else ""}')
   else:
-    lines.append('  nothing fits: use more devices (a larger data/fsdp mesh), shorter completions or bf16 params')
+    lines.append('  nothing fits: more devices, shorter completions, bf16 parameters or a memory-lean attention / '
+                 'log-prob path are needed')
   return '\n'.join(lines)
 
 
@@ -680,7 +705,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--prompt-len', type=int, default=None, help='T (default: image tokens + 2 + --text-tokens)')
   p.add_argument('--text-tokens', type=int, default=128, help='text tokens per prompt besides the image')
   p.add_argument('--completion-len', type=int, default=None, help='N (default: sampling.max_new_tokens)')
-  p.add_argument('--fit', action='store_true', help='with --device: try microbatch counts and remat, report what fits')
+  p.add_argument('--fit', action='store_true',
+                 help='with --device: try microbatch counts and remat on --mesh, report the smallest change that fits')
+  p.add_argument('--fit-meshes', action='store_true',
+                 help='with --fit: also try every (data, fsdp, tensor) factorisation of the device count')
   p.add_argument('--check-xla', action='store_true',
                  help='also compile the step on CPU (fp32, 1 device) and compare with XLA memory analysis')
   return p.parse_args(argv)
@@ -700,7 +728,8 @@ def main(argv: list[str]) -> int:
   if args.fit:
     if not args.device:
       raise SystemExit('--fit needs --device')
-    sys.stdout.write(format_fit(fit_search(cfg, w, mesh, DEVICES[args.device]), DEVICES[args.device]) + '\n')
+    meshes = mesh_shapes(mesh.devices, cfg.text.num_kv_heads) if args.fit_meshes else [mesh]
+    sys.stdout.write(format_fit(fit_search(cfg, w, meshes), DEVICES[args.device], w.stage) + '\n')
   if args.check_xla:
     rows = check_against_xla(cfg, dataclasses.replace(w, dtype='float32', param_dtype='float32'))
     sys.stdout.write(format_xla_check(rows) + '\n')

@@ -50,9 +50,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--completion-len', type=int, default=32, help='N')
   p.add_argument('--image-side', type=int, default=8, help='patches per image side')
   p.add_argument('--lora-rank', type=int, default=8)
+  p.add_argument('--lora-b-std', type=float, default=0.002,
+                 help='std of the initial lora_b (non-zero: the policy differs from the reference)')
   p.add_argument('--lr', type=float, default=1e-4)
   p.add_argument('--beta', type=float, default=0.04)
   p.add_argument('--eps', type=float, default=0.2)
+  p.add_argument('--torch-threads', default='best',
+                 help="PyTorch intra-op threads: a number, or 'best' (time with 1 and with all cores, keep the faster: "
+                      "on a loaded machine OpenMP spinning can make all-core runs 10-40x slower)")
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--peak-size', type=int, default=1024, help='matrix side of the matmul-peak measurement')
@@ -175,7 +180,7 @@ def build(cfg, args):
   for path, v in nnx.to_flat_state(nnx.state(ours, nnx.LoRAParam)):
     if path[-1] == 'lora_b':   # non-zero, so the policy differs from the reference and the KL term is live
       key, sub = jax.random.split(key)
-      v.set_value(0.05 * jax.random.normal(sub, v.get_value().shape))
+      v.set_value(args.lora_b_std * jax.random.normal(sub, v.get_value().shape))
   batch = PL.rollout_batch(cfg, args.prompts, args.group, args.prompt_len, args.completion_len, args.image_side,
                            seed=args.seed)
   graphdef, params, frozen = nnx.split(ours, nnx.LoRAParam, ...)
@@ -221,11 +226,19 @@ def bench_config(name: str, args, peak: float) -> dict:
   inputs = torch_inputs(cfg, batch, args.group)
   T = args.prompt_len
   torch_loss, torch_gnorm = torch_step(tm, wrappers, opt, inputs, batch, args, T)   # first step = the warm-up
-  ttimes = []
-  for _ in range(args.repeats):
-    t0 = time.perf_counter()
-    torch_step(tm, wrappers, opt, inputs, batch, args, T)
-    ttimes.append(time.perf_counter() - t0)
+  import os
+  choices = ([1, os.cpu_count() or 1] if args.torch_threads == 'best' else [int(args.torch_threads)])
+  by_threads = {}
+  for n_threads in dict.fromkeys(choices):
+    torch.set_num_threads(n_threads)
+    ts = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      torch_step(tm, wrappers, opt, inputs, batch, args, T)
+      ts.append(time.perf_counter() - t0)
+    by_threads[n_threads] = ts
+  torch_threads = min(by_threads, key=lambda k: min(by_threads[k]))
+  ttimes = by_threads[torch_threads]
   torch_s = min(ttimes)
   if abs(ours_loss - torch_loss) > LOSS_TOL * max(1.0, abs(torch_loss)):
     raise RuntimeError(f'{name}: first-step losses differ: ours {ours_loss:.7f}, PyTorch {torch_loss:.7f}; the '
@@ -244,13 +257,13 @@ def bench_config(name: str, args, peak: float) -> dict:
   torch_flops = f.update_forward + f.update_backward + f.update_forward
   res = dict(config=name, params=common.param_count(cfg), prompts=args.prompts, group=args.group,
              prompt_len=args.prompt_len, completion_len=args.completion_len, ours_s=ours_s, ours_times=times,
-             ours_compile_and_first_s=first_s, torch_s=torch_s, torch_times=ttimes, speedup=torch_s / ours_s,
+             ours_compile_and_first_s=first_s, torch_s=torch_s, torch_times=by_threads, torch_threads=torch_threads, speedup=torch_s / ours_s,
              ours_first_loss=ours_loss, torch_first_loss=torch_loss, ours_first_grad_norm=ours_gnorm,
              torch_first_grad_norm=torch_gnorm, ours_model_flops=ours_flops, torch_model_flops=torch_flops,
              ours_flops_per_s=ours_flops / ours_s, torch_flops_per_s=torch_flops / torch_s,
              matmul_peak_flops_per_s=peak)
   rows = [
-      common.Row('step wall time', ours_s, torch_s, 's', higher_is_better=False),
+      common.Row(f'step wall time (PyTorch: {torch_threads} thread(s))', ours_s, torch_s, 's', higher_is_better=False),
       common.Row('  our compile + first step', first_s, None, 's'),
       common.Row('first-step loss', ours_loss, torch_loss, ''),
       common.Row('first-step grad norm', ours_gnorm, torch_gnorm, ''),

@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--new-tokens', type=int, default=64)
   p.add_argument('--image-size', type=int, default=224, help='square image side in pixels (multiple of 28)')
   p.add_argument('--text-tokens', type=int, default=48, help='text tokens per prompt besides the image')
-  p.add_argument('--repeats', type=int, default=3, help='timed rollouts per side (best is reported)')
+  p.add_argument('--repeats', type=int, default=2, help='timed rollouts per side (best is reported)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--peak-size', type=int, default=2048, help='matrix side of the matmul-peak measurement')
   p.add_argument('--json', default=None, help='also write the results to this JSON file')

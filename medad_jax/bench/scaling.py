@@ -160,7 +160,8 @@ def time_points(args, points: list[Point]) -> list[dict]:
     flops = PL.step_flops(cfg, w).update
     out.append(dict(**dataclasses.asdict(pt), compile_and_first_s=first_s, step_s=min(times), step_times=times,
                     update_flops=flops, tokens=pt.prompts * pt.prompt_len + pt.prompts * pt.group * pt.completion_len,
-                    traces=step.traces, loss=float(metrics['loss'])))
+                    traces=step.traces, loss=float(metrics['loss']),
+                    rollouts_per_device=int(batch['completion_ids_BN'].addressable_shards[0].data.shape[0])))
     done[shape] = out[-1]
     log.info('%s', {k: out[-1][k] for k in ('devices', 'group', 'completion_len', 'step_s', 'compile_and_first_s')})
   out[0]['machine'] = common.machine_summary()

@@ -83,7 +83,10 @@ class Data:
 
 def build_data(config) -> Data:
   """Builds (first use) or reuses the dataset ``config.data`` names; see the module docstring."""
+  import tensorflow_datasets as tfds
+
   from medad_jax.data import synth, tfds_builders
+  tfds.disable_progress_bar()  # the build logs one line; tqdm bars would bury the progress line
   d = config.data
   tfds_dir = os.path.join(cache_root(config), 'tfds')
   if d.source == 'synth':

@@ -21,7 +21,7 @@ from medad_jax.train import pipeline as pl
 log = logging.getLogger(__name__)
 
 # Blocks of the eval config that replace the trained run's when a run directory is evaluated.
-EVAL_BLOCKS = ('eval', 'judge', 'mesh')
+EVAL_BLOCKS = ('eval', 'judge', 'mesh', 'sampling')
 
 
 def training_config(workdir: str, eval_config) -> ml_collections.ConfigDict:
@@ -36,9 +36,6 @@ def training_config(workdir: str, eval_config) -> ml_collections.ConfigDict:
   for k in EVAL_BLOCKS:
     if k in eval_config:
       cfg[k] = eval_config[k]
-  if 'sampling' not in cfg:
-    cfg.sampling = eval_config.get('sampling') or ml_collections.ConfigDict(
-        {'max_new_tokens': cfg.eval.max_new_tokens, 'temperature': 1.0, 'top_k': 0, 'top_p': 1.0})
   return cfg
 
 
