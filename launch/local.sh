@@ -2,12 +2,12 @@
 # Run one experiment on this machine: CPU, one GPU host, or a single-host TPU VM.
 #
 # Usage:
-#     launch/local.sh [--config=configs/congrpo.py:paper] [--workdir=runs/NAME] [--config.KEY=VALUE ...]
+#     launch/local.sh [--config=congrpo:paper] [--workdir=runs/NAME] [--config.KEY=VALUE ...]
 #   Every argument goes to `python -m medad_jax.launch` unchanged (absl flags). Without --config it runs the
-#   embedded CPU miniature, configs/congrpo.py (SFT, Con-GRPO and evaluation on synthetic data).
+#   embedded CPU miniature, congrpo (configs/congrpo.py: SFT, Con-GRPO and evaluation on synthetic data).
 #   Examples:
 #     launch/local.sh                                             # the miniature, a few minutes on a CPU
-#     launch/local.sh --config=configs/congrpo.py:paper --config.model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct \
+#     launch/local.sh --config=congrpo:paper --config.model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct \
 #         --config.data.dir=/data/MedAD-38K --config.judge.url=http://judge-host:30000
 #
 # Environment: PYTHON (interpreter, default python3), DRY_RUN=1 (print the command and exit without running it).
@@ -28,7 +28,7 @@ python_bin="${PYTHON:-python3}"
 args=("$@")
 has_config=0
 for a in "${args[@]}"; do [[ "$a" == --config=* || "$a" == --config ]] && has_config=1; done
-(( has_config )) || args=(--config=configs/congrpo.py "${args[@]}")
+(( has_config )) || args=(--config=congrpo "${args[@]}")
 
 cmd=("$python_bin" -m medad_jax.launch "${args[@]}")
 echo "+ $(quote "${cmd[@]}")"

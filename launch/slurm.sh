@@ -9,7 +9,7 @@
 # Multi-node GPU training under Slurm: one task (one JAX process) per node, each driving all GPUs of its node.
 #
 # Usage (from the repository root; edit the #SBATCH lines or override them on the command line):
-#     sbatch [--nodes=4] launch/slurm.sh --config=configs/congrpo.py:paper \
+#     sbatch [--nodes=4] launch/slurm.sh --config=congrpo:paper \
 #         --config.model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct --config.data.dir=/data/MedAD-38K \
 #         --config.judge.url=http://judge-host:30000 --workdir=/shared/runs/congrpo-paper
 #   Every argument goes to `python -m medad_jax.launch` unchanged; --config=... is required. The job runs
@@ -35,7 +35,7 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
 has_config=0
 for a in "$@"; do [[ "$a" == --config=* || "$a" == --config ]] && has_config=1; done
-(( has_config )) || { echo "slurm.sh: give the experiment, e.g. --config=configs/congrpo.py:paper (see the header)" >&2; exit 2; }
+(( has_config )) || { echo "slurm.sh: give the experiment, e.g. --config=congrpo:paper (see the header)" >&2; exit 2; }
 
 python_bin="${PYTHON:-python3}"
 cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$python_bin" -m medad_jax.launch "$@")

@@ -11,9 +11,11 @@
 #                gcloud compute tpus tpu-vm scp --recurse --worker=all . NAME:~/medad_jax --zone ZONE).
 #   --setup      first install the pinned requirements plus JAX's TPU runtime on every worker.
 #   Example:
-#     launch/tpu_pod.sh --tpu medad-v5e-16 --zone us-west4-a -- --config=configs/congrpo.py:paper \
+#     launch/tpu_pod.sh --tpu medad-v5e-16 --zone us-west4-a -- --config=congrpo:paper \
 #         --config.model.checkpoint=/mnt/ckpt/Qwen2.5-VL-3B-Instruct --config.data.dir=/mnt/MedAD-38K \
-#         --config.mesh.data=-1 --workdir=gs://bucket/runs/congrpo-paper
+#         --config.mesh.data=-1 --workdir=/mnt/shared/runs/congrpo-paper
+#   The workdir must be a directory every worker sees (NFS / Filestore, or a GCS FUSE mount): orbax writes
+#   checkpoints from all processes.
 #
 # Environment: GCLOUD (default gcloud), TPU_PYTHON (python on the workers, default python3), DRY_RUN=1 (print the
 # commands and exit). Each command is printed (shell-quoted, after "+ ") before it runs; the python command that
@@ -45,7 +47,7 @@ done
 [[ -n "$tpu" && -n "$zone" ]] || { echo "tpu_pod.sh: --tpu and --zone are required (see --help)" >&2; exit 2; }
 has_config=0
 for a in "$@"; do [[ "$a" == --config=* || "$a" == --config ]] && has_config=1; done
-(( has_config )) || { echo "tpu_pod.sh: give the experiment after --, e.g. -- --config=configs/congrpo.py:paper" >&2; exit 2; }
+(( has_config )) || { echo "tpu_pod.sh: give the experiment after --, e.g. -- --config=congrpo:paper" >&2; exit 2; }
 
 python_bin="${TPU_PYTHON:-python3}"
 gcloud_bin="${GCLOUD:-gcloud}"

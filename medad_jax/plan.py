@@ -1,9 +1,10 @@
 r"""Memory and FLOPs planner for one SFT step or one Con-GRPO step (rollout + update), per device.
 
   python -m medad_jax.plan --config=congrpo:paper --mesh=data=1,fsdp=8,tensor=1 --device h100-80g
-  python -m medad_jax.plan --config=congrpo:paper --mesh=data=1,fsdp=1,tensor=1 --device h100-80g --remat
-  python -m medad_jax.plan --config=sft:paper --mesh=data=-1 --devices 8 --device v5e
-  python -m medad_jax.plan --config=congrpo --check-xla        # compile the step on CPU and compare (small configs)
+  python -m medad_jax.plan --config=congrpo:paper --mesh=data=1 --device h100-80g --remat --set rl.num_microbatches=4
+  python -m medad_jax.plan --config=congrpo:paper --mesh=fsdp=8 --device v5e --fit --fit-meshes  # what fits
+  python -m medad_jax.plan --config=sft:paper --mesh=data=-1 --devices 8 --device v5p
+  python -m medad_jax.plan --config=congrpo --check-xla        # also compile the step on CPU and compare
 
 Axis legend:
   P prompts per optimizer step   G rollouts per prompt   B = P*G rollouts   T prompt length (SFT: whole sequence)
@@ -43,15 +44,19 @@ Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of
 * FSDP: the all-gathered weights XLA keeps from the forward for the backward; counted as every decoder matrix and
   the embedding in the compute dtype, an upper bound (an 8-device CPU mesh kept about half of them). Without FSDP
   but with ``param_dtype != dtype``: one layer's weights cast to the compute dtype.
-* vision tower: frozen under LoRA, so nothing is saved; its transient peak (``~3 * Nq_v * Lp^2 * 4`` bytes per
-  image, XLA's [N, L, L] attention logits, see ``model/vision.py``) is its own phase, before the decoder runs.
+* vision tower: frozen under LoRA, so nothing is saved; its transient peak (XLA's fp32 [N, L, L] attention
+  logits, about 3 alive, see ``model/vision.py``) is its own phase, before the decoder runs. The Con-GRPO update
+  (sampler layout) runs it per image, ``3 * Nq_v * Lp^2 * 4`` bytes per image; the SFT batches pack every image of
+  the batch into one call, so there ``L`` is the batch's total patch count and the term grows quadratically.
 
 Validation (``tests/test_plan.py``, :func:`check_against_xla`): XLA's ``memory_analysis()`` of the compiled step on
 CPU in fp32. Argument and output bytes (parameters, adapters, optimizer state, batch) match to 0.1% on every mesh;
 temp bytes match within 10% for LoRA SFT / Con-GRPO on the tiny and small presets, with microbatching, on pure
-data-parallel and on tensor-parallel meshes. Not validated: FSDP meshes (XLA:CPU kept between -16% and +37% of the
-plan's activations + gathered weights on the checks), full fine-tuning (the plan counts gradients, moment copies
-and activations as live together; XLA:CPU's temp was 23-68% lower), bf16 compute (CPU checks run in fp32), remat.
+data-parallel and on tensor-parallel meshes (tensor <= key/value heads). Not validated: FSDP meshes (XLA:CPU's temp
+was 16% below to 37% above the plan on the checks), full fine-tuning (the plan counts gradients, moment copies and
+activations as live together; XLA:CPU's temp was 23-68% lower), bf16 compute (the CPU checks run in fp32), and
+remat (the model has no option; wrapping each decoder layer in ``jax.checkpoint`` made JAX save only the layer
+inputs, yet XLA:CPU's temp fell by only ~10%, far less than the analytic figure: check it on an accelerator).
 
 Rollout (the compiled sampler): the KV cache in the group layout the sampler uses, ``2 * layers * (P*T + B*N) * K
 * H`` bytes in the compute dtype (the naive layout that repeats the prompt G times, ``2 * layers * B * S * K * H``,
@@ -318,9 +323,13 @@ def logits_bytes(rows: int, vocab: int, tp: int = 1) -> float:
   return 2 * rows * vocab / tp * 4
 
 
-def vision_transient_bytes(v: VisionConfig, images: int, patches: int) -> float:
-  """The vision tower's peak working set for ``images`` images of ``patches`` patches (vmapped per image):
-  XLA's fp32 ``[N, L, L]`` attention logits, about three alive at once (``model/vision.py``)."""
+def vision_transient_bytes(v: VisionConfig, images: int, patches: int, *, packed: bool = False) -> float:
+  """The vision tower's peak working set: XLA's fp32 ``[N, L, L]`` attention logits, about three alive at once
+  (``model/vision.py``). Vmapped per image (the sampler's and the Con-GRPO update's layout) ``L`` is one image's
+  patches; packed (the SFT batches' ``pixel_values_LC``: every image of the batch in one call with a
+  block-diagonal mask) ``L`` is all of them, so the term grows with the square of the batch."""
+  if packed:
+    return VISION_ATTN_BUFFERS * v.num_heads * (images * patches)**2 * 4
   return VISION_ATTN_BUFFERS * images * v.num_heads * patches**2 * 4
 
 
@@ -370,7 +379,6 @@ def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) ->
   """FSDP: the decoder's matrices and the token embedding all-gathered over fsdp (tensor-sharded only) in the
   compute dtype, as if XLA kept every gathered weight from the forward for the backward (an upper bound: on an
   8-device CPU mesh it kept the q/k/v/o and down projections of every layer and the embedding, not gate/up)."""
-  t = cfg.text
   mats = sum(math.prod(s) for p, s, lo in param_shapes(cfg) if len(s) == 2 and
              (p.startswith('model/') or p.startswith('lm_head')))
   return mats / mesh.tensor * dtype_bytes(w.dtype)
@@ -395,10 +403,9 @@ def rollout_cache_bytes(t: TextConfig, prompts: float, group: int, prompt_len: i
 # ------------------------------------------------------------------------------------------- FLOPs
 
 
-def lora_flops(targets: Sequence[tuple[str, int, int]], rank: int, tokens: float, layers_share: float = 1.0
-               ) -> float:
+def lora_flops(targets: Sequence[tuple[str, int, int]], rank: int, tokens: float) -> float:
   """Forward FLOPs of the LoRA terms ``(x @ A) @ B`` of ``targets`` over ``tokens`` tokens."""
-  return layers_share * tokens * sum(2 * rank * (i + o) for _, i, o in targets)
+  return tokens * sum(2 * rank * (i + o) for _, i, o in targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,7 +469,7 @@ def step_flops(cfg: Qwen25VLConfig, w: Workload) -> Flops:
 class Term:
   name: str
   bytes: float
-  phase: str      # 'state' | 'update' | 'rollout'
+  phase: str      # 'state' (resident) | 'update' | 'rollout' | 'vision' (each phase adds to the state)
   note: str = ''
 
 
@@ -517,10 +524,12 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = Fal
     terms += [Term('activations: layer inputs (remat)', acts.prompt, 'update', 'analytic only' + mb),
               Term('activations: one layer recomputed (remat)', acts.completion, 'update', 'analytic only' + mb)]
   else:
-    terms += [Term('activations: prompt / sequence rows', acts.prompt, 'update', mb.lstrip(', ')),
-              Term('activations: completion rows', acts.completion, 'update'),
-              Term('activations: repeated prompt cache', acts.cache, 'update'),
-              Term('activations: attention probabilities (fp32)', acts.probs, 'update')]
+    terms.append(Term('activations: prompt rows' if w.stage == 'congrpo' else 'activations: sequence rows',
+                      acts.prompt, 'update', mb.lstrip(', ')))
+    if w.stage == 'congrpo':
+      terms += [Term('activations: completion rows', acts.completion, 'update'),
+                Term('activations: repeated prompt cache', acts.cache, 'update')]
+    terms.append(Term('activations: attention probabilities (fp32)', acts.probs, 'update'))
   terms.append(Term('logits + their gradient (fp32)', logits_bytes(scored_rows(w, mesh), t.vocab_size, tp), 'update',
                     f'{scored_rows(w, mesh):,.0f} positions x V={t.vocab_size:,}'))
   if w.num_microbatches > 1:
@@ -537,11 +546,13 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = Fal
              + attention_probs_bytes(t, P_dev * w.prompt_len, w.prompt_len, tp), 'rollout'),
     ]
   if w.image_patches:
-    # Transient and before the decoder runs: it competes with the update's peak instead of adding to it.
-    images = math.ceil(P_dev / w.num_microbatches) if w.num_microbatches > 1 and w.stage == 'sft' else math.ceil(P_dev)
+    # Transient and before the decoder runs: it competes with the update's peak instead of adding to it. Every
+    # image of the device's batch goes through the tower at once (microbatching embeds all prompts up front).
+    images, packed = math.ceil(P_dev), w.stage == 'sft'
     terms.append(Term('vision tower transient (peak before the decoder)',
-                      vision_transient_bytes(cfg.vision, images, w.image_patches), 'vision',
-                      f'{images} image(s) of {w.image_patches} patches; not added to the update total'))
+                      vision_transient_bytes(cfg.vision, images, w.image_patches, packed=packed), 'vision',
+                      f'{images} image(s) of {w.image_patches} patches, '
+                      f'{"packed in one call (SFT batches)" if packed else "vmapped per image"}'))
   return Plan(cfg=cfg, workload=w, mesh=mesh, remat=remat, terms=tuple(terms),
               activations_no_remat=(acts_other if remat else acts).total,
               activations_remat=(acts if remat else acts_other).total, flops=step_flops(cfg, w), params=pc)
@@ -669,6 +680,10 @@ def workload_from_config(config, *, prompt_len: int | None = None, text_tokens: 
     cfg = from_hf_config(mc.checkpoint)
   else:
     cfg = Qwen25VLConfig.preset(mc.preset)
+    if mc.get('tokenizer') == 'small' and mc.get('vocab_size'):
+      # The miniature's tokenizer is learned at training time with at most model.vocab_size tokens, rounded up to
+      # a multiple of 64 by the trainer (medad_jax.train.pipeline.model_config): plan for that upper bound.
+      cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=-(-mc.vocab_size // 64) * 64))
   cfg = cfg.replace(dtype=mc.dtype, param_dtype=mc.param_dtype)
   patches = image_patches(config.data.image_size, cfg.vision)
   prompt = prompt_len or image_tokens(patches, cfg.vision) + 2 + text_tokens

@@ -43,19 +43,19 @@ def recorder(tmp_path):
 def test_local_prints_and_runs_the_launch_command(recorder):
   exe, out = recorder
   dry = run('local.sh', EXTRA, env={'DRY_RUN': '1', 'PYTHON': str(exe)})
-  want = [str(exe), *LAUNCH, '--config=configs/congrpo.py', *EXTRA]   # the CPU miniature by default
+  want = [str(exe), *LAUNCH, '--config=congrpo', *EXTRA]   # the CPU miniature by default
   assert printed(dry) == [want] and not out.exists()
-  run('local.sh', ['--config=configs/sft.py:paper', *EXTRA], env={'PYTHON': str(exe)})
-  assert [json.loads(l) for l in out.read_text().splitlines()] == [[*LAUNCH, '--config=configs/sft.py:paper', *EXTRA]]
+  run('local.sh', ['--config=sft:paper', *EXTRA], env={'PYTHON': str(exe)})
+  assert [json.loads(l) for l in out.read_text().splitlines()] == [[*LAUNCH, '--config=sft:paper', *EXTRA]]
 
 
 def test_tpu_pod_runs_the_same_command_on_every_worker(recorder):
   exe, out = recorder
   args = ['--tpu', 'medad-v5e', '--zone', 'us-west4-a', '--project', 'proj', '--setup', '--',
-          '--config=configs/congrpo.py:paper', *EXTRA]
+          '--config=congrpo:paper', *EXTRA]
   proc = run('tpu_pod.sh', args, env={'DRY_RUN': '1', 'GCLOUD': str(exe)})
   launch, setup, remote = printed(proc)
-  assert launch == ['python3', *LAUNCH, '--config=configs/congrpo.py:paper', *EXTRA]
+  assert launch == ['python3', *LAUNCH, '--config=congrpo:paper', *EXTRA]
   ssh = [str(exe), 'compute', 'tpus', 'tpu-vm', 'ssh', 'medad-v5e', '--zone=us-west4-a', '--worker=all',
          '--project=proj']
   assert setup[:-1] == ssh and 'pip install -r requirements.txt' in setup[-1]
@@ -69,7 +69,7 @@ def test_tpu_pod_runs_the_same_command_on_every_worker(recorder):
 
 def test_slurm_runs_one_task_per_node_under_srun(recorder, tmp_path):
   exe, out = recorder
-  args = ['--config=configs/congrpo.py:paper', *EXTRA]
+  args = ['--config=congrpo:paper', *EXTRA]
   proc = run('slurm.sh', args, env={'DRY_RUN': '1'})
   assert printed(proc) == [['srun', '--ntasks-per-node=1', '--kill-on-bad-exit=1', 'python3', *LAUNCH, *args]]
   (tmp_path / 'srun').symlink_to(exe)

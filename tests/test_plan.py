@@ -139,3 +139,18 @@ def test_peak_is_the_largest_phase():
   logits = [t.bytes for t in p.terms if t.name.startswith('logits')][0]
   assert logits == 2 * 8 * 1024 * 151936 * 4
   assert np.isfinite(p.flops.total) and jax.device_count() == 8
+
+
+def test_fit_search_orders_by_the_smallest_change():
+  assert PL.mesh_shapes(8, kv_heads=2) == [PL.MeshShape(8, 1, 1), PL.MeshShape(4, 2, 1), PL.MeshShape(2, 4, 1),
+                                           PL.MeshShape(1, 8, 1), PL.MeshShape(4, 1, 2), PL.MeshShape(2, 2, 2),
+                                           PL.MeshShape(1, 4, 2)]
+  cfg = Qwen25VLConfig.qwen2_5_vl_3b()
+  w = PL.Workload(stage='congrpo', prompts=8, group_size=8, prompt_len=386, completion_len=1024,
+                  image_patches=1024, lora_rank=16)
+  fits = PL.fit_search(cfg, w, [PL.MeshShape()])
+  assert [(f.remat, f.num_microbatches) for f in fits] == [(r, k) for r in (False, True) for k in (1, 2, 4, 8)]
+  # More microbatches never need more memory; remat never needs more than no remat at the same split.
+  peaks = {(f.remat, f.num_microbatches): f.peak for f in fits}
+  assert all(peaks[(r, k)] >= peaks[(r, 2 * k)] for r in (False, True) for k in (1, 2, 4))
+  assert all(peaks[(True, k)] < peaks[(False, k)] for k in (1, 2, 4, 8))

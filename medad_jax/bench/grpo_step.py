@@ -87,7 +87,8 @@ def _torch_lora_wrappers(tm, ours_model, scale: float):
 
   for p in tm.parameters():
     p.requires_grad_(False)
-  flat = {'/'.join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(ours_model, nnx.LoRAParam))}
+  adapters = nnx.state(ours_model, nnx.LoRAParam)
+  flat = {'/'.join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(adapters)}
   wrappers = []
   for path in sorted({k.rsplit('/', 1)[0] for k in flat}):
     parts = path.split('/')   # model/layers/i/self_attn/q_proj
@@ -200,7 +201,7 @@ def bench_config(name: str, args, peak: float) -> dict:
   cfg = Qwen25VLConfig.preset(name)
   log.info('%s: building both models and the batch', name)
   tm, ours, batch = build(cfg, args)
-  wrappers = _torch_lora_wrappers(tm, ours, scale=2.0 * args.lora_rank / args.lora_rank)   # alpha / rank
+  wrappers = _torch_lora_wrappers(tm, ours, scale=2.0)   # alpha / rank, with alpha = 2 * rank as in build()
   tx, _ = U.make_optimizer(args.lr, max_grad_norm=1.0)
   graphdef, state = U.init_train_state(ours, tx)
   step = U.make_congrpo_update(graphdef, tx, U.GRPOConfig(group_size=args.group, beta=args.beta, eps_low=args.eps,
@@ -257,7 +258,8 @@ def bench_config(name: str, args, peak: float) -> dict:
   torch_flops = f.update_forward + f.update_backward + f.update_forward
   res = dict(config=name, params=common.param_count(cfg), prompts=args.prompts, group=args.group,
              prompt_len=args.prompt_len, completion_len=args.completion_len, ours_s=ours_s, ours_times=times,
-             ours_compile_and_first_s=first_s, torch_s=torch_s, torch_times=by_threads, torch_threads=torch_threads, speedup=torch_s / ours_s,
+             ours_compile_and_first_s=first_s, torch_s=torch_s, torch_times=by_threads, torch_threads=torch_threads,
+             speedup=torch_s / ours_s,
              ours_first_loss=ours_loss, torch_first_loss=torch_loss, ours_first_grad_norm=ours_gnorm,
              torch_first_grad_norm=torch_gnorm, ours_model_flops=ours_flops, torch_model_flops=torch_flops,
              ours_flops_per_s=ours_flops / ours_s, torch_flops_per_s=torch_flops / torch_s,

@@ -108,7 +108,6 @@ def time_points(args, points: list[Point]) -> list[dict]:
   """Times every point in this process (all with the same device count, which JAX already sees)."""
   import jax
   import numpy as np
-  import optax  # noqa: F401  (optimizer built by make_optimizer)
   from flax import nnx
   from medad_jax import plan as PL
   from medad_jax.bench import common
@@ -247,8 +246,8 @@ def main(argv: list[str]) -> int:
   machine = results[0].get('machine', common.machine_summary())
   common.emit(f'machine: {machine}\nmeasured fp32 matmul peak (jax, 1 device, {args.peak_size}^3): '
               f'{peak / 1e9:.1f} GFLOP/s\nmodel: {args.preset} preset, {cfg.text.num_layers} decoder layers, LoRA '
-              f'rank {args.lora_rank}; image {args.image_side}x{args.image_side} patches per prompt; faked devices share '
-              f'the cores (partitioning overhead, not speed-up)\n')
+              f'rank {args.lora_rank}; image {args.image_side}x{args.image_side} patches per prompt; faked devices '
+              f'share the cores (partitioning overhead, not speed-up)\n')
   common.emit(format_results(results, peak, args.mesh_axis))
   if args.json:
     with open(args.json, 'w') as f:

@@ -128,7 +128,7 @@ class Qwen25VLConfig:
 
   @classmethod
   def small(cls, vocab_size: int = 4096) -> 'Qwen25VLConfig':
-    """A ~50M-parameter model for CPU benchmarks and the embedded default run."""
+    """A ~31M-parameter model (8 decoder layers, width 512, tied head, 4-block vision tower) for CPU runs."""
     v = vocab_size
     return cls(
         text=TextConfig(vocab_size=v, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
