@@ -13,8 +13,8 @@ from medad_jax.rl import update as U
 from medad_jax.train import congrpo, evaluate, pipeline as pl, sft
 
 OVERRIDES = ['model.preset=tiny', 'data.synth_images=40', 'data.image_size=56', 'data.read_threads=1',
-             'sft.batch_size=8', 'sft.max_steps=60', 'sft.optim.lr=3e-3', 'sft.optim.warmup_steps=5',
-             'rl.prompts_per_step=4', 'rl.group_size=8', 'rl.max_steps=12', 'rl.optim.lr=3e-3', 'rl.beta=0.0',
+             'sft.batch_size=8', 'sft.max_steps=150', 'sft.optim.lr=3e-3', 'sft.optim.warmup_steps=5',
+             'rl.prompts_per_step=4', 'rl.group_size=8', 'rl.max_steps=12', 'rl.trainable=all', 'rl.optim.lr=1e-3', 'sampling.temperature=0.7', 'rl.beta=0.0',
              'reward.fmt=1.0', 'reward.acc=0.0', 'reward.con=0.0', 'judge.backend=rule',
              'sampling.max_new_tokens=64', 'eval.max_new_tokens=64', 'eval.batch_size=16',
              'mesh.devices=1', 'log.tensorboard=False', 'ckpt.async_save=False']
