@@ -23,9 +23,15 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
 
 Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.reward.con=0.5``.
 
-Miniature settings that differ from the paper because of scale (no pretrained base, a few minutes of CPU): SFT
-trains all parameters at lr 1e-3 on small batches; Con-GRPO trains LoRA adapters on the merged SFT weights at a
-larger lr with 4 prompts x G = 8 rollouts per step and short completions.
+Miniature (the default, no variant): what differs from the paper because of scale, set in ``apply_miniature``:
+the ``mini`` Qwen2.5-VL architecture (4.7M parameters, randomly initialised: there is no pretrained base), a BPE
+tokenizer of ~1.4k tokens learned from the synthetic training split, medad-synth with 500 images of 56 px (4 image
+tokens each; 1,750 train / 750 test questions), SFT of all parameters at lr 3e-3 (cosine, 30 warmup steps, batch 16,
+4 epochs = 437 steps), Con-GRPO with fresh rank-8 LoRA adapters at lr 1e-4 for 20 steps of 4 prompts x G = 8,
+completions of at most 96 tokens, the ``local`` judge = the frozen SFT policy (RL adapters off) reading the
+question and the thought in its own format (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of
+the final policy on the whole test split. Measured: 797 s on the shared 2-core CPU (setup 26 s, SFT 653 s,
+Con-GRPO 71 s, evaluation 48 s).
 """
 
 import ml_collections

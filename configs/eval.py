@@ -7,7 +7,13 @@ split, as a markdown table shaped like Table 1 plus JSON, mean +- std over ``eva
   python -m medad_jax.launch --config=configs/eval.py:paper,endpoint \
       --config.eval.endpoint_url=http://host:30000 --config.eval.endpoint_model=grok-4-fast  # a served baseline
 
-Seeds sweep (the paper reports mean +- std of 3 runs): ``--config.eval.seeds='(0,1,2)'``.
+Seeds sweep (the paper reports mean +- std of 3 runs): ``--config.eval.greedy=False --config.eval.seeds='(0,1,2)'``
+samples every answer at ``sampling.temperature`` with one key per seed (greedy decoding, the miniature's default,
+gives the same answers for every seed). A sweep over *training* seeds is a shell loop whose run directories one
+command folds into one mean +- std table::
+
+  for s in 0 1 2; do python -m medad_jax.launch --config=congrpo --config.seed=$s --workdir=runs/seed$s; done
+  python -m medad_jax.train.evaluate aggregate runs/seed0 runs/seed1 runs/seed2
 
 Variants (comma-separated after the colon):
   paper      MedAD-38K test split, the SGLang judge for the consistency rate, 3 seeds.

@@ -90,19 +90,27 @@ def run_training(config, workdir: str) -> dict:
              'platform': jax.devices()[0].platform}
 
   # ------------------------------------------------------------------------------------------------- SFT
-  sft_res = None
+  sft_res, sft_hf = None, None
   if config.sft.enabled:
-    if config.sft.checkpoint:
-      sft_res = sft.restore_finished(run, config.sft.checkpoint)
+    ckpt = config.sft.checkpoint
+    if ckpt and not os.path.isdir(os.path.join(ckpt, 'checkpoints')):
+      # an exported SFT policy (a Hugging Face directory): it is the RL starting point and the reference
+      from medad_jax.model.checkpoint import load_checkpoint
+      sft_hf, _ = load_checkpoint(ckpt, cfg=run.model_cfg)
+    elif ckpt:
+      sft_res = sft.restore_finished(run, ckpt)
     else:
       sft_res = sft.train(run)
       if sft_res.preempted:
         return {**summary, 'preempted': 'sft'}
+  has_sft = sft_res is not None or sft_hf is not None
   # -------------------------------------------------------------------------------------------- Con-GRPO
   rl_res = None
   if config.stage == 'congrpo' and config.rl.enabled:
-    base = U.merge_model(sft_res.graphdef, sft_res.state) if sft_res else pl.build_model(config, run.model_cfg,
-                                                                                         config.seed)
+    if sft_res is not None:
+      base = U.merge_model(sft_res.graphdef, sft_res.state)
+    else:
+      base = sft_hf if sft_hf is not None else pl.build_model(config, run.model_cfg, config.seed)
     rl_res = congrpo.train(run, base)
     if rl_res.preempted:
       return {**summary, 'preempted': 'congrpo'}
@@ -116,12 +124,12 @@ def run_training(config, workdir: str) -> dict:
       weights = lambda: (rl_res.state.params, rl_res.state.frozen)  # noqa: E731
       judge = congrpo.make_judge(run, rl_res.graphdef, weights, adapters=False)
       bs = config.eval.batch_size
-      if config.eval.include_sft and config.rl.trainable == 'lora' and sft_res is not None:
+      if config.eval.include_sft and config.rl.trainable == 'lora' and has_sft:
         # pi_SFT is exactly the RL model with its adapters off (the SFT weights were merged into the base).
         gen = evaluate.flax_generator(run, final, greedy=config.eval.greedy, batch_size=bs, adapters=False)
         results.append(evaluate.run_eval(run, gen, judge, name='SFT'))
         params['SFT'] = _policy_params(final)
-      name = 'SFT + Con-GRPO' if sft_res is not None else 'Con-GRPO (RL-only)'
+      name = 'SFT + Con-GRPO' if has_sft else 'Con-GRPO (RL-only)'
       gen = evaluate.flax_generator(run, final, greedy=config.eval.greedy, batch_size=bs)
       results.append(evaluate.run_eval(run, gen, judge, name=name))
       params[name] = _policy_params(final)
@@ -140,9 +148,12 @@ def run_training(config, workdir: str) -> dict:
       with open(mpath) as f:
         summary['table'] = f.read()
     run.timings['eval'] = time.time() - t_eval
-  if config.export and rl_res is not None:
+  if config.export and (rl_res or sft_res) is not None:
     from medad_jax.checkpointing import export_hf
-    export_hf(rl_res.graphdef, rl_res.state, os.path.join(workdir, 'export'))
+    final_res = rl_res or sft_res
+    path = export_hf(final_res.graphdef, final_res.state, os.path.join(workdir, 'export'))
+    run.tokenizer.save_pretrained(path)  # the directory is then a complete baseline for --config=eval:hf
+    summary['export'] = path
   run.logger.close()
   run.timings['total'] = time.time() - t0
   summary['seconds'] = {k: round(v, 1) for k, v in run.timings.items()}

@@ -1,7 +1,11 @@
-"""The trainers themselves raise the reward on the tiny model: a short SFT run takes the format reward of sampled
-answers from 0 (a random model never writes ``<think>..</think><answer>..</answer>``) to well above it, and a short
-Con-GRPO run on top of it, rewarded for the format only (``reward.fmt=1``, the other weights 0, so the signal is
-there from the first step), raises the mean reward of its rollouts further."""
+"""The trainers themselves raise the reward on the tiny model: a short SFT run takes the format reward of greedy
+answers from 0 (a random model never writes ``<think>..</think><answer>..</answer>``) to at least 25 %, and a short
+Con-GRPO run on top of it, rewarded for the format only (``reward.fmt=1``, the other weights 0: the tiny model's
+answers carry no accuracy or consistency signal, its format does), raises the mean reward of its rollouts by more
+than 0.1 within 12 steps. The tiny model's failures are repetition loops that run past the token budget; LoRA
+adapters on a 64-wide model cannot unlearn them in 12 steps, so this run fine-tunes all weights
+(``rl.trainable='all'``, reference = a frozen copy) and samples at temperature 0.7 so that about half of each group
+is well formed and the groups carry signal."""
 
 import numpy as np
 import pytest
@@ -31,8 +35,7 @@ def format_rate(run, model, n=16):
   return float(format_reward(texts).mean())
 
 
-@pytest.mark.parametrize('unused', [0])
-def test_short_sft_then_congrpo_raise_the_reward(tmp_path, monkeypatch, unused):
+def test_short_sft_then_congrpo_raise_the_reward(tmp_path, monkeypatch):
   monkeypatch.setenv('MEDAD_JAX_CACHE', str(tmp_path / 'cache'))
   config = common.load('congrpo', OVERRIDES)
   run = pl.setup(config, str(tmp_path / 'run'))

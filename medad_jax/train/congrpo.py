@@ -102,12 +102,12 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
   mesh = run.mesh_or_none()
 
   # ------------------------------------------------------------------------------------ policy and judge
-  graphdef, state, tx, sched = init_state(run, base_model, total)
-  holder = {'state': state}  # the judge reads the current state's buffers (the update donates the old ones)
-  judge = make_judge(run, graphdef, lambda: (holder['state'].params, holder['state'].frozen), adapters=False)
   if rl.trainable == 'all' and config.judge.backend == 'local':
     raise ValueError("config.judge.backend='local' with config.rl.trainable='all': the local judge is the frozen "
                      'SFT policy, which full fine-tuning does not keep as adapters-off weights; use LoRA for RL')
+  graphdef, state, tx, sched = init_state(run, base_model, total)
+  holder = {'state': state}  # the judge reads the current state's buffers (the update donates the old ones)
+  judge = make_judge(run, graphdef, lambda: (holder['state'].params, holder['state'].frozen), adapters=False)
 
   # ------------------------------------------------------------------------------------------------ step
   gcfg = U.GRPOConfig.from_config(rl)

@@ -1,0 +1,60 @@
+"""Evaluation arithmetic on hand-made answers: per-task and overall accuracy, format and consistency rates, the
+Table 1 markdown with mean ± std over seeds, and the sweep aggregation across run directories."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from medad_jax.judge import RuleJudge
+from medad_jax.train import evaluate
+
+OPTS = ['Left Upper', 'Right Upper', 'Left Lower', 'Center Region']
+Q = 'Where is the lesion?\nA. Left Upper\nB. Right Upper\nC. Left Lower\nD. Center Region'
+
+
+def meta(task, answer):
+  return {'id': f'{task}-{answer}', 'question': Q, 'options': OPTS, 'answer': answer, 'task': task}
+
+
+def test_score_and_summarize_by_hand():
+  texts = ['<think>It sits in the left upper part, option A.</think><answer>A</answer>',   # right, consistent
+           '<think>Lower left, so option C.</think><answer>B</answer>',                   # wrong, inconsistent
+           'The answer is B',                                                              # no format, no answer
+           '<think>Center Region (D).</think><answer>D</answer>']                        # right, consistent
+  metas = [meta('lesion_localization', 'A'), meta('lesion_localization', 'C'), meta('anomaly_detection', 'B'),
+           meta('anomaly_detection', 'D')]
+  s = evaluate.score(texts, metas, RuleJudge())
+  np.testing.assert_array_equal(s['acc'], [1, 0, 0, 1])
+  np.testing.assert_array_equal(s['fmt'], [1, 1, 0, 1])
+  np.testing.assert_array_equal(s['con'], [1, 0, 0, 1])
+  np.testing.assert_array_equal(s['rule_agree'][[0, 1, 3]], [1, 1, 1])  # the rule judge agrees with itself
+  assert math.isnan(s['rule_agree'][2])                                 # not judged: no thought
+  r = evaluate.summarize([m['task'] for m in metas], s['acc'], s['fmt'], s['con'])
+  assert r['lesion_localization'] == 0.5 and r['anomaly_detection'] == 0.5 and r['overall'] == 0.5
+  assert r['format_rate'] == 0.75 and r['consistency_rate'] == 0.5
+  assert math.isnan(r['modality_classification'])  # no question of that task: no number invented
+
+
+def _result(name, overall_by_seed):
+  per_seed = [{**{k: v for k in evaluate.COLUMNS}, 'seed': i} for i, v in enumerate(overall_by_seed)]
+  return evaluate.Result(name, per_seed, 10, 1.0)
+
+
+def test_table_mean_std_and_aggregate(tmp_path):
+  r = _result('ours', [0.5, 0.7])
+  table = evaluate.markdown_table([r], {'ours': '4.7M'})
+  assert table.splitlines()[0].startswith('| Model | Params | Anatomy ID. | Anomaly Det. | Lesion Loc.')
+  assert '| ours | 4.7M | 60.00 ± 10.00 |' in table
+  for i, vals in enumerate(([0.2], [0.4])):
+    d = tmp_path / f'run{i}'
+    evaluate.write_report(str(d), [_result('ours', vals)])
+    assert os.path.exists(d / 'eval' / 'table.md')
+  agg = evaluate.aggregate([str(tmp_path / 'run0'), str(tmp_path / 'run1')])
+  assert '| ours | - | 30.00 ± 10.00 |' in agg
+  payload = json.load(open(tmp_path / 'run0' / 'eval' / 'results.json'))
+  assert payload['policies'][0]['mean']['overall'] == pytest.approx(0.2)
+  with pytest.raises(FileNotFoundError, match='no eval/results.json'):
+    evaluate.aggregate([str(tmp_path / 'missing')])
