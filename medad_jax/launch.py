@@ -251,6 +251,10 @@ def parse(argv: list[str]):
 def main(argv: list[str]) -> dict:
   """Parses ``argv`` and runs the stages the config names; returns the run summary."""
   config, workdir_flag = parse(argv)
+  # Multi-host: starts jax.distributed on TPU pods / Slurm / MEDAD_COORDINATOR settings; a no-op for one process.
+  # Must run before anything touches the JAX backend.
+  from medad_jax import distributed
+  distributed.initialize()
   from medad_jax.metrics import make_workdir
   if config.stage == 'eval' and config.eval.policy == 'run':
     workdir = config.workdir  # evaluates that run; results go to <workdir>/eval
