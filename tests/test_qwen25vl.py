@@ -15,6 +15,7 @@ from medad_jax.model import vision as vision_lib
 from medad_jax.model.checkpoint import load_hf_tensors
 from medad_jax.model.qwen25vl import Qwen25VL, continuation_positions, greedy_generate
 from medad_jax.model.rope_index import rope_index
+from medad_jax.testing.inputs import prompt_batch
 
 TOL_MODEL = 1e-4  # fp32, whole model
 CONFIGS = ['untied_gqa2_win56', 'tied_gqa4_win112']
@@ -23,34 +24,7 @@ CONFIGS = ['untied_gqa2_win56', 'tied_gqa4_win112']
 # ----------------------------------------------------------------------------- prompt batches
 
 
-def _prompt_batch(cfg, rows, *, seed=0, left=True):
-  """Token ids built directly: ``('t', n)`` = n random text tokens, ``('img', (t, h, w))`` = vision_start,
-  ``t*h*w/4`` image tokens, vision_end. Returns dict(input_ids, attention_mask, image_grid_thw, pixel_values)."""
-  rng = np.random.default_rng(seed)
-  m2 = cfg.vision.spatial_merge_size**2
-  seqs, grids = [], []
-  for row in rows:
-    seq = []
-    for kind, arg in row:
-      if kind == 't':
-        seq += rng.integers(0, cfg.text.vocab_size - 6, arg).tolist()  # the last 6 ids are special tokens
-      else:
-        seq += [cfg.vision_start_token_id] + [cfg.image_token_id] * (int(np.prod(arg)) // m2) + [
-            cfg.vision_end_token_id]
-        grids.append(arg)
-    seqs.append(seq)
-  T = max(map(len, seqs))
-  ids = np.full((len(rows), T), cfg.pad_token_id, np.int64)
-  mask = np.zeros((len(rows), T), np.int64)
-  for b, seq in enumerate(seqs):
-    sl = slice(T - len(seq), T) if left else slice(0, len(seq))
-    ids[b, sl], mask[b, sl] = seq, 1
-  out = dict(input_ids=ids, attention_mask=mask)
-  if grids:
-    grid = np.asarray(grids, np.int64)
-    out['image_grid_thw'] = grid
-    out['pixel_values'] = rng.standard_normal((int(grid.prod(-1).sum()), cfg.vision.patch_dim)).astype(np.float32)
-  return out
+_prompt_batch = prompt_batch  # token ids built directly; see medad_jax/testing/inputs.py
 
 
 def _mm_token_type_ids(cfg, ids):
