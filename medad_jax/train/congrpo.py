@@ -24,7 +24,6 @@ is ``fold_in(state.rng, step)``: a resumed run draws the same rollouts as an uni
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -44,17 +43,12 @@ log = logging.getLogger(__name__)
 STAGE = 'congrpo'
 
 
-@dataclasses.dataclass
-class Result:
-  graphdef: object
-  state: U.TrainState
-  preempted: bool = False
+Result = pl.StageResult
 
 
 def num_steps(config, num_examples: int) -> int:
   r = config.rl
-  n = max(1, r.epochs * num_examples // r.prompts_per_step)
-  return min(n, r.max_steps) if r.max_steps > 0 else n
+  return pl.num_steps(r.epochs, num_examples, r.prompts_per_step, r.max_steps)
 
 
 def init_state(run: pl.Run, base_model: nnx.Module, total_steps: int):

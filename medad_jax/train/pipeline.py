@@ -350,3 +350,20 @@ def setup(config, workdir: str, *, config_name: str = 'config.json') -> Run:
   proc = build_processor(config, tok, cfg)
   logger = MetricsLogger(workdir, tensorboard=config.log.tensorboard)
   return Run(config, workdir, mesh, data, tok, cfg, proc, logger)
+
+
+@dataclasses.dataclass
+class StageResult:
+  """What a training stage returns: the model's static graph, its final ``TrainState``, and whether it stopped
+  early on SIGTERM (a checkpoint was saved)."""
+
+  graphdef: Any
+  state: Any
+  preempted: bool = False
+
+
+def num_steps(epochs: int, num_examples: int, per_step: int, max_steps: int) -> int:
+  """Optimizer steps of a stage: ``epochs`` passes over ``num_examples`` at ``per_step`` examples a step, capped
+  at ``max_steps`` when it is positive."""
+  n = max(1, epochs * num_examples // per_step)
+  return min(n, max_steps) if max_steps > 0 else n

@@ -13,7 +13,6 @@ and the step count decides), capped by ``sft.max_steps`` when that is > 0.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -30,17 +29,12 @@ log = logging.getLogger(__name__)
 STAGE = 'sft'
 
 
-@dataclasses.dataclass
-class Result:
-  graphdef: object
-  state: U.TrainState
-  preempted: bool = False
+Result = pl.StageResult
 
 
 def num_steps(config, num_examples: int) -> int:
   s = config.sft
-  n = max(1, s.epochs * num_examples // s.batch_size)
-  return min(n, s.max_steps) if s.max_steps > 0 else n
+  return pl.num_steps(s.epochs, num_examples, s.batch_size, s.max_steps)
 
 
 def init_state(run: pl.Run, total_steps: int):
