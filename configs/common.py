@@ -33,6 +33,7 @@ DATA_SOURCES = ('synth', 'medad38k')
 POLICY_SOURCES = ('run', 'hf', 'endpoint')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('lora', 'all')
+ANSWER_FORMATS = ('letter', 'option')  # = medad_jax.data.schema.ANSWER_FORMATS (configs import no JAX code)
 
 # Table 3 of the paper (lambda_fmt, lambda_acc, lambda_con), and the two reward ablations of Table 2.
 REWARD_WEIGHTS = {
@@ -134,6 +135,10 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       'synth_seed': 0,
       'image_size': image_size,
       'test_fraction': 0.3,  # paper §4.1
+      # What the SFT target's answer block holds: 'letter' (the paper, <answer>C</answer>) or 'option' (the
+      # option text, <answer>Chest</answer>; with synth data the thoughts then name no letter either). Rewards
+      # and evaluation read both (medad_jax.rewards.parse_answer maps an option text to its letter).
+      'answer_format': 'letter',
       'max_prompt_len': 512,
       'max_target_len': 256,
       'read_threads': 2,
@@ -294,6 +299,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.param_dtype', DTYPES)
   _choice(config, 'data.source', DATA_SOURCES)
+  _choice(config, 'data.answer_format', ANSWER_FORMATS)
   if 'lora' in config:
     _positive(config, 'lora.rank', integer=True)
     _positive(config, 'lora.alpha')

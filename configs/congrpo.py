@@ -48,6 +48,7 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
   config.model = common.model_config('mini')
   config.data.image_size = 56            # 2x2 merged patches = 4 image tokens: sequences fit the 128 bucket
   config.data.synth_images = 500         # 350 train / 150 test images = 1,750 / 750 questions
+  config.data.answer_format = 'option'   # <answer>Chest</answer>: no text-to-letter lookup to learn from scratch
   config.judge.prompt_format = 'policy'  # the frozen SFT policy reads question + thought in its own format
   if 'sft' in config:
     config.sft.trainable = 'all'         # no pretrained base: every weight must learn

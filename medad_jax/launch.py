@@ -144,6 +144,7 @@ def run_training(config, workdir: str) -> dict:
       params['SFT'] = _policy_params(model)
       judge.close()
     if results:
+      _add_prior(run, results, params)
       _, mpath = evaluate.write_report(workdir, results, params)
       with open(mpath) as f:
         summary['table'] = f.read()
@@ -161,6 +162,14 @@ def run_training(config, workdir: str) -> dict:
   log.info('done in %.1f s (%s); run directory %s', run.timings['total'],
            ', '.join(f'{k} {v:.0f}s' for k, v in run.timings.items() if k != 'total'), workdir)
   return summary
+
+
+def _add_prior(run, results: list, params: dict) -> None:
+  """Puts the blind baseline every trained row must beat besides chance (answer statistics of the training
+  split, no image: ``evaluate.prior_baseline``) at the top of the table."""
+  from medad_jax.train import evaluate
+  results.insert(0, evaluate.prior_baseline(run.data.train, evaluate.eval_records(run)))
+  params[evaluate.PRIOR_NAME] = '0'
 
 
 def run_eval_stage(config, workdir: str) -> dict:
@@ -193,6 +202,7 @@ def run_eval_stage(config, workdir: str) -> dict:
     results = [evaluate.run_eval(run, gen, judge, name=name)]
     params = {name: _policy_params(model)}
   judge.close()
+  _add_prior(run, results, params)
   _, mpath = evaluate.write_report(workdir, results, params)
   run.logger.close()
   with open(mpath) as f:

@@ -26,6 +26,20 @@ def test_format_question_and_target():
     schema.format_target(record_from_dict(_obj(cot=None)))
 
 
+def test_format_target_option_answer():
+  r = record_from_dict(_obj(), base_dir='/data')
+  assert schema.format_target(r, 'option') == (
+      '<think>A bright mass sits in the middle. So B.</think><answer>Center Region</answer>')
+  assert schema.format_target(r, 'letter') == schema.format_target(r)
+  with pytest.raises(ValueError, match="answer_format='text'"):
+    schema.format_target(r, 'text')
+
+
+def test_config_answer_formats_match_schema():
+  from configs import common
+  assert common.ANSWER_FORMATS == schema.ANSWER_FORMATS
+
+
 def test_aliases_and_answer_text_normalize():
   r = record_from_dict(_obj(modality='ce mri', anatomy='lymph node', task='Lesion Localization',
                             region='upper left', answer='right lower', split='val',

@@ -198,3 +198,30 @@ def test_parallel_write_matches_serial(tmp_path):
     assert (tmp_path / 'serial' / name).read_text() == (tmp_path / 'parallel' / name).read_text()
   for png in sorted((tmp_path / 'serial' / 'images').iterdir()):
     assert png.read_bytes() == (tmp_path / 'parallel' / 'images' / png.name).read_bytes()
+
+
+def test_letter_free_thoughts_differ_only_in_the_conclusion():
+  """cot_letters=False (the 'option' answer format): same images, questions, options and answers; the thought
+  names the correct option text and no option letter; the first (evidence) sentence is unchanged."""
+  cfg = synth.SynthConfig(num_images=8, seed=5, image_size=56)
+  plain = list(synth.generate(cfg))
+  textcot = list(synth.generate(dataclasses.replace(cfg, cot_letters=False)))
+  for (img_a, recs_a), (img_b, recs_b) in zip(plain, textcot):
+    assert img_a.png == img_b.png
+    for a, b in zip(recs_a, recs_b):
+      assert (a.question, a.options, a.answer) == (b.question, b.options, b.answer)
+      assert a.cot != b.cot and b.answer_text in b.cot
+      assert not re.findall(r'\b[A-D]\b', b.cot.replace(b.answer_text, '')), b.cot
+      evidence = lambda c: c.split('. ')[0]
+      assert evidence(a.cot) == evidence(b.cot)
+      assert schema.format_target(b, 'option').endswith(f'<answer>{b.answer_text}</answer>')
+
+
+def test_builder_names_tell_configs_apart():
+  from medad_jax.data import tfds_builders
+  base = synth.SynthConfig(num_images=10, image_size=56)
+  names = {tfds_builders.synth_builder_config(c).name for c in (
+      base, dataclasses.replace(base, cot_letters=False), dataclasses.replace(base, test_fraction=0.2),
+      dataclasses.replace(base, abnormal_fraction=0.5))}
+  assert len(names) == 4
+  assert tfds_builders.synth_builder_config(base).name == 'n10_s0_px56_realistic'  # earlier builds stay valid

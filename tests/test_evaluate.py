@@ -58,3 +58,33 @@ def test_table_mean_std_and_aggregate(tmp_path):
   assert payload['policies'][0]['mean']['overall'] == pytest.approx(0.2)
   with pytest.raises(FileNotFoundError, match='no eval/results.json'):
     evaluate.aggregate([str(tmp_path / 'missing')])
+
+
+def _rec(task, options, answer):
+  from medad_jax.data.schema import MedADRecord
+  return MedADRecord(id=f'{task}-{answer}-{options[0]}', image_id='i', image=b'', modality='CT', anatomy='Chest',
+                     task=task, question='q?', options=tuple(options), answer=answer, source='test',
+                     split='train')
+
+
+def test_prior_baseline_by_hand():
+  """Train: 'Yes' is correct 2 of 3 anomaly questions; 'Lung' once, 'Brain' twice for anatomy."""
+  yn = ('Yes', 'No', 'Artifact', 'Unknown')
+  train = [_rec('anomaly_detection', yn, 'A'), _rec('anomaly_detection', ('No', 'Yes', 'Artifact', 'Unknown'), 'B'),
+           _rec('anomaly_detection', yn, 'B'),
+           _rec('anatomy_identification', ('Lung', 'Brain', 'Liver', 'Eye'), 'A'),
+           _rec('anatomy_identification', ('Brain', 'Lung', 'Liver', 'Eye'), 'A'),
+           _rec('anatomy_identification', ('Eye', 'Liver', 'Brain', 'Lung'), 'C')]
+  test = [_rec('anomaly_detection', ('No', 'Unknown', 'Yes', 'Artifact'), 'C'),   # prior says Yes = C: right
+          _rec('anomaly_detection', yn, 'B'),                                     # prior says Yes = A: wrong
+          _rec('anatomy_identification', ('Liver', 'Eye', 'Lung', 'Brain'), 'D'),  # Brain = D: right
+          _rec('anatomy_identification', ('Liver', 'Eye', 'Lung', 'Kidney'), 'C'),  # Lung (1) beats unseen: right
+          _rec('anatomy_identification', ('Liver', 'Eye', 'Spleen', 'Kidney'), 'B')]  # all unseen -> A: wrong
+  res = evaluate.prior_baseline(train, test)
+  s = res.per_seed[0]
+  assert res.name == evaluate.PRIOR_NAME and res.num_questions == 5
+  assert s['anomaly_detection'] == 0.5 and s['anatomy_identification'] == pytest.approx(2 / 3)
+  assert s['overall'] == pytest.approx(3 / 5)
+  assert math.isnan(s['lesion_localization']) and math.isnan(s['format_rate'])
+  row = evaluate.markdown_table([res]).splitlines()[-1]
+  assert '| 60.00 | - | - |' in row  # overall, then format and consistency do not apply

@@ -50,8 +50,8 @@ def test_eval_hf_scores_the_exported_policy_like_the_run(smoke_run, tmp_path):
                '--config.eval.max_examples=6', '--config.eval.batch_size=4', '--config.eval.max_new_tokens=12',
                '--config.judge.backend=rule', '--config.mesh.devices=1'])
   ours = json.load(open(os.path.join(workdir, 'eval', 'results.json')))['policies'][-1]
-  theirs = json.load(open(os.path.join(out, 'eval', 'results.json')))['policies'][0]
-  assert theirs['name'] == 'export' and theirs['num_questions'] == 6
+  prior, theirs = json.load(open(os.path.join(out, 'eval', 'results.json')))['policies']
+  assert prior['name'] == evaluate.PRIOR_NAME and theirs['name'] == 'export' and theirs['num_questions'] == 6
   for k in evaluate.COLUMNS[:-1]:  # consistency differs by design: the judge is another model here
     assert theirs['mean'][k] == ours['mean'][k] or (np.isnan(theirs['mean'][k]) and np.isnan(ours['mean'][k])), k
 
@@ -75,11 +75,17 @@ def test_smoke_run_layout_logs_and_table(smoke_run):
   tb = read_tensorboard_scalars(os.path.join(workdir, 'tb'))
   assert len(tb['sft/loss']) == 4 and len(tb['congrpo/kl']) == 4
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
-  assert [p['name'] for p in res['policies']] == ['SFT', 'SFT + Con-GRPO']
+  assert [p['name'] for p in res['policies']] == [evaluate.PRIOR_NAME, 'SFT', 'SFT + Con-GRPO']
   for p in res['policies']:
     assert p['num_questions'] == 6
-    for k in ('overall', 'format_rate', 'consistency_rate'):
+    for k in ('overall', 'format_rate', 'consistency_rate')[:1 if p['name'] == evaluate.PRIOR_NAME else 3]:
       assert 0.0 <= p['mean'][k] <= 1.0
+  # every question's completion and scores, per policy: they add up to the table's figures
+  for name, p in zip(('sft', 'sft_con-grpo'), res['policies'][1:]):
+    rows = read_jsonl(os.path.join(workdir, 'eval', 'completions', f'{name}-seed0.jsonl'))
+    assert len(rows) == 6 and all(r['completion'] is not None and r['answer'] in 'ABCD' for r in rows)
+    assert np.mean([r['acc'] for r in rows]) == pytest.approx(p['mean']['overall'])
+    assert np.mean([r['con'] for r in rows]) == pytest.approx(p['mean']['consistency_rate'])
   table = open(os.path.join(workdir, 'eval', 'table.md')).read()
   assert all(h in table for h in evaluate.HEADERS) and table == summary['table'] + ''  # what the summary reports
   s = json.load(open(os.path.join(workdir, 'summary.json')))

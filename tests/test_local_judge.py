@@ -105,3 +105,51 @@ def test_multi_token_letter_fails_clearly(setup):
   scorer = FlaxLetterScorer(graphdef, lambda: (state,), tok, cfg)
   with pytest.raises(ValueError, match='single token'):
     scorer.letter_ids(('A', 'answer reasoning'))
+
+
+def direct_continuation_logprob(model, cfg, tok, context, continuation):
+  """One row, no padding, a plain forward: the summed log-probs of the continuation's tokens after the context."""
+  ctx = tok.encode(context, add_special_tokens=False)
+  full = tok.encode(context + continuation, add_special_tokens=False)
+  assert full[:len(ctx)] == ctx  # the byte-level BPE splits at '>', so the context tokens are a prefix
+  ids = np.asarray([full], np.int32)
+  mask = np.ones_like(ids)
+  pos, _ = rope_index(cfg, ids, mask, None)
+  logits, _ = model(jnp.asarray(ids), attention_mask_BT=jnp.asarray(mask), positions_3BT=jnp.asarray(pos))
+  logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+  return float(sum(logp[t - 1, full[t]] for t in range(len(ctx), len(full))))
+
+
+def test_option_format_scores_each_option_text_as_the_answer(setup):
+  """answer_format='option': letter k's score is log p('{option k}</answer>' | question + thought + '<answer>')."""
+  tok, cfg, model = setup
+  graphdef, state = nnx.split(model)
+  scorer = FlaxLetterScorer(graphdef, lambda: (state,), tok, cfg, prompt_format='policy', answer_format='option')
+  thoughts = [t for t, _ in PLAIN_COTS[:4]]
+  prompts = [build_judge_prompt(QUESTION, t) for t in thoughts]
+  got = scorer(prompts, LETTERS)
+  assert got.shape == (4, 4) and np.isfinite(got).all()
+  options = ['Left Upper', 'Right Upper', 'Left Lower', 'Center Region']
+  for i, t in enumerate(thoughts):
+    context = policy_prompt(QUESTION, t)
+    want = [direct_continuation_logprob(model, cfg, tok, context, f'{o}</answer>') for o in options]
+    np.testing.assert_allclose(got[i], want, atol=TOL, rtol=0)
+  # Scored alone (other padding, other row count): the same numbers; the verdict is the argmax.
+  np.testing.assert_allclose(scorer(prompts[1:2], LETTERS)[0], got[1], atol=TOL, rtol=0)
+  judge = make_judge(JudgeConfig(backend='local', max_batch=3), local_scorer=scorer)
+  assert judge.judge([QUESTION] * 4, thoughts).letters == [LETTERS[k] for k in np.argmax(got, axis=1)]
+
+
+def test_option_format_missing_options_and_bad_settings(setup):
+  tok, cfg, model = setup
+  graphdef, state = nnx.split(model)
+  scorer = FlaxLetterScorer(graphdef, lambda: (state,), tok, cfg, prompt_format='policy', answer_format='option')
+  three = 'Which region?\nA. Left Upper\nB. Right Upper\nC. Center Region'
+  got = scorer([build_judge_prompt(three, 'It is in the centre.')], LETTERS)
+  assert np.isfinite(got[0, :3]).all() and got[0, 3] == -np.inf  # no option D: never the verdict
+  with pytest.raises(ValueError, match='option lines'):
+    scorer([build_judge_prompt('Is it abnormal? Say yes or no.', 'It looks normal.')], LETTERS)
+  with pytest.raises(ValueError, match="prompt_format='policy'"):
+    FlaxLetterScorer(graphdef, lambda: (state,), tok, cfg, prompt_format='judge', answer_format='option')
+  with pytest.raises(ValueError, match='answer_format'):
+    FlaxLetterScorer(graphdef, lambda: (state,), tok, cfg, prompt_format='policy', answer_format='text')

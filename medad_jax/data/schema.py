@@ -113,11 +113,22 @@ def format_question(record: MedADRecord) -> str:
   return '\n'.join(lines)
 
 
-def format_target(record: MedADRecord) -> str:
-  """The SFT target ``<think>{cot}</think><answer>{letter}</answer>``; a record without CoT cannot be one."""
+# What the answer block of an SFT target holds: 'letter' (the paper: ``<answer>C</answer>``) or 'option' (the
+# option text, ``<answer>Chest</answer>``). Both are read by ``medad_jax.rewards.parse_answer``, which maps an
+# option text back to its letter, so accuracy and consistency are scored the same way. 'option' spares a model
+# trained from scratch the text-to-letter lookup in the prompt (the embedded CPU miniature; WORKSPACE.md).
+ANSWER_FORMATS = ('letter', 'option')
+
+
+def format_target(record: MedADRecord, answer_format: str = 'letter') -> str:
+  """The SFT target ``<think>{cot}</think><answer>{letter or option text}</answer>``; a record without CoT
+  cannot be one."""
   if record.cot is None:
     raise ValueError(f'record {record.id!r} has no cot, so it has no think-then-answer SFT target')
-  return f'<think>{record.cot.strip()}</think><answer>{record.answer}</answer>'
+  if answer_format not in ANSWER_FORMATS:
+    raise ValueError(f'answer_format={answer_format!r}: expected one of {ANSWER_FORMATS}')
+  answer = record.answer if answer_format == 'letter' else record.answer_text
+  return f'<think>{record.cot.strip()}</think><answer>{answer}</answer>'
 
 
 def load_image(record: MedADRecord) -> Image.Image:

@@ -66,6 +66,9 @@ class SynthConfig:
   abnormal_fraction: float = 0.6
   test_fraction: float = 0.3  # paper §4.1: test set = 30 %
   pairs: str = 'realistic'
+  # False: the thoughts conclude with the option text only, never the letter (for the ``option`` answer format,
+  # ``schema.ANSWER_FORMATS``); the images, questions, options and answers are the same either way.
+  cot_letters: bool = True
 
   @classmethod
   def tiny(cls, seed: int = 0) -> 'SynthConfig':
@@ -560,7 +563,8 @@ def image_records(plan: SynthPlan, img: SynthImage, image_ref: str | bytes | Non
     options = templates.make_options(rng, task, correct, letter)
     question = templates.pick_question(rng, task)
     cot = templates.make_cot(rng, task, modality=img.modality, anatomy=img.anatomy, pathology=img.pathology,
-                             region=img.region, answer_text=correct, letter=letter)
+                             region=img.region, answer_text=correct,
+                             letter=letter if plan.cfg.cot_letters else None)
     out.append(MedADRecord(
         id=f'{img.image_id}-{task}', image_id=img.image_id, image=img.png if image_ref is None else image_ref,
         modality=img.modality, anatomy=img.anatomy, task=task, question=question, options=options, answer=letter,

@@ -243,9 +243,34 @@ _COT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# The same conclusions without the option letter, one for one (same count per key, so a dataset drawn with either
+# set consumes the same random numbers and differs only in these sentences). For the ``option`` answer format
+# (``schema.ANSWER_FORMATS``), where the answer block holds the option text and a letter in the thought would be
+# a second, redundant answer.
+_CONCLUSION_TEXT: dict[str, tuple[str, ...]] = {
+    'modality_classification': ('That appearance is characteristic of {ans}.', 'These are the hallmarks of {ans}.',
+                                'This signature points to {ans}.'),
+    'anatomy_identification': ('That outline identifies the anatomy as {ans}.', 'This is the typical shape of {ans}.',
+                               'So the anatomy shown is {ans}.'),
+    'anomaly_detection/abnormal': ('Normal tissue would look uniform, so an abnormality is present: {ans}.',
+                                   'Such a focal change is not normal anatomy, hence: {ans}.'),
+    'anomaly_detection/normal': ('Therefore the answer is: {ans}.', 'With no lesion visible, the answer is: {ans}.'),
+    'pathology_characterization/abnormal': ('These features are typical of {ans}.',
+                                            'That pattern characterizes {ans}.'),
+    'pathology_characterization/normal': ('With nothing to characterize, the answer is {ans}.',
+                                          'So the finding is {ans}.'),
+    'lesion_localization/abnormal': ('On the five-region grid that is {ans}.', 'Hence it is located in {ans}.'),
+    'lesion_localization/normal': ('The answer is {ans}.', 'So the correct option is {ans}.'),
+}
+assert all(len(_CONCLUSION_TEXT[k]) == len(v[1]) for k, v in _COT.items()) and set(_CONCLUSION_TEXT) == set(_COT)
+
+
 def make_cot(rng: np.random.Generator, task: str, *, modality: str, anatomy: str, pathology: str | None,
-             region: str | None, answer_text: str, letter: str) -> str:
-  """Two sentences: the visual evidence that was drawn, then the reasoning to ``answer_text`` / ``letter``."""
+             region: str | None, answer_text: str, letter: str | None) -> str:
+  """Two sentences: the visual evidence that was drawn, then the reasoning to ``answer_text`` / ``letter``.
+
+  ``letter=None``: the conclusion names the option text only (``_CONCLUSION_TEXT``); the random draws are the same.
+  """
   abnormal = pathology is not None
   pick = lambda xs: xs[int(rng.integers(len(xs)))]
   if task == 'modality_classification':
@@ -257,6 +282,8 @@ def make_cot(rng: np.random.Generator, task: str, *, modality: str, anatomy: str
     ev = pick(PATHOLOGY_EVIDENCE[pathology]) if abnormal else pick(ANATOMY_EVIDENCE[anatomy])
   where = pick(REGION_EVIDENCE[region]) if abnormal else ''
   first, second = _COT[key]
+  if letter is None:
+    second = _CONCLUSION_TEXT[key]
   fill = dict(ev=ev, anat=anatomy.lower(), where=where, ans=answer_text, L=letter)
   s = pick(first).format(**fill) + ' ' + pick(second).format(**fill)
   return s[0].upper() + s[1:]

@@ -145,7 +145,16 @@ class MedadSynthConfig(tfds.core.BuilderConfig):
 
 
 def synth_builder_config(cfg: synth.SynthConfig) -> MedadSynthConfig:
+  # Every field that changes the data is in the name (non-default fractions and letter-free thoughts as suffixes,
+  # so the names of earlier builds stay valid): two configs never share a cached build.
+  default = synth.SynthConfig()
   name = f'n{cfg.num_images}_s{cfg.seed}_px{cfg.image_size}_{cfg.pairs}'
+  if cfg.abnormal_fraction != default.abnormal_fraction:
+    name += f'_ab{cfg.abnormal_fraction:g}'
+  if cfg.test_fraction != default.test_fraction:
+    name += f'_te{cfg.test_fraction:g}'
+  if not cfg.cot_letters:
+    name += '_textcot'
   return MedadSynthConfig(name=name, synth=cfg, description=f'medad-synth {cfg}')
 
 

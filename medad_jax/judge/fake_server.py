@@ -7,13 +7,15 @@ The fixtures (``tests/fixtures/sglang/``, captured from SGLang 0.5.23) define th
 * a request equal to a captured one gets the captured response verbatim;
 * any other ``/generate`` or ``/v1/chat/completions`` request gets a response built from the captured shapes
   (a list for a list ``text``, ``meta_info.finish_reason``, chat ``choices``), with the verdict chosen by
-  ``verdict_fn(prompt_text)``; the default plays an *extractive judge*: it finds the reasoning in a judge
-  prompt and returns :func:`~medad_jax.judge.local.extract_conclusion` of it (a hash-chosen letter for other
+  ``verdict_fn(prompt_text)`` (for chat, the messages' text; of a multimodal message, its ``text`` parts: the
+  ``image_url`` parts are accepted and only recorded in ``seen``); the default plays an *extractive judge*: it
+  finds the reasoning in a judge prompt and returns :func:`~medad_jax.judge.local.extract_conclusion` of it (a hash-chosen letter for other
   prompts), so results are deterministic and checkable;
 * bad requests get SGLang's 400 bodies (malformed JSON, missing ``text``, uncompilable regex, bad chat role).
 
 Fault injection: :meth:`FakeSGLangServer.inject` queues faults consumed one per POST: ``'drop'`` (close the
-connection without a response), ``'slow'`` (answer after ``slow_s``), ``'500'`` / ``'503'``, ``'garbage'``
+connection without a response), ``'slow'`` (answer after ``slow_s``), ``'500'`` / ``'503'`` (and ``'400'`` /
+``'429'``: that status with SGLang's error body), ``'garbage'``
 (200 with a non-JSON body), ``'truncate'`` (a list reply missing its last item: a partial batch) and
 ``'abort_item'`` (first item finishes with ``abort``). ``delay_s`` slows every POST; ``hold()`` keeps requests
 unanswered until ``release()``; ``stop()`` (which also drops open connections) then ``start()`` on the same port
@@ -50,7 +52,9 @@ from medad_jax.judge.prompt import parse_options, split_judge_prompt
 
 log = logging.getLogger(__name__)
 
-FAULTS = ('drop', 'slow', '500', '503', 'garbage', 'truncate', 'abort_item')
+FAULTS = ('drop', 'slow', '500', '503', 'garbage', 'truncate', 'abort_item', '400', '429')
+_FAULT_TYPES = {'400': 'BadRequestError', '429': 'RateLimitError', '500': 'InternalServerError',
+                '503': 'InternalServerError'}
 _CHAT_ROLES = ('system', 'user', 'assistant', 'tool', 'function', 'developer')
 
 
@@ -141,8 +145,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return
       if fault == 'slow':
         fake._stopping.wait(fake.slow_s)
-      if fault in ('500', '503'):
-        self._send(int(fault), {'object': 'error', 'message': f'injected HTTP {fault}', 'type': 'InternalServerError',
+      if fault in _FAULT_TYPES:
+        self._send(int(fault), {'object': 'error', 'message': f'injected HTTP {fault}', 'type': _FAULT_TYPES[fault],
                                 'param': None, 'code': int(fault)})
         return
       if fault == 'garbage':
@@ -347,7 +351,7 @@ class FakeSGLangServer:
     err = self._regex_error(regex)
     if err:
       return err
-    prompt = '\n'.join(str(m.get('content', '')) for m in msgs)
+    prompt = '\n'.join(_content_text(m.get('content', '')) for m in msgs)
     v = self._constrained(prompt, regex)
     fmt = body.get('response_format') or {}
     content = json.dumps({'answer': v}) if fmt.get('type') == 'json_schema' else v
@@ -355,6 +359,14 @@ class FakeSGLangServer:
     out.update(id=uuid.uuid4().hex, created=int(time.time()), model=body.get('model', 'default'))
     out['choices'][0]['message']['content'] = content
     return 200, out
+
+
+def _content_text(content: Any) -> str:
+  """A chat message's text: a string as is; a multimodal list (OpenAI parts, as SGLang accepts) its ``text``
+  parts joined by newlines (``image_url`` and other parts carry no text)."""
+  if isinstance(content, list):
+    return '\n'.join(str(p.get('text', '')) for p in content if isinstance(p, dict) and p.get('type') == 'text')
+  return str(content)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -73,8 +73,11 @@ def make_judge(run: pl.Run, graphdef, weights, *, adapters: bool = False):
   jcfg = pl.judge_config(run.config)
   scorer = None
   if jcfg.backend == 'local' or jcfg.on_failure == 'fallback_local':
-    scorer = FlaxLetterScorer(graphdef, weights, run.tokenizer, run.model_cfg, adapters=adapters,
-                              prompt_format=run.config.judge.prompt_format)
+    fmt = run.config.judge.prompt_format
+    # In the policy's own format the judge answers as the policy was taught to (a letter or the option text); the
+    # instruction format asks any chat model for one letter.
+    scorer = FlaxLetterScorer(graphdef, weights, run.tokenizer, run.model_cfg, adapters=adapters, prompt_format=fmt,
+                              answer_format=run.config.data.answer_format if fmt == 'policy' else 'letter')
   return _make(jcfg, local_scorer=scorer)
 
 

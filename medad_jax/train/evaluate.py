@@ -133,7 +133,8 @@ def endpoint_generator(run: pl.Run, *, url: str, model: str, greedy: bool, api_k
           if r.status_code < 500 and r.status_code not in (408, 429):
             raise RuntimeError(f'endpoint {url} rejected question {ex["meta"]["id"]!r}: HTTP {r.status_code} {msg}')
           last = f'HTTP {r.status_code}: {msg}'
-      time.sleep(min(0.5 * 2 ** attempt, 8.0))
+      if attempt < max_retries:  # no backoff after the last attempt: fail now
+        time.sleep(min(0.5 * 2 ** attempt, 8.0))
     raise RuntimeError(f'endpoint {url}: question {ex["meta"]["id"]!r} failed after {max_retries} retries: {last}')
 
   def gen(examples, seed, index):
@@ -173,11 +174,13 @@ def score(texts: Sequence[str], metas: Sequence[dict], judge) -> dict[str, np.nd
   rb = score_batch(list(texts), answers=[m['answer'] for m in metas], questions=[m['question'] for m in metas],
                    options=options, judge=judge, weights=RewardWeights())
   agree = np.full(len(texts), np.nan, np.float32)
+  letters = [parse_completion(t, o).letter for t, o in zip(texts, options)]
   for i in np.flatnonzero(rb.judged):
     rule = extract_conclusion(parse_completion(texts[i], options[i]).thought or '', options[i])
     if rule is not None and rb.verdicts[i] is not None:
       agree[i] = float(rule == rb.verdicts[i])
-  return {'acc': rb.acc, 'fmt': rb.fmt, 'con': rb.con, 'rule_agree': agree}
+  return {'acc': rb.acc, 'fmt': rb.fmt, 'con': rb.con, 'rule_agree': agree, 'letters': letters,
+          'verdicts': list(rb.verdicts)}
 
 
 def summarize(tasks: Sequence[str], acc: np.ndarray, fmt: np.ndarray, con: np.ndarray) -> dict[str, float]:
@@ -191,12 +194,17 @@ def summarize(tasks: Sequence[str], acc: np.ndarray, fmt: np.ndarray, con: np.nd
 
 
 def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=None,
-             progress_stage: str = 'eval') -> Result:
-  """Evaluates one policy on ``eval.split`` for every seed in ``eval.seeds``; logs per seed."""
+             progress_stage: str = 'eval', completions_dir: str | None = 'default') -> Result:
+  """Evaluates one policy on ``eval.split`` for every seed in ``eval.seeds``; logs per seed.
+
+  Every question's completion, parsed answer, judge verdict and scores go to
+  ``<completions_dir>/<policy>-seed<k>.jsonl`` (default: ``<workdir>/eval/completions``; None: not written).
+  """
+  if completions_dir == 'default':
+    completions_dir = os.path.join(run.workdir, 'eval', 'completions')
   config = run.config
-  records = run.data.test if config.eval.split == 'test' else run.data.train
-  n = len(records) if config.eval.max_examples <= 0 else min(len(records), config.eval.max_examples)
-  source = records if n == len(records) else [records[i] for i in range(n)]
+  source = eval_records(run)
+  n = len(source)
   bs = config.eval.batch_size
   t0 = time.time()
   per_seed = []
@@ -204,7 +212,7 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
     ds = make_dataset(source, batch_size=bs, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
                       preprocess=preprocess or pl.prompt_preprocess(run.processor), batch_fn=pl.list_batch,
                       read_threads=config.data.read_threads)
-    tasks, parts, samples = [], {'acc': [], 'fmt': [], 'con': [], 'rule_agree': []}, []
+    tasks, parts, samples, rows = [], {'acc': [], 'fmt': [], 'con': [], 'rule_agree': []}, [], []
     n_batches = -(-n // bs)
     for i, examples in enumerate(ds):
       metas = [ex['meta'] for ex in examples]
@@ -213,6 +221,10 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
       for k in parts:
         parts[k].append(s[k])
       tasks += [m['task'] for m in metas]
+      for j, m in enumerate(metas):
+        rows.append({'id': m['id'], 'task': m['task'], 'answer': m['answer'], 'predicted': s['letters'][j],
+                     'judge': s['verdicts'][j], 'acc': float(s['acc'][j]), 'fmt': float(s['fmt'][j]),
+                     'con': float(s['con'][j]), 'completion': texts[j]})
       if len(samples) < 5:
         samples.append({'id': metas[0]['id'], 'completion': texts[0], 'answer': metas[0]['answer']})
       log.info('[%s] %s seed %d: batch %d/%d, accuracy so far %.3f', progress_stage, name, seed, i + 1, n_batches,
@@ -226,15 +238,62 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
     per_seed.append(res)
     # A task absent from a truncated split has no accuracy (NaN); it is left out of the log, not invented.
     slug = re.sub(r'[^0-9A-Za-z_.-]+', '_', name).strip('_').lower()
+    if completions_dir:
+      os.makedirs(completions_dir, exist_ok=True)
+      path = os.path.join(completions_dir, f'{slug}-seed{int(seed)}.jsonl')
+      with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+      log.info('[%s] %s seed %d: %d completions with their scores in %s', progress_stage, name, seed, len(rows),
+               path)
     run.logger.write_now(f'{progress_stage}/{slug}', int(seed),
                          {'accuracy': res['overall'], **{k: res[k] for k in COLUMNS if np.isfinite(res[k])}})
   return Result(name, per_seed, n, time.time() - t0)
+
+
+def eval_records(run: pl.Run) -> Sequence:
+  """The questions ``run_eval`` scores: ``eval.split``, cut to ``eval.max_examples`` when that is positive."""
+  config = run.config
+  records = run.data.test if config.eval.split == 'test' else run.data.train
+  n = len(records) if config.eval.max_examples <= 0 else min(len(records), config.eval.max_examples)
+  return records if n == len(records) else [records[i] for i in range(n)]
+
+
+PRIOR_NAME = 'Answer prior (no image)'
+
+
+def prior_baseline(train: Sequence, test: Sequence, name: str = PRIOR_NAME) -> Result:
+  """What a policy that never looks at the image gets from the answer statistics alone.
+
+  For each test question: the option whose text was most often the *correct* answer to its task in ``train``
+  (ties and unseen texts: the earlier letter). Chance is 25 % for four options, but the correct texts are not
+  uniform (e.g. 60 % of medad-synth images are abnormal, so "Yes, an abnormality is present" is right 60 % of the
+  time), and a model can learn that prior without reading a pixel; a trained policy must beat this row, not only
+  chance. Format and consistency do not apply (NaN, shown as '-').
+  """
+  t0 = time.time()
+  counts: dict[tuple[str, str], int] = {}
+  for i in range(len(train)):
+    r = train[i]
+    key = (r.task, r.answer_text.strip().lower())
+    counts[key] = counts.get(key, 0) + 1
+  tasks, acc = [], []
+  for i in range(len(test)):
+    r = test[i]
+    freq = [counts.get((r.task, o.strip().lower()), 0) for o in r.options]
+    acc.append(float(int(np.argmax(freq)) == r.answer_index))
+    tasks.append(r.task)
+  nan = np.full(len(acc), np.nan)
+  res = summarize(tasks, np.asarray(acc), nan, nan)
+  res['seed'] = 0
+  return Result(name, [res], len(test), time.time() - t0)
 
 
 # ------------------------------------------------------------------------------------------------- reporting
 
 
 def _cell(mean: float, std: float, n_seeds: int) -> str:
+  if not np.isfinite(mean):
+    return '-'
   return f'{100 * mean:.2f}' + (f' ± {100 * std:.2f}' if n_seeds > 1 else '')
 
 

@@ -91,7 +91,7 @@ def build_data(config) -> Data:
   tfds_dir = os.path.join(cache_root(config), 'tfds')
   if d.source == 'synth':
     scfg = synth.SynthConfig(num_images=d.synth_images, seed=d.synth_seed, image_size=d.image_size,
-                             test_fraction=d.test_fraction)
+                             test_fraction=d.test_fraction, cot_letters=d.answer_format == 'letter')
     log.info('data: medad-synth %s (built once under %s)', scfg, tfds_dir)
     builder_dir = tfds_builders.build_synth(scfg, tfds_dir)
   elif d.source == 'medad38k':
@@ -109,14 +109,14 @@ def build_data(config) -> Data:
 # ------------------------------------------------------------------------------------------------- tokenizer
 
 
-def corpus_texts(records: Sequence[MedADRecord]) -> list[str]:
+def corpus_texts(records: Sequence[MedADRecord], answer_format: str = 'letter') -> list[str]:
   """The strings the small tokenizer learns from: every question (with options) and SFT target."""
   out = []
   for i in range(len(records)):
     r = records[i]
     out.append(format_question(r))
     if r.cot is not None:
-      out.append(format_target(r))
+      out.append(format_target(r, answer_format))
   return out
 
 
@@ -133,13 +133,14 @@ def build_tokenizer(config, data: Data | None):
   from medad_jax.tokenizer import train_small_tokenizer
   if data is None:
     raise ValueError("config.model.tokenizer = 'small' needs the training data to learn its vocabulary")
-  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|v1'.encode()).hexdigest()[:12]
+  fmt = config.data.answer_format
+  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|{fmt}|v1'.encode()).hexdigest()[:12]
   path = os.path.join(cache_root(config), 'tokenizers', f'small-{config.model.vocab_size}-{key}')
   if os.path.exists(os.path.join(path, 'tokenizer_config.json')):
     tok = Qwen2Tokenizer.from_pretrained(path)
     log.info('tokenizer: small BPE (%d tokens) from %s', len(tok), path)
     return tok
-  tok = train_small_tokenizer(corpus_texts(data.train), config.model.vocab_size)
+  tok = train_small_tokenizer(corpus_texts(data.train, fmt), config.model.vocab_size)
   tmp = f'{path}.tmp-{os.getpid()}'
   tok.save_pretrained(tmp)
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -233,10 +234,11 @@ def sft_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, buckets: Sequence[i
           'loss_mask_BT': b['loss_mask'], 'pixel_values_LC': pixels, 'vision_meta': meta}
 
 
-def sft_preprocess(processor):
-  """grain ``preprocess`` for SFT: one record -> processor output with its loss mask."""
+def sft_preprocess(processor, answer_format: str = 'letter'):
+  """grain ``preprocess`` for SFT: one record -> processor output with its loss mask (``answer_format``: what the
+  target's answer block holds, ``data.answer_format``)."""
   def fn(r: MedADRecord) -> dict:
-    return dict(processor(load_image(r), format_question(r), format_target(r)))
+    return dict(processor(load_image(r), format_question(r), format_target(r, answer_format)))
   return fn
 
 
