@@ -9,8 +9,8 @@ The fixtures (``tests/fixtures/sglang/``, captured from SGLang 0.5.23) define th
   (a list for a list ``text``, ``meta_info.finish_reason``, chat ``choices``), with the verdict chosen by
   ``verdict_fn(prompt_text)`` (for chat, the messages' text; of a multimodal message, its ``text`` parts: the
   ``image_url`` parts are accepted and only recorded in ``seen``); the default plays an *extractive judge*: it
-  finds the reasoning in a judge prompt and returns :func:`~medad_jax.judge.local.extract_conclusion` of it (a hash-chosen letter for other
-  prompts), so results are deterministic and checkable;
+  finds the reasoning in a judge prompt and returns :func:`~medad_jax.judge.local.extract_conclusion` of it (a
+  hash-chosen letter for other prompts), so results are deterministic and checkable;
 * bad requests get SGLang's 400 bodies (malformed JSON, missing ``text``, uncompilable regex, bad chat role).
 
 Fault injection: :meth:`FakeSGLangServer.inject` queues faults consumed one per POST: ``'drop'`` (close the
