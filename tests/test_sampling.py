@@ -285,7 +285,7 @@ def test_lora_adapters_on_and_off(models, tiny_hf_checkpoints):
   rng = np.random.default_rng(0)
   for _, m in nnx.iter_modules(adapted):
     if getattr(m, 'lora_b', None) is not None:  # B = 0 at init would make the adapters a no-op
-      m.lora_b.value = jnp.asarray(rng.normal(size=m.lora_b.value.shape).astype(np.float32) * 0.2)
+      m.lora_b.set_value(jnp.asarray(rng.normal(size=m.lora_b.shape).astype(np.float32) * 0.2))
   merged = load_checkpoint_like(adapted, 1.0)
   merge_lora(merged)
   config = greedy(cfg)
