@@ -174,9 +174,10 @@ def score(texts: Sequence[str], metas: Sequence[dict], judge) -> dict[str, np.nd
   rb = score_batch(list(texts), answers=[m['answer'] for m in metas], questions=[m['question'] for m in metas],
                    options=options, judge=judge, weights=RewardWeights())
   agree = np.full(len(texts), np.nan, np.float32)
-  letters = [parse_completion(t, o).letter for t, o in zip(texts, options)]
+  parsed = [parse_completion(t, o) for t, o in zip(texts, options)]
+  letters = [p.letter for p in parsed]
   for i in np.flatnonzero(rb.judged):
-    rule = extract_conclusion(parse_completion(texts[i], options[i]).thought or '', options[i])
+    rule = extract_conclusion(parsed[i].thought or '', options[i])
     if rule is not None and rb.verdicts[i] is not None:
       agree[i] = float(rule == rb.verdicts[i])
   return {'acc': rb.acc, 'fmt': rb.fmt, 'con': rb.con, 'rule_agree': agree, 'letters': letters,
