@@ -17,7 +17,6 @@ exact text of one option. ``image`` is a path relative to the dataset directory 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import re
 from typing import Any, Mapping
@@ -58,7 +57,13 @@ _SPLIT = _vocab(SPLITS, [('val', 'validation'), ('valid', 'validation'), ('dev',
 # Why each record was rejected; the loader's skip report counts records by these codes.
 REASONS: tuple[str, ...] = ('malformed_json', 'missing_field', 'bad_type', 'bad_options', 'bad_answer',
                             'unknown_task', 'unknown_modality', 'unknown_anatomy', 'unknown_region', 'bad_split',
-                            'inconsistent_labels', 'missing_image', 'corrupt_image', 'duplicate_id')
+                            'inconsistent_labels', 'missing_image', 'corrupt_image', 'duplicate_id',
+                            'bad_encoding', 'bad_path', 'reserved_text', 'image_too_large', 'bad_aspect_ratio',
+                            'prompt_too_long', 'target_too_long')
+
+# Text that would forge the chat or answer structure if it reached the tokenizer: the think/answer tags the rewards
+# parse, and control tokens of the ``<|im_end|>`` kind. Refused in questions, options and thoughts.
+_RESERVED = re.compile(r'</?\s*(?:think|answer)\s*>|<\|[^<>|\s]{1,40}\|>', re.IGNORECASE)
 
 
 class RecordError(ValueError):
@@ -132,11 +137,10 @@ def format_target(record: MedADRecord, answer_format: str = 'letter') -> str:
 
 
 def load_image(record: MedADRecord) -> Image.Image:
-  """The record's image as an RGB PIL image (decoded now; raises on a missing or corrupt image)."""
-  src = io.BytesIO(record.image) if isinstance(record.image, bytes) else record.image
-  with Image.open(src) as im:
-    im.load()
-    return im.convert('RGB')
+  """The record's image as 8-bit RGB (decoded now; raises on a missing or corrupt image). EXIF orientation,
+  16-bit scaling and alpha on white as ``medad_jax.data.images.to_rgb`` describes."""
+  from medad_jax.data.images import load_rgb
+  return load_rgb(record.image)
 
 
 # ---------------------------------------------------------------------------------------------- JSON parsing
@@ -151,6 +155,26 @@ def _text(obj: Mapping[str, Any], field: str, *, required: bool = True) -> str |
   if not isinstance(v, str) or (required and not v.strip()):
     raise RecordError('bad_type' if not isinstance(v, str) else 'missing_field', field, 'a non-empty string', v)
   return v
+
+
+def _no_reserved(field: str, v: str) -> str:
+  m = _RESERVED.search(v)
+  if m:
+    raise RecordError('reserved_text', field, f'plain text without prompt-format tags or control tokens '
+                      f'(found {m.group(0)!r})', v)
+  return v
+
+
+def _image_path(image: str, base_dir: str | None) -> str:
+  """``image`` made absolute against ``base_dir``; a relative path may not leave the dataset directory."""
+  if base_dir is None or os.path.isabs(image):
+    return image
+  path = os.path.normpath(os.path.join(base_dir, image))
+  root = os.path.normpath(base_dir)
+  if os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) != os.path.abspath(root):
+    raise RecordError('bad_path', 'image', f'a path inside the dataset directory {root!r} (or an absolute path)',
+                      image)
+  return path
 
 
 def _lookup(table: dict[str, str], v: Any, field: str, reason: str, names) -> str:
@@ -196,14 +220,14 @@ def record_from_dict(obj: Any, *, base_dir: str | None = None,
     raise RecordError('bad_type', '<record>', 'a JSON object', obj)
   obj = {**(defaults or {}), **obj}
   rid = _text(obj, 'id')
-  image = _text(obj, 'image')
-  if base_dir is not None and not os.path.isabs(image):
-    image = os.path.join(base_dir, image)
+  image = _image_path(_text(obj, 'image'), base_dir)
   task = _lookup(_TASK, obj.get('task'), 'task', 'unknown_task', TASKS)
   modality = _lookup(_MODALITY, obj.get('modality'), 'modality', 'unknown_modality', MODALITIES)
   anatomy = _lookup(_ANATOMY, obj.get('anatomy'), 'anatomy', 'unknown_anatomy', ANATOMIES)
-  question = _text(obj, 'question')
+  question = _no_reserved('question', _text(obj, 'question'))
   options = _options(obj.get('options'))
+  for o in options:
+    _no_reserved('options', o)
   answer = _answer(obj.get('answer'), options)
   split_v = obj.get('split')
   if split_v is None:
@@ -217,6 +241,8 @@ def record_from_dict(obj: Any, *, base_dir: str | None = None,
   if abnormal is False and region is not None:
     raise RecordError('inconsistent_labels', 'region', 'no lesion region for an image labelled abnormal=false', region)
   cot = _text(obj, 'cot', required=False)
+  if cot:
+    _no_reserved('cot', cot)
   return MedADRecord(
       id=rid, image_id=_text(obj, 'image_id', required=False) or _text(obj, 'image'), image=image,
       modality=modality, anatomy=anatomy, task=task, question=question, options=options, answer=answer,

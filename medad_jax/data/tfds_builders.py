@@ -10,6 +10,13 @@ reads images with ``SkipDecoding`` so records carry PNG bytes (decoded later, by
 
 Build with ``build_synth(cfg, data_dir)`` / ``build_medad38k(manual_dir, data_dir)`` or the CLI
 (``python -m medad_jax.data build ...``); read with ``RecordSource(builder_dir, split)``.
+
+Caching: a build is reused only for the same data. A medad-synth build is named by every generator setting; a
+MedAD directory's build by the loader settings and ``medad_jax.data.fingerprint.source_fingerprint`` of the
+directory (its real path, the JSONL files' contents, every image's path, size and modification time), so another
+directory, or the same one after an edit, is built afresh. The small tokenizer is cached by the builder directory,
+hence by the same key. TFDS's own first-run lines ("Downloading and preparing dataset Unknown size", "Using custom
+data configuration"; nothing is downloaded) are replaced by ours: what is built from where, and where it is cached.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import logging
+import time
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -25,7 +34,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from medad_jax.data import loader, synth
+from medad_jax.data import fingerprint, images, loader, synth
 from medad_jax.data.regions import REGIONS
 from medad_jax.data.schema import ANATOMIES, LETTERS, MODALITIES, TASKS, MedADRecord
 
@@ -58,13 +67,15 @@ def features() -> tfds.features.FeaturesDict:
 
 
 def _png(image: str | bytes) -> bytes:
-  """PNG bytes of an image file or encoded bytes (re-encoded as RGB unless already an RGB PNG)."""
+  """PNG bytes of an image file or encoded bytes: 8-bit RGB by ``images.to_rgb`` (EXIF orientation, 16-bit
+  scaling, alpha on white), re-encoded unless already an RGB PNG."""
   raw = image if isinstance(image, bytes) else open(image, 'rb').read()
   with Image.open(io.BytesIO(raw)) as im:
-    if im.format == 'PNG' and im.mode == 'RGB':
+    if im.format == 'PNG' and im.mode == 'RGB' and im.info.get('transparency') is None:
       return raw
+    im.load()
     buf = io.BytesIO()
-    im.convert('RGB').save(buf, format='PNG')
+    images.to_rgb(im).save(buf, format='PNG')
     return buf.getvalue()
 
 
@@ -138,6 +149,31 @@ class _PackagedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls) -> epath.Path:
     return epath.Path(__file__)
 
+  def _what(self) -> str:
+    raise NotImplementedError
+
+  def _log_download_bytes(self) -> None:  # TFDS prints "Downloading and preparing dataset Unknown size ..."
+    self._t_build = time.time()
+    log.info('data: building %s into %s (once: later runs with the same data reuse it)', self._what(),
+             self.data_dir)
+
+  def _log_download_done(self) -> None:  # TFDS prints "Dataset ... downloaded and prepared to ..."
+    counts = ', '.join(f'{s}: {sum(self.info.metadata["qa_counts"].get(s, []))} questions'
+                       for s in sorted(self.info.metadata.get('qa_counts', {})))
+    log.info('data: built in %.1f s (%s); cached at %s', time.time() - getattr(self, '_t_build', time.time()),
+             counts, self.data_dir)
+
+
+class _QuietCustomConfig(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning: every MedAD build uses one by design (its name is
+  the source fingerprint), so the warning says nothing a user can act on."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Using custom data configuration')
+
+
+logging.getLogger('absl').addFilter(_QuietCustomConfig())
+
 
 @dataclasses.dataclass(eq=False)
 class MedadSynthConfig(tfds.core.BuilderConfig):
@@ -168,6 +204,11 @@ class MedadSynth(_PackagedBuilder):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features(),
                                  metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
+  def _what(self) -> str:
+    c = self.builder_config.synth
+    return (f'the medad-synth benchmark from its generator ({c.num_images} images of {c.image_size} px, '
+            f'seed {c.seed})')
+
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     cfg = self.builder_config.synth
@@ -187,6 +228,9 @@ class MedadSynth(_PackagedBuilder):
 class Medad38kConfig(tfds.core.BuilderConfig):
   policy: str = 'strict'
   check_images: bool = True
+  max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+  max_aspect_ratio: float = images.MAX_ASPECT_RATIO
+  source: str = ''          # the directory's real path and fingerprint (fingerprint.Fingerprint.describe())
 
 
 class Medad38k(_PackagedBuilder):
@@ -201,14 +245,21 @@ class Medad38k(_PackagedBuilder):
     return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features(),
                                  metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
+  def _what(self) -> str:
+    return f'the MedAD benchmark from the JSONL directory {self.builder_config.source}'
+
   def _split_generators(self, dl_manager):
     root = str(dl_manager.manual_dir)
-    records, report = loader.load_jsonl_dir(root, policy=self.builder_config.policy,
-                                            check_images=self.builder_config.check_images)
+    c = self.builder_config
+    records, report = loader.load_jsonl_dir(root, policy=c.policy, check_images=c.check_images,
+                                            max_image_pixels=c.max_image_pixels, max_aspect_ratio=c.max_aspect_ratio)
+    log.info('data: %s (policy %s)', report.summary(), c.policy)
     groups = group_by_image(records)
     _set_index_metadata(self.info, groups)
     self.info.metadata['load_report'] = {'loaded': report.loaded, 'skipped': report.counts(),
-                                         'skipped_records': [dataclasses.asdict(s) for s in report.skipped]}
+                                         'skipped_records': [dataclasses.asdict(s) for s in report.skipped],
+                                         'empty_files': report.empty_files}
+    self.info.metadata['source'] = {'dir': root, 'fingerprint': c.source}
     return {s: self._generate_examples(g) for s, g in groups.items()}
 
   def _generate_examples(self, groups):
@@ -228,15 +279,37 @@ def build_synth(cfg: synth.SynthConfig, data_dir: str) -> str:
   """Builds (or reuses) the ``array_record`` dataset for ``cfg``; returns its builder directory."""
   b = MedadSynth(config=_config(MedadSynth, synth_builder_config(cfg)), data_dir=data_dir,
                  file_format='array_record')
+  if b.is_prepared():
+    log.info('data: reusing the medad-synth build at %s', b.data_dir)
   b.download_and_prepare()
   return str(b.data_dir)
 
 
-def build_medad38k(manual_dir: str, data_dir: str, policy: str = 'strict', check_images: bool = True) -> str:
-  """Builds the MedAD-38K dataset from ``manual_dir``; returns its builder directory."""
-  cfg = Medad38kConfig(name=policy if check_images else f'{policy}_nocheck', policy=policy,
-                       check_images=check_images)
+def medad38k_config(manual_dir: str, policy: str = 'strict', check_images: bool = True,
+                    max_image_pixels: int = images.DEFAULT_MAX_PIXELS,
+                    max_aspect_ratio: float = images.MAX_ASPECT_RATIO) -> Medad38kConfig:
+  """The builder config of a MedAD directory: named by the policy and the fingerprint of the directory and of the
+  loader settings (module docstring), so a different or changed directory never reuses a build."""
+  if policy not in loader.POLICIES:
+    raise ValueError(f'policy must be one of {loader.POLICIES}, got {policy!r}')
+  settings = json.dumps({'policy': policy, 'check_images': check_images, 'max_image_pixels': max_image_pixels,
+                         'max_aspect_ratio': max_aspect_ratio, 'version': str(Medad38k.VERSION)}, sort_keys=True)
+  fp = fingerprint.source_fingerprint(manual_dir, extra=settings)
+  name = f'{policy}{"" if check_images else "_nocheck"}_{fp.short}'
+  return Medad38kConfig(name=name, policy=policy, check_images=check_images, max_image_pixels=max_image_pixels,
+                        max_aspect_ratio=max_aspect_ratio, source=fp.describe(),
+                        description=f'MedAD directory {fp.describe()}')
+
+
+def build_medad38k(manual_dir: str, data_dir: str, policy: str = 'strict', check_images: bool = True,
+                   max_image_pixels: int = images.DEFAULT_MAX_PIXELS,
+                   max_aspect_ratio: float = images.MAX_ASPECT_RATIO) -> str:
+  """Builds (or reuses, for the same directory contents and settings) the dataset of the MedAD directory
+  ``manual_dir``; returns its builder directory."""
+  cfg = medad38k_config(manual_dir, policy, check_images, max_image_pixels, max_aspect_ratio)
   b = Medad38k(config=_config(Medad38k, cfg), data_dir=data_dir, file_format='array_record')
+  if b.is_prepared():
+    log.info('data: reusing the build of %s at %s', cfg.source, b.data_dir)
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return str(b.data_dir)
 
