@@ -246,6 +246,9 @@ def run_config(stage: str) -> ml_collections.ConfigDict:
       'ckpt': {'every_steps': 50, 'keep': 3, 'async_save': True},
       'log': {'every_steps': 1, 'tensorboard': True},
       'export': False,                                 # write the merged final policy as an HF dir (export/)
+      # Re-launching a run directory with another config: 'check' refuses (listing the differing keys), 'allow'
+      # continues its checkpoints under the new config (medad_jax/rundir.py: the fields that may change anyway).
+      'resume': 'check',
   })
 
 
@@ -350,6 +353,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'eval.policy', POLICY_SOURCES)
     if not len(config.eval.seeds):
       _fail('eval.seeds', config.eval.seeds, 'at least one seed')
+  if 'resume' in config:
+    _choice(config, 'resume', ('check', 'allow'))  # = medad_jax.rundir.RESUME_CHOICES
   _positive(config, 'ckpt.keep', integer=True)
   _positive(config, 'ckpt.every_steps', integer=True)
   _positive(config, 'log.every_steps', integer=True)

@@ -15,6 +15,10 @@ makes a mismatch fail loudly instead of resuming onto different weights.
 
 Crash safety: orbax writes each step into a temporary directory and renames it when complete, so a ``kill -9``
 during a save leaves the previous steps intact and :meth:`Checkpointer.restore_latest` ignores the partial one.
+A complete step that no longer restores (a truncated array file or ``_METADATA``, a disk error) makes
+:meth:`Checkpointer.restore_latest` fall back to the newest step that restores cleanly, logging which step failed
+and why. The unreadable step is never deleted: when training reaches its step number again, it is renamed to
+``<step>.unreadable-<n>`` (logged) and the new step is written in its place.
 Saves are asynchronous by default (the next training step runs while the previous state is written).
 
 Preemption: :class:`PreemptionGuard` turns SIGTERM into a flag. The loop checks ``guard.should_stop`` after each
@@ -56,6 +60,17 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+class FrozenBaseMismatch(ValueError):
+  """The frozen base differs from the one a checkpoint was trained on (every step of the run would say so)."""
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  """One line of an exception (orbax / TensorStore errors run to many lines)."""
+  text = ' '.join(str(e).split())
+  text = text if len(text) <= limit else text[:limit - 3] + '...'
+  return f'{type(e).__name__}: {text}'
+
+
 class Checkpointer:
   """An orbax ``CheckpointManager`` for :class:`medad_jax.rl.update.TrainState` + data-iterator state.
 
@@ -64,23 +79,29 @@ class Checkpointer:
     keep: keep the last ``keep`` steps (older ones are deleted once a newer save completes).
     every_steps: :meth:`maybe_save` saves when ``step % every_steps == 0``.
     async_save: write in a background thread (``wait`` / ``close`` join it).
+    meta_defaults: added to every step's metadata (the run's config fingerprint, ``medad_jax.rundir``).
   """
 
-  def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1, async_save: bool = True,
+               meta_defaults: Mapping | None = None):
     if keep < 1 or every_steps < 1:
       raise ValueError(f'Checkpointer: keep={keep} and every_steps={every_steps} must be >= 1')
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
+    self.meta_defaults = dict(meta_defaults or {})
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data', 'meta'))
+    self.unreadable: dict[int, str] = {}  # step -> why it did not restore (restore_latest fell back past it)
 
   # ------------------------------------------------------------------------------------------------ saving
 
   def save(self, step: int, state, *, data_state: Mapping | None = None, meta: Mapping | None = None,
            force: bool = False) -> bool:
     """Saves ``state`` (frozen base excluded), the iterator state and metadata as checkpoint ``step``."""
-    meta = dict(meta or {})
+    meta = {**self.meta_defaults, **(meta or {})}
     meta.setdefault('frozen_fingerprint', frozen_fingerprint(state.frozen))
+    if int(step) in self.unreadable and int(step) in self._mngr.all_steps():
+      self._set_aside(int(step))
     saved = self._mngr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(_saved_part(state)),
         data=ocp.args.JsonSave(dict(data_state) if data_state is not None else {}),
@@ -88,6 +109,16 @@ class Checkpointer:
     if saved:
       log.info('checkpoint: saving step %d to %s', step, self.directory)
     return saved
+
+  def _set_aside(self, step: int) -> None:
+    src = os.path.join(self.directory, str(step))
+    n = 1
+    while os.path.exists(f'{src}.unreadable-{n}'):
+      n += 1
+    os.replace(src, f'{src}.unreadable-{n}')
+    self._mngr.reload()
+    log.warning('checkpoint: step %d of %s did not restore (%s); kept as %s.unreadable-%d, writing the new step %d',
+                step, self.directory, self.unreadable[step], src, n, step)
 
   def maybe_save(self, step: int, state, **kw) -> bool:
     """:meth:`save` when ``step`` is a multiple of ``every_steps``."""
@@ -129,7 +160,7 @@ class Checkpointer:
       was = meta['frozen_fingerprint']
       if len(now) != len(was) or not np.allclose(now, was, rtol=1e-6, atol=1e-6):
         bad = [i for i, (a, b) in enumerate(zip(now, was)) if not np.isclose(a, b, rtol=1e-6, atol=1e-6)]
-        raise ValueError(f'{self.directory}/{step}: the frozen base weights differ from the ones this checkpoint was '
+        raise FrozenBaseMismatch(f'{self.directory}/{step}: the frozen base weights differ from the ones this checkpoint was '
                          f'trained on ({len(now)} vs {len(was)} leaves; first differing leaf {bad[:1]}); rebuild '
                          'the base exactly as the run did (same model checkpoint and SFT adapters)')
     saved = out['state']
@@ -139,9 +170,35 @@ class Checkpointer:
     return new, dict(out['data'] or {}), meta
 
   def restore_latest(self, state, **kw) -> tuple[Any, dict, dict] | None:
-    """:meth:`restore` of the newest complete step, or None when there is none (a fresh run)."""
-    step = self.latest_step()
-    return None if step is None else self.restore(step, state, **kw)
+    """:meth:`restore` of the newest step that restores cleanly, or None when there is none (a fresh run).
+
+    A step that fails (corrupt files, or not matching ``state``) is logged with the reason and skipped for the
+    next older one; it stays on disk (see the module docstring). When every step fails, the newest step's error
+    is raised, naming the others. A frozen-base mismatch is raised at once (it holds for every step).
+    """
+    failures: list[tuple[int, BaseException]] = []
+    for step in sorted(self._mngr.all_steps(), reverse=True):
+      try:
+        out = self.restore(step, state, **kw)
+      except FrozenBaseMismatch:
+        raise
+      except Exception as e:  # noqa: BLE001 -- orbax / TensorStore raise many types for damaged files
+        log.warning('checkpoint: step %d of %s does not restore (%s); trying the previous step', step,
+                    self.directory, _short(e))
+        failures.append((step, e))
+        continue
+      for bad, e in failures:
+        self.unreadable[bad] = _short(e)
+      if failures:
+        log.warning('checkpoint: resumed from step %d of %s; newer step(s) %s did not restore and are kept on disk '
+                    '(%s)', step, self.directory, [s for s, _ in failures], '; '.join(
+                        f'step {s}: {_short(e)}' for s, e in failures))
+      return out
+    if failures:
+      step, e = failures[0]
+      older = f'; the older step(s) {[s for s, _ in failures[1:]]} failed too' if len(failures) > 1 else ''
+      raise ValueError(f'{self.directory}: no checkpoint step restores: step {step}: {_short(e, 600)}{older}') from e
+    return None
 
 
 class PreemptionGuard:

@@ -12,7 +12,8 @@ the flags are parsed, and ``configs.common.validate`` / ``missing_paths`` check 
 work. ``--workdir`` (or ``--config.workdir``) names the run directory; by default a fresh ``runs/<name>-<time>``.
 Re-running with the same ``--workdir`` resumes: finished stages are restored from their checkpoints, an
 interrupted one continues from its last checkpoint (``kill -9`` included). SIGTERM saves a checkpoint and exits
-with status 0.
+with status 0. Re-running it with another config is refused before anything is written, listing the differing
+keys (``medad_jax/rundir.py`` lists the fields that may change on resume; ``--config.resume=allow`` overrides).
 
 Run directory::
 
@@ -265,10 +266,15 @@ def main(argv: list[str]) -> dict:
   # Must run before anything touches the JAX backend.
   from medad_jax import distributed
   distributed.initialize()
+  from medad_jax import rundir
   from medad_jax.metrics import make_workdir
   if config.stage == 'eval' and config.eval.policy == 'run':
     workdir = config.workdir  # evaluates that run; results go to <workdir>/eval
   else:
+    try:  # a run directory holding another config is refused before anything is written (medad_jax/rundir.py)
+      rundir.check(config, workdir_flag or config.workdir)
+    except rundir.RunDirError as e:
+      raise ConfigError(str(e)) from None
     workdir = make_workdir(config.name, workdir=workdir_flag or config.workdir)
   log.info('run directory: %s', workdir)
   if config.stage == 'eval':

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from medad_jax import rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
 from medad_jax.data.pipeline import make_dataset
 from medad_jax.rewards import start_scoring
@@ -84,7 +85,8 @@ def make_judge(run: pl.Run, graphdef, weights, *, adapters: bool = False):
 def checkpointer(run: pl.Run) -> Checkpointer:
   c = run.config.ckpt
   return Checkpointer(os.path.join(run.workdir, 'checkpoints', STAGE), keep=c.keep, every_steps=c.every_steps,
-                      async_save=c.async_save)
+                      async_save=c.async_save,
+                      meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)})
 
 
 def _repeat(xs, g):

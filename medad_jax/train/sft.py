@@ -20,6 +20,7 @@ import time
 
 import jax
 
+from medad_jax import rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
 from medad_jax.data.pipeline import make_dataset
 from medad_jax.rl import update as U
@@ -57,7 +58,8 @@ def init_state(run: pl.Run, total_steps: int):
 def checkpointer(run: pl.Run) -> Checkpointer:
   c = run.config.ckpt
   return Checkpointer(os.path.join(run.workdir, 'checkpoints', STAGE), keep=c.keep, every_steps=c.every_steps,
-                      async_save=c.async_save)
+                      async_save=c.async_save,
+                      meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)})
 
 
 def train(run: pl.Run) -> Result:
