@@ -67,11 +67,22 @@ def config_path(spec: str) -> str:
   return f'{name}{sep}{arg}'
 
 
+# Keys that no longer exist, with the reason (a plain "unknown key" would not say why).
+REMOVED_KEYS = {
+    'lora.dropout': 'LoRA dropout is not supported: the adapters train without dropout (the paper names none); '
+                    'remove this override',
+}
+
+
 def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """The config of ``spec`` with ``'a.b=value'`` overrides, parsed exactly as ``--config.a.b=value`` flags."""
   from absl import flags
   from ml_collections import config_flags
 
+  for o in overrides:
+    key = o.partition('=')[0].strip()
+    if key in REMOVED_KEYS:
+      raise ValueError(f'config.{key} (override {o!r}): {REMOVED_KEYS[key]}')
   argv = ['load', f'--config={config_path(spec)}', *[f'--config.{o}' for o in overrides]]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'experiment config', flag_values=fv, lock_config=True,
@@ -108,7 +119,6 @@ def lora_config(rank: int = 16, alpha: float = 32.0) -> ml_collections.ConfigDic
   return ml_collections.ConfigDict({
       'rank': rank,
       'alpha': alpha,
-      'dropout': 0.0,
       'pattern': r'^model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$',
   })
 

@@ -222,6 +222,8 @@ def _unknown_key(argv: list[str]) -> str | None:
     if not a.startswith('--config.'):
       continue
     path = a[len('--config.'):].split('=', 1)[0].split('.')
+    if '.'.join(path) in common.REMOVED_KEYS:
+      return f'--config.{".".join(path)}: {common.REMOVED_KEYS[".".join(path)]}'
     node = base
     for i, part in enumerate(path):
       if not hasattr(node, 'keys') or part not in node:

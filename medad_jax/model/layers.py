@@ -27,6 +27,8 @@ from flax import nnx
 # The frozen base parameters: every ``nnx.Param`` that is not a LoRA adapter (``LoRAParam`` subclasses ``Param``).
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 LORA_PARAMS = nnx.LoRAParam
+# Storage dtype of every LoRA adapter, independent of the base's ``param_dtype`` (see ``Linear.add_lora``).
+LORA_DTYPE = jnp.float32
 
 _LORA_ENABLED = contextvars.ContextVar('medad_lora_enabled', default=True)
 
@@ -63,28 +65,27 @@ class Linear(nnx.Module):
     self.lora_a = nnx.data(None)
     self.lora_b = nnx.data(None)
     self.lora_scale = 0.0
-    self.lora_dropout = 0.0
 
-  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs, dropout: float = 0.0):
-    """Attaches an adapter (A ~ N(0, 1/rank)-scaled Kaiming-like, B = 0 so the adapted model starts equal)."""
-    pd = self.kernel.get_value().dtype
+  def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs):
+    """Attaches an adapter (A ~ N(0, 1/in_features), B = 0 so the adapted model starts equal).
+
+    The adapters are stored in ``LORA_DTYPE`` (float32) whatever the base's ``param_dtype``: their gradients and
+    AdamW moments follow the parameters' dtype, and in bfloat16 (8 mantissa bits) an update of relative size below
+    2**-9 -- e.g. one lr-1e-6 AdamW step on a weight of order 1e-2 -- rounds back to the old value. The forward
+    casts them to the compute dtype like the kernel.
+    """
     self.lora_a = nnx.LoRAParam(
-        jax.random.normal(rngs.params(), (self.in_features, rank), pd) / jnp.sqrt(self.in_features).astype(pd))
-    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), pd))
+        jax.random.normal(rngs.params(), (self.in_features, rank), LORA_DTYPE) / jnp.sqrt(self.in_features))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), LORA_DTYPE))
     self.lora_scale = float(alpha) / float(rank)
-    self.lora_dropout = float(dropout)
 
-  def __call__(self, x_I: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_I: jax.Array) -> jax.Array:
     x = x_I.astype(self.dtype)
     y = x @ self.kernel.get_value().astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias.get_value().astype(self.dtype)
     if self.lora_a is not None and lora_enabled():
-      xa = x
-      if self.lora_dropout > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
-        xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0.0).astype(x.dtype)
-      y_R = xa @ self.lora_a.get_value().astype(self.dtype)
+      y_R = x @ self.lora_a.get_value().astype(self.dtype)
       y = y + (y_R @ self.lora_b.get_value().astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
     return y
 

@@ -2,7 +2,8 @@
 
 * ``apply_lora(model, LoraConfig(...))`` attaches ``lora_a[I, R]`` / ``lora_b[R, O]`` (``nnx.LoRAParam``) to every
   :class:`~medad_jax.model.layers.Linear` whose '/'-joined path matches ``LoraConfig.pattern``. ``lora_b`` starts at
-  zero, so the adapted model starts equal to the base.
+  zero, so the adapted model starts equal to the base. Adapters are float32 whatever the base's dtype (so are
+  their gradients and optimizer moments); there is no LoRA dropout.
 * The base tree is untouched: ``nnx.state(model, BASE_PARAMS)`` is exactly what was loaded and
   ``nnx.state(model, nnx.LoRAParam)`` holds only the adapters (gradients and optimizer state use that filter).
 * ``with lora_disabled(): model(...)`` runs the bit-identical base forward (see ``layers.py``).
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medad_jax.model.layers import Linear
+from medad_jax.model.layers import LORA_DTYPE, Linear
 
 # Decoder attention and MLP projections; the vision tower stays frozen (paper §4.1 fine-tunes with LoRA).
 DEFAULT_PATTERN = r'^model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)$'
@@ -33,7 +34,6 @@ DEFAULT_PATTERN = r'^model/layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|dow
 class LoraConfig:
   rank: int = 16
   alpha: float = 32.0
-  dropout: float = 0.0
   pattern: str = DEFAULT_PATTERN
   seed: int = 0
 
@@ -54,7 +54,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs | None = None)
   if not targets:
     raise ValueError(f'LoRA pattern {cfg.pattern!r} matches no Linear module of the model')
   for _, lin in targets:
-    lin.add_lora(cfg.rank, cfg.alpha, rngs, cfg.dropout)
+    lin.add_lora(cfg.rank, cfg.alpha, rngs)
   return [p for p, _ in targets]
 
 
@@ -108,8 +108,8 @@ def save_adapters(model: nnx.Module, path: str) -> str:
     raise ValueError('the model has no LoRA adapters to save')
   os.makedirs(path, exist_ok=True)
   save_file(adapter_tensors(model), os.path.join(path, 'adapters.safetensors'))
-  meta = {'modules': {_path_str(p): {'rank': int(l.lora_a.get_value().shape[1]), 'scale': l.lora_scale,
-                                     'dropout': l.lora_dropout} for p, l in adapted}}
+  meta = {'modules': {_path_str(p): {'rank': int(l.lora_a.get_value().shape[1]), 'scale': l.lora_scale}
+                      for p, l in adapted}}
   with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
     json.dump(meta, f, indent=2)
   return path
@@ -137,9 +137,7 @@ def load_adapters(model: nnx.Module, path: str) -> nnx.Module:
     want_a, want_b = (lin.in_features, m['rank']), (m['rank'], lin.out_features)
     if a.shape != want_a or b.shape != want_b:
       raise ValueError(f'{ten_f}: {name} adapter shapes {a.shape}, {b.shape}; the model expects {want_a}, {want_b}')
-    pd = lin.kernel.get_value().dtype
-    lin.lora_a = nnx.LoRAParam(jnp.asarray(a, pd))
-    lin.lora_b = nnx.LoRAParam(jnp.asarray(b, pd))
+    lin.lora_a = nnx.LoRAParam(jnp.asarray(a, LORA_DTYPE))
+    lin.lora_b = nnx.LoRAParam(jnp.asarray(b, LORA_DTYPE))
     lin.lora_scale = float(m['scale'])
-    lin.lora_dropout = float(m.get('dropout', 0.0))
   return model

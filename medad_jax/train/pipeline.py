@@ -191,7 +191,7 @@ def build_model(config, cfg: Qwen25VLConfig, seed: int):
 def lora_config(config):
   from medad_jax.model.lora import LoraConfig
   lc = config.lora
-  return LoraConfig(rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, pattern=lc.pattern, seed=config.seed)
+  return LoraConfig(rank=lc.rank, alpha=lc.alpha, pattern=lc.pattern, seed=config.seed)
 
 
 def build_processor(config, tokenizer, cfg: Qwen25VLConfig):
