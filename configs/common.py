@@ -149,9 +149,17 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       # option text, <answer>Chest</answer>; with synth data the thoughts then name no letter either). Rewards
       # and evaluation read both (medad_jax.rewards.parse_answer maps an option text to its letter).
       'answer_format': 'letter',
+      # Per record, in tokens (image tokens included in the prompt): a longer record is skipped and counted under
+      # policy 'skip', refused under 'strict' (a truncated target would lose </answer> and teach a broken format).
       'max_prompt_len': 512,
       'max_target_len': 256,
       'read_threads': 2,
+      # Bad records of a MedAD directory: 'strict' stops at the first (naming file:line), 'skip' drops and counts
+      # each by reason (run summary: data.skipped). medad_jax/data/loader.py lists the reasons.
+      'policy': 'strict',
+      # Images above this many pixels are refused at load (decoding one costs seconds and GBs; the processor
+      # shrinks it to image_size anyway); <= 0 disables the cap.
+      'max_image_pixels': 4096 * 4096,
   })
 
 
@@ -286,10 +294,10 @@ def _fail(key: str, value, expected: str):
   raise ValueError(f'config.{key} = {value!r}: expected {expected}')
 
 
-def _choice(config, key: str, choices: Sequence[str]):
+def _choice(config, key: str, choices: Sequence[str], *, prefix: str = ''):
   v = _get(config, key)
   if v not in choices:
-    _fail(key, v, f'one of {tuple(choices)}')
+    _fail(prefix + key, v, f'one of {tuple(choices)}')
 
 
 def _get(config, key: str):
@@ -299,11 +307,11 @@ def _get(config, key: str):
   return node
 
 
-def _positive(config, key: str, *, allow_zero: bool = False, integer: bool = False):
+def _positive(config, key: str, *, allow_zero: bool = False, integer: bool = False, prefix: str = ''):
   v = _get(config, key)
   ok = (v >= 0 if allow_zero else v > 0) and (not integer or float(v).is_integer())
   if not ok:
-    _fail(key, v, ('an integer ' if integer else 'a number ') + ('>= 0' if allow_zero else '> 0'))
+    _fail(prefix + key, v, ('an integer ' if integer else 'a number ') + ('>= 0' if allow_zero else '> 0'))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -313,6 +321,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.param_dtype', DTYPES)
   _choice(config, 'data.source', DATA_SOURCES)
   _choice(config, 'data.answer_format', ANSWER_FORMATS)
+  _validate_data(config.data)
   if 'lora' in config:
     _positive(config, 'lora.rank', integer=True)
     _positive(config, 'lora.alpha')
@@ -368,6 +377,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'ckpt.keep', integer=True)
   _positive(config, 'ckpt.every_steps', integer=True)
   _positive(config, 'log.every_steps', integer=True)
+
+
+def _validate_data(d) -> None:
+  """``config.data``: sizes the processor and the planner rely on, before any run directory exists."""
+  v = d.image_size
+  if not isinstance(v, int) or v < 56 or v % 28:
+    _fail('data.image_size', v, 'a multiple of 28 (patch 14 x merge 2) and at least 56')
+  for k in ('max_prompt_len', 'max_target_len', 'read_threads', 'synth_images'):
+    if k in d:
+      _positive(d, k, integer=True, prefix='data.')
+  if not 0 < d.test_fraction < 1:
+    _fail('data.test_fraction', d.test_fraction, 'a fraction in (0, 1)')
+  if not d.cache_dir:
+    _fail('data.cache_dir', d.cache_dir, 'a directory (relative: under $MEDAD_JAX_CACHE)')
+  if 'policy' in d:
+    _choice(d, 'policy', ('strict', 'skip'), prefix='data.')  # = medad_jax.data.loader.POLICIES
+  if 'max_image_pixels' in d and not isinstance(d.max_image_pixels, int):
+    _fail('data.max_image_pixels', d.max_image_pixels, 'an integer (<= 0: no cap)')
 
 
 def missing_paths(config: ml_collections.ConfigDict) -> list[str]:

@@ -88,7 +88,7 @@ def run_training(config, workdir: str) -> dict:
   run = pl.setup(config, workdir)
   run.timings['setup'] = time.time() - t0
   summary = {'workdir': workdir, 'config': config.name, 'devices': jax.device_count(),
-             'platform': jax.devices()[0].platform}
+             'platform': jax.devices()[0].platform, 'data': run.data.report}  # used / skipped by reason
 
   # ------------------------------------------------------------------------------------------------- SFT
   sft_res, sft_hf = None, None
@@ -292,9 +292,10 @@ def cli():
   # orbax / TFDS / grain report every step through absl at INFO; keep the progress line readable
   for noisy in ('absl', 'jax', 'orbax', 'tensorflow_datasets', 'etils', 'grain', 'httpx'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from medad_jax.data.schema import RecordError
   try:
     main(sys.argv)
-  except ConfigError as e:  # a bad command line: the message says it all, no traceback
+  except (ConfigError, RecordError) as e:  # a bad command line or record: the message says it all, no traceback
     log.error('%s', e)
     sys.exit(2)
 

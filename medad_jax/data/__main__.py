@@ -21,7 +21,7 @@ import json
 import logging
 import sys
 
-from medad_jax.data import loader, report, synth
+from medad_jax.data import images, loader, report, synth
 
 log = logging.getLogger('medad_jax.data')
 
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
   g.add_argument('--synth', action='store_true', help='build medad-synth from the --num_images/--seed/... flags')
   g.add_argument('--manual_dir', help='a MedAD-38K directory (*.jsonl + images)')
   p.add_argument('--policy', choices=loader.POLICIES, default='strict')
+  p.add_argument('--max_image_pixels', type=int, default=images.DEFAULT_MAX_PIXELS,
+                 help='refuse larger images (<= 0: no cap)')
   p = sub.add_parser('inspect', help='label counts per split')
   _source_args(p)
   p.add_argument('--json', action='store_true', help='print the counts as JSON')
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     if a.synth:
       path = tfds_builders.build_synth(_synth_cfg(a), a.data_dir)
     else:
-      path = tfds_builders.build_medad38k(a.manual_dir, a.data_dir, policy=a.policy)
+      path = tfds_builders.build_medad38k(a.manual_dir, a.data_dir, policy=a.policy,
+                                          max_image_pixels=a.max_image_pixels)
     sys.stdout.write(path + '\n')
   elif a.cmd == 'inspect':
     recs, rep = _records(a)
@@ -120,5 +123,16 @@ def main(argv=None) -> int:
   return 0
 
 
+def cli(argv=None) -> int:
+  """``main`` with one-line errors: a bad record, a missing directory or a bad value is reported as
+  ``error: <what, where, what was expected>`` (exit status 2), not as a traceback."""
+  from medad_jax.data.schema import RecordError
+  try:
+    return main(argv)
+  except (RecordError, FileNotFoundError, ValueError) as e:
+    sys.stderr.write(f'error: {e}\n')
+    return 2
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli())

@@ -29,6 +29,7 @@ import glob
 import json
 import logging
 import os
+import warnings
 from typing import Any, Iterable, Mapping
 
 from PIL import Image
@@ -78,7 +79,10 @@ def _check_image(path: str, max_pixels: int, max_aspect_ratio: float) -> RecordE
   if not os.path.isfile(path):
     return RecordError('missing_image', 'image', 'an existing image file', path)
   try:
-    with Image.open(path) as im:
+    with warnings.catch_warnings():  # Pillow's decompression-bomb warning: our own cap below says it clearly
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      im = Image.open(path)
+    with im:
       problem = images_lib.size_problem(*im.size, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
       if problem is not None:
         return RecordError(problem[0], 'image', problem[1], path)

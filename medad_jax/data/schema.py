@@ -17,6 +17,7 @@ exact text of one option. ``image`` is a path relative to the dataset directory 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Mapping
@@ -36,6 +37,7 @@ LETTERS: tuple[str, ...] = ('A', 'B', 'C', 'D')
 SPLITS: tuple[str, ...] = ('train', 'validation', 'test')
 
 
+@functools.lru_cache(maxsize=4096)  # label strings repeat across records
 def _key(s: str) -> str:
   return re.sub(r'[^a-z0-9]', '', s.casefold())
 
@@ -165,14 +167,19 @@ def _no_reserved(field: str, v: str) -> str:
   return v
 
 
+@functools.lru_cache(maxsize=64)
+def _abspath(d: str) -> str:
+  return os.path.abspath(d)
+
+
 def _image_path(image: str, base_dir: str | None) -> str:
   """``image`` made absolute against ``base_dir``; a relative path may not leave the dataset directory."""
   if base_dir is None or os.path.isabs(image):
     return image
-  path = os.path.normpath(os.path.join(base_dir, image))
-  root = os.path.normpath(base_dir)
-  if os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) != os.path.abspath(root):
-    raise RecordError('bad_path', 'image', f'a path inside the dataset directory {root!r} (or an absolute path)',
+  root = _abspath(base_dir)
+  path = os.path.normpath(os.path.join(root, image))
+  if not path.startswith(root.rstrip(os.sep) + os.sep):
+    raise RecordError('bad_path', 'image', f'a path inside the dataset directory {base_dir!r} (or an absolute path)',
                       image)
   return path
 

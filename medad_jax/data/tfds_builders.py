@@ -354,6 +354,12 @@ class RecordSource:
                        f'{self._image_ids[j]!r} (examples were reordered?)')
     return records_from_example(ex, self.split)[i - int(self._offsets[j])]
 
+  def iter_records(self) -> Iterable[MedADRecord]:
+    """Every question in index order, reading each image's example once (``self[i]`` reads it once per
+    question); one example in memory at a time."""
+    for j in range(len(self._ds)):
+      yield from records_from_example(self._ds[j], self.split)
+
   def __getstate__(self):
     return {'builder_dir': self.builder_dir, 'split': self.split}
 

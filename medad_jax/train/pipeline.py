@@ -79,6 +79,7 @@ class Data:
   builder_dir: str
   train: Sequence[MedADRecord]
   test: Sequence[MedADRecord]
+  report: dict = dataclasses.field(default_factory=dict)  # used / skipped-by-reason counts (data/lengths.py)
 
 
 def build_data(config) -> Data:
@@ -97,7 +98,8 @@ def build_data(config) -> Data:
   elif d.source == 'medad38k':
     if not d.dir or not os.path.isdir(d.dir):
       raise FileNotFoundError(f'config.data.dir = {d.dir!r}: expected the MedAD-38K directory (JSONL + images)')
-    builder_dir = tfds_builders.build_medad38k(d.dir, tfds_dir, policy='strict')
+    builder_dir = tfds_builders.build_medad38k(d.dir, tfds_dir, policy=d.policy,
+                                               max_image_pixels=d.max_image_pixels)
   else:
     raise ValueError(f'config.data.source = {d.source!r}: expected synth or medad38k')
   train = tfds_builders.RecordSource(builder_dir, 'train')
@@ -350,6 +352,8 @@ def setup(config, workdir: str, *, config_name: str = 'config.json') -> Run:
   tok = build_tokenizer(config, data)
   cfg = model_config(config, tok)
   proc = build_processor(config, tok, cfg)
+  from medad_jax.data.lengths import apply_limits
+  data = dataclasses.replace(data, **apply_limits(config.data, data, proc))
   logger = MetricsLogger(workdir, tensorboard=config.log.tensorboard)
   return Run(config, workdir, mesh, data, tok, cfg, proc, logger)
 
