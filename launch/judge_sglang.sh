@@ -19,7 +19,7 @@
 # Needs bash, curl and setsid on the judge host.
 # Environment: JUDGE_PYTHON (interpreter with sglang; default python3), JUDGE_LAUNCH (replaces
 # "$JUDGE_PYTHON -m sglang.launch_server", e.g. a site wrapper or the test stand-in
-# "python3 -m medad_jax.judge.fake_server"), JUDGE_LOG (server log file; default a temp file).
+# "python3 -m medad_jax.testing.fake_server"), JUDGE_LOG (server log file; default a temp file).
 set -euo pipefail
 
 model="" port=30000 host=127.0.0.1 timeout=900 extra=""

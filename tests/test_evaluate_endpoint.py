@@ -1,5 +1,5 @@
 """The evaluation's ``endpoint`` policy (``evaluate.endpoint_generator`` / ``endpoint_preprocess``) against a real
-localhost HTTP server: the fake SGLang server (``medad_jax.judge.fake_server``) speaking ``/v1/chat/completions``.
+localhost HTTP server: the fake SGLang server (``medad_jax.testing.fake_server``) speaking ``/v1/chat/completions``.
 
 What goes over the wire (one multimodal user message: the record's image as a PNG data URL, then the formatted
 question; greedy = temperature 0, ``max_tokens``, ``seed``), what comes back (``message.content`` in input order
@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from medad_jax import launch
-from medad_jax.judge.fake_server import FakeSGLangServer
+from medad_jax.testing.fake_server import FakeSGLangServer
 from medad_jax.rewards import LETTERS
 from medad_jax.train import evaluate
 from medad_jax.train import pipeline as pl

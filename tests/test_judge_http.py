@@ -1,5 +1,5 @@
 """Contract and fault-injection tests of the `sglang` and `openai` judges against a local server that replays
-SGLang's captured protocol (tests/fixtures/sglang, from SGLang 0.5.23)."""
+SGLang's captured protocol (medad_jax/testing/fixtures/sglang, from SGLang 0.5.23)."""
 
 import copy
 import json
@@ -15,10 +15,10 @@ import pytest
 from medad_jax import rewards as R
 from medad_jax.judge import (JudgeConfig, JudgeRequestError, JudgeUnavailableError, OpenAIJudge, RuleJudge,
                              SGLangJudge, build_judge_messages, build_judge_prompt, make_judge)
-from medad_jax.judge.fake_server import FakeSGLangServer, load_fixtures
+from medad_jax.testing.fake_server import FakeSGLangServer, default_fixtures_dir, load_fixtures
 from medad_jax.judge.remote import error_message, parse_chat_response, parse_generate_response
 
-FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'sglang'
+FIXTURES = default_fixtures_dir()
 FX = load_fixtures(FIXTURES)
 QUESTION = 'Which organ is shown?\nA. Brain\nB. Liver\nC. Lung\nD. Skin'
 THOUGHTS = [

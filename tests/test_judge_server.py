@@ -16,7 +16,7 @@ from medad_jax.judge.server import SGLangLaunchConfig, SGLangServer, launch_comm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'launch' / 'judge_sglang.sh'
-FAKE = [sys.executable, '-m', 'medad_jax.judge.fake_server']
+FAKE = [sys.executable, '-m', 'medad_jax.testing.fake_server']
 QUESTION = 'Which organ is shown?\nA. Brain\nB. Liver\nC. Lung\nD. Skin'
 
 

@@ -2,7 +2,7 @@
 
 It stands in for ``python -m sglang.launch_server`` wherever no GPU judge is available: contract tests of the
 ``sglang`` / ``openai`` backends, fault injection, the launcher's start/wait/stop test, and trainer smoke runs.
-The fixtures (``tests/fixtures/sglang/``, captured from SGLang 0.5.23) define the protocol:
+The fixtures (``medad_jax/testing/fixtures/sglang/``, package data, captured from SGLang 0.5.23) define the protocol:
 
 * a request equal to a captured one gets the captured response verbatim;
 * any other ``/generate`` or ``/v1/chat/completions`` request gets a response built from the captured shapes
@@ -21,7 +21,7 @@ connection without a response), ``'slow'`` (answer after ``slow_s``), ``'500'`` 
 unanswered until ``release()``; ``stop()`` (which also drops open connections) then ``start()`` on the same port
 simulates a restart.
 
-Run as a process: ``python -m medad_jax.judge.fake_server --port 30000 [--startup-delay S] [--unhealthy]``
+Run as a process: ``python -m medad_jax.testing.fake_server --port 30000 [--startup-delay S] [--unhealthy]``
 (unknown arguments such as ``--model-path`` are accepted and ignored, like a drop-in for SGLang's launcher).
 """
 
@@ -59,9 +59,13 @@ _CHAT_ROLES = ('system', 'user', 'assistant', 'tool', 'function', 'developer')
 
 
 def default_fixtures_dir() -> pathlib.Path:
-  """``$MEDAD_SGLANG_FIXTURES`` or the repository's ``tests/fixtures/sglang``."""
+  """``$MEDAD_SGLANG_FIXTURES`` or the captures shipped with the package (``medad_jax/testing/fixtures/sglang``,
+  package data, so an installed copy finds them too)."""
   env = os.environ.get('MEDAD_SGLANG_FIXTURES')
-  return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'fixtures' / 'sglang'
+  if env:
+    return pathlib.Path(env)
+  from importlib import resources
+  return pathlib.Path(str(resources.files('medad_jax.testing') / 'fixtures' / 'sglang'))
 
 
 def load_fixtures(fixtures_dir: str | os.PathLike | None = None) -> dict[str, dict]:
@@ -374,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--host', default='127.0.0.1')
   ap.add_argument('--port', type=int, default=30000)
-  ap.add_argument('--fixtures', default=None, help='fixture directory (default: tests/fixtures/sglang)')
+  ap.add_argument('--fixtures', default=None, help='fixture directory (default: the packaged captures)')
   ap.add_argument('--startup-delay', type=float, default=0.0, help='seconds before the port opens')
   ap.add_argument('--unhealthy', action='store_true', help='answer /health with 503 forever')
   ap.add_argument('--pid-file', default=None)
