@@ -15,9 +15,11 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 import jax
 import jax.numpy as jnp
 from medad_jax.model.checkpoint import load_hf_tensors
-from medad_jax.model.vision import (VisionTransformer, merge_units_permute, rotary_cos_sin, rotary_inv_freq,
-                                    vision_meta)
+from medad_jax.model.vision import (VisionTransformer, _check_window_runs, merge_units_permute, rotary_cos_sin,
+                                    full_attn_query_chunk, rotary_inv_freq, segment_attention, vision_meta,
+                                    window_len, windowed_segment_attention)
 from medad_jax.testing.hf import tiny_configs
+from medad_jax.testing.vision_ref import dense_tower, forward_temp_bytes
 
 CONFIGS = list(tiny_configs())
 
@@ -82,10 +84,13 @@ def test_vision_meta_pads_with_an_isolated_segment():
   for f in ('pos_L2', 'window_seg_L', 'full_seg_L'):
     np.testing.assert_array_equal(getattr(padded, f)[:n], getattr(plain, f))
   np.testing.assert_array_equal(padded.pos_L2[n:], 0)
-  # All padding patches share one segment id that no real patch uses (so no softmax row is empty).
-  for f in ('window_seg_L', 'full_seg_L'):
-    pad_ids = np.unique(getattr(padded, f)[n:])
-    assert len(pad_ids) == 1 and pad_ids[0] not in getattr(plain, f)
+  # Padding ids are ids no real patch uses (so no softmax row is empty and padding never mixes with images): one
+  # id for the full blocks, consecutive runs of one window's length (16 patches here) for the window blocks.
+  pad_ids = np.unique(padded.full_seg_L[n:])
+  assert len(pad_ids) == 1 and pad_ids[0] not in plain.full_seg_L
+  pad_win = padded.window_seg_L[n:]
+  assert not np.isin(pad_win, plain.window_seg_L).any() and n == 420 and window_len(vcfg) == 16
+  np.testing.assert_array_equal(pad_win, plain.window_seg_L.max() + 1 + np.arange(220) // 16)
   np.testing.assert_array_equal(padded.window_index_M[:m], plain.window_index_M)
   np.testing.assert_array_equal(padded.window_index_M[m:], np.arange(m, 160))
   np.testing.assert_array_equal(padded.valid_M, np.arange(160) < m)
@@ -146,12 +151,14 @@ def test_block_matches_transformers(config, kind, index, tiny_hf_checkpoints):
                                position_embeddings=(perm(cos), perm(sin))).numpy()
   block = _tower(cfg, torch_model).blocks[index]
   cos_LH, sin_LH = rotary_cos_sin(jnp.asarray(meta.pos_L2), cfg.vision)
-  seg = meta.full_seg_L if kind == 'full' else meta.window_seg_L
-  out = block(jnp.asarray(x.numpy()), cos_LH, sin_LH, jnp.asarray(seg))
+  wl = window_len(cfg.vision)
+  # Full blocks: one segment mask over the call; window blocks: the blockwise path the tower uses for them.
+  seg, window = (meta.full_seg_L, None) if kind == 'full' else (meta.window_seg_L, wl)
+  out = block(jnp.asarray(x.numpy()), cos_LH, sin_LH, jnp.asarray(seg), window=window)
   np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
   # The mask matters: the other segmentation gives a clearly different answer on the same block.
-  other = block(jnp.asarray(x.numpy()), cos_LH, sin_LH,
-                jnp.asarray(meta.window_seg_L if kind == 'full' else meta.full_seg_L))
+  other_seg, other_window = (meta.window_seg_L, wl) if kind == 'full' else (meta.full_seg_L, None)
+  other = block(jnp.asarray(x.numpy()), cos_LH, sin_LH, jnp.asarray(other_seg), window=other_window)
   assert np.abs(np.asarray(other) - ref).max() > 1e-2
 
 
@@ -221,3 +228,104 @@ def test_merge_unit_permutation_round_trips():
   y = merge_units_permute(x, jnp.asarray(meta.window_index_M), 4)
   assert not np.array_equal(y, x)
   np.testing.assert_array_equal(merge_units_permute(y, jnp.asarray(meta.reverse_index_M), 4), x)
+
+
+# ------------------------------------------------------------------------ blockwise window attention, remat, memory
+
+# Grids for the blockwise-vs-dense comparison, with pad_to (None = no padding): partial edge windows, several
+# images in one packed call, a video, padding longer than one window, a call shorter than one window.
+WINDOW_CASES = {
+    'partial_edges_two_images': ([[1, 12, 20], [1, 18, 10]], None),
+    'partial_edges_padded': ([[1, 12, 20], [1, 18, 10]], 640),
+    'video_image_padded': ([[2, 8, 12], [1, 6, 6]], 300),
+    'three_images': ([[1, 30, 4], [1, 4, 2], [1, 10, 14]], None),
+    'shorter_than_a_window': ([[1, 2, 2]], 12),
+}
+
+
+@pytest.mark.parametrize('case', list(WINDOW_CASES))
+@pytest.mark.parametrize('config', CONFIGS)
+def test_blockwise_attention_equals_segment_mask(config, case):
+  vcfg = tiny_configs()[config].vision
+  grid, pad_to = WINDOW_CASES[case]
+  meta = vision_meta(np.array(grid), vcfg, pad_to=pad_to)
+  L, wl, chunk = meta.pos_L2.shape[0], window_len(vcfg), full_attn_query_chunk(vcfg)
+  q, k, v = jax.random.normal(jax.random.key(L), (3, L, vcfg.num_heads, vcfg.head_dim))
+  vt = VisionTransformer(vcfg, rngs=nnx.Rngs(1), attn_implementation='xla')
+  pixels = jax.random.normal(jax.random.key(2), (L, vcfg.patch_dim))
+
+  @nnx.jit
+  def both(vt, meta):
+    out = {}
+    for name, seg in (('window', meta.window_seg_L), ('full', meta.full_seg_L)):
+      out[name] = (segment_attention(q, k, v, seg, implementation='xla', query_chunk=chunk // 4),
+                   segment_attention(q, k, v, seg, implementation='xla'))
+    out['blockwise'] = (windowed_segment_attention(q, k, v, meta.window_seg_L, wl, implementation='xla'),
+                        out['window'][1])
+    # The whole tower (random weights) against the one-mask-per-block reference, padding rows included.
+    out['tower'] = (vt(pixels, meta), dense_tower(vt, pixels, meta))
+    return out
+
+  for name, (new, ref) in both(vt, meta).items():
+    np.testing.assert_allclose(new, ref, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_windowed_attention_needs_short_contiguous_runs():
+  """The condition ``vision_meta`` checks is necessary: a run longer than the block loses keys."""
+  L, wl = 40, 8
+  q, k, v = jax.random.normal(jax.random.key(0), (3, L, 2, 8))
+  seg = jnp.asarray(np.repeat([0, 1], [3, 37]))
+  dense = segment_attention(q, k, v, seg)
+  assert np.abs(np.asarray(windowed_segment_attention(q, k, v, seg, wl)) - np.asarray(dense)).max() > 1e-2
+  with pytest.raises(ValueError, match=r'not contiguous runs of at most 8 patches \(run lengths \[3, 37\]\)'):
+    _check_window_runs(np.asarray(seg), wl, np.array([[1, 2, 20]]))
+  with pytest.raises(ValueError, match='not contiguous runs'):  # one id in two separate runs
+    _check_window_runs(np.repeat([0, 1, 0], 4), wl, np.array([[1, 2, 6]]))
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_output_and_gradients(remat):
+  vcfg = tiny_configs()[CONFIGS[0]].vision
+  meta = vision_meta(np.array([[1, 10, 14]]), vcfg, pad_to=160)  # partial windows, padding, 3 full-block chunks
+  pixels = jax.random.normal(jax.random.key(3), (160, vcfg.patch_dim))
+  target = jax.random.normal(jax.random.key(4), (40, vcfg.out_hidden_size))
+
+  @nnx.jit
+  def out_loss_grad(vt):
+    loss = lambda m: jnp.sum(jnp.where(meta.valid_M[:, None], m(pixels, meta) * target, 0.0))
+    return vt(pixels, meta), *nnx.value_and_grad(loss)(vt)
+
+  plain = VisionTransformer(vcfg, rngs=nnx.Rngs(5), attn_implementation='xla')
+  rematted = VisionTransformer(vcfg, rngs=nnx.Rngs(5), attn_implementation='xla', remat=remat)
+  (o0, l0, g0), (o1, l1, g1) = out_loss_grad(plain), out_loss_grad(rematted)
+  np.testing.assert_allclose(o1, o0, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  flat0, flat1 = nnx.to_flat_state(g0), nnx.to_flat_state(g1)
+  assert [p for p, _ in flat0] == [p for p, _ in flat1] and len(flat0) > 20
+  for (path, a), (_, b) in zip(flat0, flat1):
+    np.testing.assert_allclose(b[...], a[...], rtol=0, atol=1e-6, err_msg=str(path))
+  assert max(float(np.abs(a[...]).max()) for _, a in flat0) > 1e-2  # the gradients are not trivially zero
+  # The remat wrapper is in the traced graph (the backward recomputes the blocks), and only when asked for.
+  count = lambda vt: str(jax.make_jaxpr(lambda st: nnx.merge(nnx.graphdef(vt), st)(pixels, meta))(
+      nnx.state(vt))).count('remat2[')  # jax.checkpoint's primitive
+  assert count(rematted) == count(plain) + vcfg.depth
+
+
+def test_bad_tower_options():
+  vcfg = tiny_configs()[CONFIGS[0]].vision
+  with pytest.raises(ValueError, match=r"remat='some'; expected one of \['dots', 'full', 'none'\]"):
+    VisionTransformer(vcfg, rngs=nnx.Rngs(0), remat='some')
+  with pytest.raises(ValueError, match=r"attn_implementation='flash'; expected one of"):
+    VisionTransformer(vcfg, rngs=nnx.Rngs(0), attn_implementation='flash')
+
+
+def test_blockwise_attention_lowers_compiled_memory():
+  """XLA:CPU temporaries of the small preset's tower on one 448-px image (32x32 patches = 16 windows of 64)."""
+  from medad_jax.model.config import Qwen25VLConfig
+  vcfg = Qwen25VLConfig.small().vision
+  meta = vision_meta(np.array([[1, 32, 32]]), vcfg)
+  assert len(np.unique(meta.window_seg_L)) == 16 and meta.pos_L2.shape[0] == 1024
+  old = forward_temp_bytes(vcfg, [[1, 32, 32]], dense=True)
+  new = forward_temp_bytes(vcfg, [[1, 32, 32]], dense=False)
+  print(f'small tower, L=1024, forward temporaries: one [L, L] mask per block {old:,} B, blockwise {new:,} B')
+  assert new < old

@@ -115,6 +115,28 @@ def _patch_positions(t: int, h: int, w: int, m: int) -> np.ndarray:
   return np.tile(np.stack([to_units(rows), to_units(cols)], -1), (t, 1))
 
 
+def window_len(cfg: VisionConfig) -> int:
+  """``Wl``: the most patches one attention window holds, ``(window_size // patch_size)**2`` (whole merge units)."""
+  return (cfg.window_size // cfg.spatial_merge_size // cfg.patch_size)**2 * cfg.spatial_merge_size**2
+
+
+def full_attn_query_chunk(cfg: VisionConfig) -> int:
+  """Queries per step of the full-attention blocks' ``xla`` loop (:func:`segment_attention`): ``4 * Wl`` (256
+  for the released towers), so their logits stay within ``4 / 3`` of a window block's (``[N, L, 3 * Wl]``)."""
+  return 4 * window_len(cfg)
+
+
+def _check_window_runs(seg_L: np.ndarray, wl: int, grid: np.ndarray) -> None:
+  """The window blocks' exactness condition: every window id is ONE contiguous run of at most ``wl`` patches."""
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(seg_L)) + 1])
+  lengths = np.diff(np.concatenate([starts, [len(seg_L)]]))
+  ids = seg_L[starts]
+  if len(np.unique(ids)) != len(ids) or lengths.max() > wl:
+    raise ValueError(f'vision_meta: window segments of grid_thw {grid.tolist()} are not contiguous runs of at '
+                     f'most {wl} patches (run lengths {sorted(set(lengths.tolist()))}); the blockwise window '
+                     f'attention would not be exact')
+
+
 def vision_meta(grid_thw, cfg: VisionConfig, *, pad_to: int | None = None) -> VisionMeta:
   """Host-side index arrays for :class:`VisionTransformer` from ``grid_thw[G, 3]`` (t, h, w in patches).
 
@@ -155,10 +177,13 @@ def vision_meta(grid_thw, cfg: VisionConfig, *, pad_to: int | None = None) -> Vi
     extra_L, extra_M = pad_to - num_patches, (pad_to - num_patches) // unit
     window_index_M = np.concatenate([window_index_M, np.arange(num_units, num_units + extra_M)])
     pos_L2 = np.concatenate([pos_L2, np.zeros((extra_L, 2), np.int64)])
-    # Padding gets a segment id of its own, so it never mixes with real patches and no softmax row is empty.
+    # Padding gets segment ids of its own, so it never mixes with real patches and no softmax row is empty: one
+    # id for the full-attention blocks, and runs of at most one window's patches for the window blocks (so the
+    # window-block invariant below holds for padding too).
     full_seg_L = np.concatenate([full_seg_L, np.full(extra_L, num_frames)])
-    window_seg_L = np.concatenate([window_seg_L, np.full(extra_L, num_windows)])
+    window_seg_L = np.concatenate([window_seg_L, num_windows + np.arange(extra_L) // window_len(cfg)])
     valid_M = np.concatenate([valid_M, np.zeros(extra_M, bool)])
+  _check_window_runs(window_seg_L, window_len(cfg), grid)
   i32 = lambda a: np.ascontiguousarray(a, dtype=np.int32)
   return VisionMeta(pos_L2=i32(pos_L2), window_seg_L=i32(window_seg_L), full_seg_L=i32(full_seg_L),
                     window_index_M=i32(window_index_M), reverse_index_M=i32(np.argsort(window_index_M)),
@@ -166,6 +191,11 @@ def vision_meta(grid_thw, cfg: VisionConfig, *, pad_to: int | None = None) -> Vi
 
 
 # ------------------------------------------------------------------------------------------- pure functions
+
+ATTN_IMPLEMENTATIONS = (None, 'xla', 'cudnn')
+# Per-block rematerialisation: 'full' keeps only each block's input for the backward; 'dots' also keeps the
+# outputs of the weight matmuls (qkv, proj, MLP: dots without batch dimensions) and recomputes the attention.
+REMAT_POLICIES = {'none': None, 'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
 
 
 def rotary_inv_freq(cfg: VisionConfig) -> np.ndarray:
@@ -194,9 +224,62 @@ def apply_rotary(x_LNH: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array) -> jax.
   return y.astype(x_LNH.dtype)
 
 
-def segment_mask(seg_L: jax.Array) -> jax.Array:
-  """Block-diagonal attention mask ``[1, 1, L, L]`` (True = may attend) from per-token segment ids."""
-  return (seg_L[:, None] == seg_L[None, :])[None, None]
+def segment_attention(q_LNH: jax.Array, k_LNH: jax.Array, v_LNH: jax.Array, seg_L: jax.Array, *,
+                      implementation: str | None = None, query_chunk: int | None = None) -> jax.Array:
+  """Attention of every patch to the patches of its own segment (``seg[q] == seg[k]``): ``[L, N, H]``.
+
+  Used by the full-attention blocks. In one call it materialises an ``[L, L]`` mask and (``xla``) ``[N, L, L]``
+  fp32 logits. With ``query_chunk`` (ignored by ``cudnn``, whose fused kernel never stores logits) the queries are
+  processed ``query_chunk`` at a time in a loop (``jax.lax.map``), each chunk against all ``L`` keys: every
+  softmax row is computed whole, so the result is the same, with ``[N, query_chunk, L]`` logits alive at once; the
+  chunk body is rematerialised, so the backward keeps no ``[N, L, L]`` probabilities either.
+  """
+  L = q_LNH.shape[0]
+
+  def attend(q_TNH, seg_T):
+    mask_11TL = (seg_T[:, None] == seg_L[None, :])[None, None]
+    return jax.nn.dot_product_attention(q_TNH[None], k_LNH[None], v_LNH[None], mask=mask_11TL,
+                                        implementation=implementation)[0]
+
+  if implementation == 'cudnn' or query_chunk is None or L <= query_chunk:
+    return attend(q_LNH, seg_L)
+  C = -(-L // query_chunk)
+  tail = C * query_chunk - L
+  # Chunk-padding queries get id -1, which no key has: their rows are fully masked (uniform weights, finite) and
+  # are dropped below.
+  q_CTNH = jnp.pad(q_LNH, ((0, tail), (0, 0), (0, 0))).reshape(C, query_chunk, *q_LNH.shape[1:])
+  seg_CT = jnp.concatenate([seg_L, jnp.full((tail,), -1, seg_L.dtype)]).reshape(C, query_chunk)
+  o_CTNH = jax.lax.map(jax.checkpoint(lambda qs: attend(*qs)), (q_CTNH, seg_CT))
+  return o_CTNH.reshape(C * query_chunk, *q_LNH.shape[1:])[:L]
+
+
+def windowed_segment_attention(q_LNH: jax.Array, k_LNH: jax.Array, v_LNH: jax.Array, seg_L: jax.Array,
+                               block: int, *, implementation: str | None = None) -> jax.Array:
+  """:func:`segment_attention` when every segment is one contiguous run of at most ``block`` patches: ``[L, N, H]``.
+
+  The patches are cut into ``C = ceil(L / block)`` chunks of ``block`` queries; chunk ``c`` attends to the keys of
+  chunks ``c-1, c, c+1`` (``3 * block`` keys) under the same segment-equality mask. A run of at most ``block``
+  patches that contains a query of chunk ``c`` lies inside chunks ``c-1..c+1``, so every key the full mask would
+  allow is present and the result is the same softmax over the same non-zero terms (masked logits get the same
+  large negative value, so their weight is exactly 0). Memory: ``[C, N, block, 3*block]`` logits, i.e.
+  ``N * L * 3 * block`` instead of ``N * L**2``. :func:`vision_meta` checks the run-length condition on the host.
+  """
+  L, N, H = q_LNH.shape
+  C = -(-L // block)
+  tail = C * block - L
+  # Chunk-padding queries/keys get id -2 (they see only each other, so no softmax row is empty); the key-side
+  # halo chunks before the first and after the last chunk get id -1, which no query has. Real ids are >= 0.
+  seg_q = jnp.concatenate([seg_L, jnp.full((tail,), -2, seg_L.dtype)])
+  seg_k = jnp.concatenate([jnp.full((block,), -1, seg_L.dtype), seg_q, jnp.full((block,), -1, seg_L.dtype)])
+  pad_kv = lambda a: jnp.pad(a, ((block, tail + block), (0, 0), (0, 0)))
+  halo = lambda a: jnp.concatenate([a[:-2], a[1:-1], a[2:]], axis=1)  # [C + 2, block, ...] -> [C, 3 * block, ...]
+  k_CSNH = halo(pad_kv(k_LNH).reshape(C + 2, block, N, H))
+  v_CSNH = halo(pad_kv(v_LNH).reshape(C + 2, block, N, H))
+  q_CTNH = jnp.pad(q_LNH, ((0, tail), (0, 0), (0, 0))).reshape(C, block, N, H)
+  seg_CS = halo(seg_k.reshape(C + 2, block))
+  mask_C1TS = (seg_q.reshape(C, block)[:, :, None] == seg_CS[:, None, :])[:, None]
+  o_CTNH = jax.nn.dot_product_attention(q_CTNH, k_CSNH, v_CSNH, mask=mask_C1TS, implementation=implementation)
+  return o_CTNH.reshape(C * block, N, H)[:L]
 
 
 def merge_units_permute(x_LX: jax.Array, index_M: jax.Array, unit: int) -> jax.Array:
@@ -230,18 +313,25 @@ class VisionAttention(nnx.Module):
     d = cfg.hidden_size
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
     self.attn_implementation = attn_implementation
+    self.query_chunk = full_attn_query_chunk(cfg)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.qkv = Linear(d, 3 * d, use_bias=True, **kw)
     self.proj = Linear(d, d, use_bias=True, **kw)
 
-  def __call__(self, x_LD: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array, seg_L: jax.Array) -> jax.Array:
+  def __call__(self, x_LD: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array, seg_L: jax.Array, *,
+               window: int | None = None) -> jax.Array:
+    """``window=None``: attention within each segment over the whole call (:func:`segment_attention`); an int
+    ``Wl``: segments are contiguous runs of at most ``Wl`` patches (:func:`windowed_segment_attention`)."""
     L = x_LD.shape[0]
     qkv_L3NH = self.qkv(x_LD).reshape(L, 3, self.num_heads, self.head_dim)
     q_LNH, k_LNH, v_LNH = qkv_L3NH[:, 0], qkv_L3NH[:, 1], qkv_L3NH[:, 2]
     q_LNH, k_LNH = apply_rotary(q_LNH, cos_LH, sin_LH), apply_rotary(k_LNH, cos_LH, sin_LH)
-    o_1LNH = jax.nn.dot_product_attention(q_LNH[None], k_LNH[None], v_LNH[None], mask=segment_mask(seg_L),
-                                          implementation=self.attn_implementation)
-    return self.proj(o_1LNH.reshape(L, -1))
+    if window is None:
+      o_LNH = segment_attention(q_LNH, k_LNH, v_LNH, seg_L, implementation=self.attn_implementation,
+                                query_chunk=self.query_chunk)
+    else:
+      o_LNH = windowed_segment_attention(q_LNH, k_LNH, v_LNH, seg_L, window, implementation=self.attn_implementation)
+    return self.proj(o_LNH.reshape(L, -1))
 
 
 class VisionMLP(nnx.Module):
@@ -267,8 +357,9 @@ class VisionBlock(nnx.Module):
                                 attn_implementation=attn_implementation)
     self.mlp = VisionMLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-  def __call__(self, x_LD: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array, seg_L: jax.Array) -> jax.Array:
-    x_LD = x_LD + self.attn(self.norm1(x_LD), cos_LH, sin_LH, seg_L)
+  def __call__(self, x_LD: jax.Array, cos_LH: jax.Array, sin_LH: jax.Array, seg_L: jax.Array, *,
+               window: int | None = None) -> jax.Array:
+    x_LD = x_LD + self.attn(self.norm1(x_LD), cos_LH, sin_LH, seg_L, window=window)
     return x_LD + self.mlp(self.norm2(x_LD))
 
 
@@ -288,15 +379,25 @@ class PatchMerger(nnx.Module):
     return self.mlp_2(jax.nn.gelu(self.mlp_0(x_MX), approximate=False))
 
 
+def _block_call(window: int | None):
+  """``f(block, x, cos, sin, seg)`` with the static ``window`` bound (so ``nnx.remat`` sees only array inputs)."""
+  return lambda block, x_LD, cos_LH, sin_LH, seg_L: block(x_LD, cos_LH, sin_LH, seg_L, window=window)
+
+
 class VisionTransformer(nnx.Module):
   """The Qwen2.5-VL vision tower: ``pixel_values[L, P]`` + :class:`VisionMeta` -> image features ``[M, O]``."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, remat: str = 'none'):
     bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
     if bad:
       raise ValueError(f'VisionConfig: fullatt_block_indexes {bad} outside [0, depth={cfg.depth})')
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+      raise ValueError(f'attn_implementation={attn_implementation!r}; expected one of {ATTN_IMPLEMENTATIONS}')
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}')
     self.cfg = cfg
+    self.remat = remat
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.patch_embed = PatchEmbed(cfg, **kw)
     self.blocks = nnx.List(
@@ -317,7 +418,12 @@ class VisionTransformer(nnx.Module):
                        f'(sum of t*h*w over grid_thw, plus pad_to padding)')
     x_LD = merge_units_permute(self.patch_embed(pixel_values_LP), meta.window_index_M, unit)
     cos_LH, sin_LH = rotary_cos_sin(meta.pos_L2, cfg)
+    wl = window_len(cfg)
     for i, block in enumerate(self.blocks):
-      seg_L = meta.full_seg_L if i in cfg.fullatt_block_indexes else meta.window_seg_L
-      x_LD = block(x_LD, cos_LH, sin_LH, seg_L)
+      full = i in cfg.fullatt_block_indexes
+      seg_L, window = (meta.full_seg_L, None) if full else (meta.window_seg_L, wl)
+      call = _block_call(window)
+      if self.remat != 'none':
+        call = nnx.remat(call, policy=REMAT_POLICIES[self.remat])
+      x_LD = call(block, x_LD, cos_LH, sin_LH, seg_L)
     return jnp.take(self.merger(x_LD), meta.reverse_index_M, axis=0)
