@@ -25,18 +25,33 @@ Attention and HF's ``cu_seqlens``: HF packs all images into one sequence and run
 ``[cu_seqlens[i], cu_seqlens[i+1])`` slice (``cu_seqlens`` = one slice per image frame for full blocks,
 ``cu_window_seqlens`` = one slice per window for window blocks). Here each patch carries a *segment id*
 (``VisionMeta.full_seg_L`` / ``window_seg_L``): slice ``i`` of HF's ``cu_seqlens`` is exactly the run of patches
-whose segment id is ``i``, and attention uses the block-diagonal boolean mask ``seg[q] == seg[k]`` with
-``jax.nn.dot_product_attention``. Masked logits get a large negative value before an fp32 softmax, so their
-weight is exactly 0 and the result equals HF's per-slice attention up to summation order.
+whose segment id is ``i``, and a patch attends to the patches with its own id (``seg[q] == seg[k]``). Masked
+logits get a large negative value before an fp32 softmax, so their weight is exactly 0 and the result equals HF's
+per-slice attention up to summation order. Two layouts keep memory linear in ``L`` for a given image size:
 
-What a long-image user should expect: the XLA implementation computes, per block, fp32 logits of shape
-``[N, L, L]`` (plus an ``[L, L]`` boolean mask) even for window blocks, so memory grows quadratically with the
-total number of patches in one call. For the 3B tower (N=16) one such buffer is 4*16*L^2 bytes: 0.1 GiB at
-L=1,296 (a 504x504 image), 1.6 GiB at L=5,184 (1008x1008), 16 GiB at L=16,384 (1792x1792); XLA on CPU keeps
-about three of them alive at once (measured peak temporaries of a 3B-width tower: 0.3 GiB at L=1,296, 4.9 GiB at
-L=5,184). Keep ``max_pixels`` moderate, or encode many images in several calls. With
-``attn_implementation='cudnn'`` (GPU, bf16/fp16 only; not exercised by the CPU test suite) cuDNN's fused kernel
-is used instead: the mask becomes an additive ``[L, L]`` bias and the ``[N, L, L]`` logits are never stored.
+* Window blocks (:func:`windowed_segment_attention`): a window is one contiguous run of at most
+  ``Wl = (window_size / patch_size)**2`` patches (:func:`vision_meta` checks it, padding included), so the call is
+  cut into chunks of ``Wl`` queries and chunk ``c`` attends to the ``3 * Wl`` keys of chunks ``c-1..c+1`` under the
+  same mask: exact, with ``[L / Wl, N, Wl, 3 * Wl]`` logits instead of ``[N, L, L]``, and no attention between
+  windows of different images even when several images share a call.
+* Full blocks (:func:`segment_attention`): every query sees every key of the call under the frame mask, computed
+  ``4 * Wl`` queries at a time in a rematerialised loop (``xla``), so ``[N, 4 * Wl, L]`` logits are alive at once.
+  Called on ONE image (``jax.vmap`` over images, as ``sampling.sampler.embed_prompts`` does), that is attention
+  over that image's frames; in a packed multi-image call (``Qwen25VL.embed``, HF-style parity) no weight crosses
+  images either, but the loop still multiplies every query with all ``L`` keys of the call: compute grows with
+  ``L**2`` and each step's logits with ``L``, so pack few images per call.
+
+Measured (XLA:CPU ``memory_analysis()`` temporaries of the 3B tower's fp32 forward, abstract parameters;
+``python -m medad_jax.testing.vision_ref --preset=qwen2_5_vl_3b --side=32 --side=72``): one 448-px image
+(L=1,024) 0.076 GiB, against 0.197 GiB with one ``[L, L]`` mask per block (the previous implementation); one
+1008-px image (L=5,184) 0.53 GiB against 4.92 GiB. ``tests/test_vision.py`` checks the same ordering on the small
+preset. With ``attn_implementation='cudnn'`` (GPU, bf16/fp16 only; not exercised by the CPU test suite) the same
+calls go to cuDNN's fused kernel with the masks as additive biases (``[L / Wl, 1, Wl, 3 * Wl]`` for window blocks,
+``[1, 1, L, L]`` for full blocks, without the query loop); logits are never stored.
+
+``remat`` (``VisionTransformer(remat=...)``) wraps each block in ``nnx.remat``: ``'full'`` keeps only the block
+inputs for the backward, ``'dots'`` also the weight-matmul outputs (``checkpoint_dots_with_no_batch_dims``); the
+outputs and gradients are unchanged (``tests/test_vision.py``).
 
 dtype policy: parameters are stored in ``param_dtype`` and cast to the compute ``dtype`` at use; RMSNorm
 statistics, rotary embeddings and the attention softmax are always float32.
