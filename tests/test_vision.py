@@ -286,14 +286,19 @@ def test_windowed_attention_needs_short_contiguous_runs():
 @pytest.mark.parametrize('remat', ['full', 'dots'])
 def test_remat_keeps_output_and_gradients(remat):
   vcfg = tiny_configs()[CONFIGS[0]].vision
-  meta = vision_meta(np.array([[1, 10, 14]]), vcfg, pad_to=160)  # partial windows, padding, 3 full-block chunks
-  pixels = jax.random.normal(jax.random.key(3), (160, vcfg.patch_dim))
-  target = jax.random.normal(jax.random.key(4), (40, vcfg.out_hidden_size))
+  # Two images, one tower call each, vmapped (as the sampler embeds prompts): partial windows, padding, and 3
+  # query chunks in the full block.
+  metas = [vision_meta(np.array(g), vcfg, pad_to=160) for g in ([[1, 10, 14]], [[1, 8, 8]])]
+  meta_I = jax.tree.map(lambda *a: np.stack(a), *metas)
+  pixels = jax.random.normal(jax.random.key(3), (2, 160, vcfg.patch_dim))
+  target = jax.random.normal(jax.random.key(4), (2, 40, vcfg.out_hidden_size))
+  meta = metas[0]
 
   @nnx.jit
   def out_loss_grad(vt):
-    loss = lambda m: jnp.sum(jnp.where(meta.valid_M[:, None], m(pixels, meta) * target, 0.0))
-    return vt(pixels, meta), *nnx.value_and_grad(loss)(vt)
+    per_image = lambda m: jax.vmap(lambda px, mt: m(px, mt))(pixels, meta_I)
+    loss = lambda m: jnp.sum(jnp.where(meta_I.valid_M[..., None], per_image(m) * target, 0.0))
+    return per_image(vt), *nnx.value_and_grad(loss)(vt)
 
   plain = VisionTransformer(vcfg, rngs=nnx.Rngs(5), attn_implementation='xla')
   rematted = VisionTransformer(vcfg, rngs=nnx.Rngs(5), attn_implementation='xla', remat=remat)
@@ -306,7 +311,7 @@ def test_remat_keeps_output_and_gradients(remat):
     np.testing.assert_allclose(b[...], a[...], rtol=0, atol=1e-6, err_msg=str(path))
   assert max(float(np.abs(a[...]).max()) for _, a in flat0) > 1e-2  # the gradients are not trivially zero
   # The remat wrapper is in the traced graph (the backward recomputes the blocks), and only when asked for.
-  count = lambda vt: str(jax.make_jaxpr(lambda st: nnx.merge(nnx.graphdef(vt), st)(pixels, meta))(
+  count = lambda vt: str(jax.make_jaxpr(lambda st: nnx.merge(nnx.graphdef(vt), st)(pixels[0], meta))(
       nnx.state(vt))).count('remat2[')  # jax.checkpoint's primitive
   assert count(rematted) == count(plain) + vcfg.depth
 

@@ -439,6 +439,6 @@ class VisionTransformer(nnx.Module):
       seg_L, window = (meta.full_seg_L, None) if full else (meta.window_seg_L, wl)
       call = _block_call(window)
       if self.remat != 'none':
-        call = nnx.remat(call, policy=REMAT_POLICIES[self.remat])
+        call = nnx.remat(call, policy=REMAT_POLICIES[self.remat], graph_updates=False)
       x_LD = call(block, x_LD, cos_LH, sin_LH, seg_L)
     return jnp.take(self.merger(x_LD), meta.reverse_index_M, axis=0)
