@@ -34,6 +34,10 @@ POLICY_SOURCES = ('run', 'hf', 'endpoint')
 DTYPES = ('float32', 'bfloat16')
 TRAINABLE = ('lora', 'all')
 ANSWER_FORMATS = ('letter', 'option')  # = medad_jax.data.schema.ANSWER_FORMATS (configs import no JAX code)
+LOSSES = ('grpo', 'gspo', 'dr_grpo')  # = medad_jax.rl.algo.LOSSES
+CON_MODES = ('deduce', 'evidence')  # = medad_jax.judge.evidence.CON_MODES
+EVIDENCE_PARTS = ('visual_grounding', 'question_relevance', 'answer_support', 'no_hallucination',
+                  'no_contradiction')  # = medad_jax.judge.evidence.PARTS
 
 # Table 3 of the paper (lambda_fmt, lambda_acc, lambda_con), and the two reward ablations of Table 2.
 REWARD_WEIGHTS = {
@@ -172,6 +176,11 @@ def judge_config(backend: str = 'local', url: str = 'http://127.0.0.1:30000') ->
       # local judge only: 'judge' (the instruction prompt, for chat checkpoints) or 'policy' (question + thought
       # in the policy's own SFT format, the letter after <answer>; medad_jax/judge/flax_scorer.py)
       'prompt_format': 'judge',
+      # R_con: 'deduce' (paper Eq. 5-6: the judge deduces an answer from question + thought, 1 iff it is the
+      # model's) or 'evidence' (five rubric parts judged separately, weighted; medad_jax/judge/evidence.py)
+      'con_mode': 'deduce',
+      'evidence_weights': {'visual_grounding': 0.2, 'question_relevance': 0.2, 'answer_support': 0.2,
+                           'no_hallucination': 0.2, 'no_contradiction': 0.2},
   })
 
 
@@ -227,6 +236,13 @@ def rl_config(*, lr: float = 1e-6, epochs: int = 1, prompts_per_step: int = 8, g
       'adv_std_norm': False,       # Eq. 7 subtracts the group mean only
       'filter_zero_variance': False,
       'num_microbatches': 1,
+      # GRPO variants (WORKSPACE.md "GRPO variants"; medad_jax/rl/algo.py). Defaults: the paper's GRPO.
+      'loss': 'grpo',              # 'grpo' | 'gspo' (sequence ratio) | 'dr_grpo' (constant normaliser)
+      'dynamic_sampling': False,   # DAPO: drop zero-variance groups and refill with new prompts ...
+      'dynamic_sampling_max_draws': 4,  # ... at most this many sampling rounds per step (then zero-var filler)
+      'overlong_penalty': 0.0,     # DAPO soft overlong punishment factor (0 = off; 1.0 = DAPO)
+      'overlong_buffer': 256,      # ... over the last this many tokens of sampling.max_new_tokens
+      'tis_cap': 0.0,              # truncated importance sampling cap (0 = off; verl uses 2.0)
       'optim': optim_config(lr),
   })
 
@@ -354,6 +370,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.rl.eps_low < 1:
       _fail('rl.eps_low', config.rl.eps_low, 'a number in [0, 1)')
     _positive(config, 'rl.eps_high', allow_zero=True)
+    _choice(config, 'rl.loss', LOSSES)
+    if config.rl.loss == 'gspo' and config.rl.aggregation != 'seq_mean_token_mean':
+      _fail('rl.aggregation', config.rl.aggregation, "'seq_mean_token_mean' with rl.loss='gspo'")
+    if config.rl.loss == 'dr_grpo' and (config.rl.aggregation != 'seq_mean_token_mean' or config.rl.adv_std_norm):
+      _fail('rl.loss', config.rl.loss, "rl.aggregation and rl.adv_std_norm at their defaults (Dr. GRPO sets its "
+            'own constant normaliser and uses the mean-only advantage)')
+    _positive(config, 'rl.dynamic_sampling_max_draws', integer=True)
+    _positive(config, 'rl.overlong_penalty', allow_zero=True)
+    _positive(config, 'rl.tis_cap', allow_zero=True)
+    if config.rl.overlong_penalty > 0:
+      _positive(config, 'rl.overlong_buffer', integer=True)
+      if 'sampling' in config and config.rl.overlong_buffer > config.sampling.max_new_tokens:
+        _fail('rl.overlong_buffer', config.rl.overlong_buffer,
+              f'at most sampling.max_new_tokens={config.sampling.max_new_tokens}')
+      if config.rl.adv_std_norm:
+        _fail('rl.overlong_penalty', config.rl.overlong_penalty, '0 with rl.adv_std_norm=True')
     if config.rl.prompts_per_step % config.rl.num_microbatches:
       _fail('rl.num_microbatches', config.rl.num_microbatches,
             f'a divisor of rl.prompts_per_step={config.rl.prompts_per_step}')
@@ -365,9 +397,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if 'judge' in config:
     _choice(config, 'judge.backend', JUDGE_BACKENDS)
     _choice(config, 'judge.prompt_format', ('judge', 'policy'))
+    _choice(config, 'judge.con_mode', CON_MODES)
+    w = dict(config.judge.evidence_weights)
+    if sorted(w) != sorted(EVIDENCE_PARTS):
+      _fail('judge.evidence_weights', w, f'one weight for each of {EVIDENCE_PARTS}')
+    for k in EVIDENCE_PARTS:
+      _positive(config, f'judge.evidence_weights.{k}', allow_zero=True)
+    if config.judge.con_mode == 'evidence' and sum(w.values()) <= 0:
+      _fail('judge.evidence_weights', w, 'at least one positive weight')
   if 'sampling' in config:
     _positive(config, 'sampling.max_new_tokens', integer=True)
     _positive(config, 'sampling.temperature')
+    if 'rl' in config and (config.sampling.top_k > 0 or config.sampling.top_p < 1.0):
+      _fail('sampling.top_k/top_p', (config.sampling.top_k, config.sampling.top_p),
+            "0 / 1.0 for Con-GRPO: the update's ratio is under softmax(z / temperature), which top-k / top-p "
+            'truncation would make differ from the distribution the rollouts were drawn from')
   if 'eval' in config:
     _choice(config, 'eval.policy', POLICY_SOURCES)
     if not len(config.eval.seeds):

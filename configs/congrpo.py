@@ -20,6 +20,14 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   balanced      (1/3, 1/3, 1/3), the default (MedAD-R1).
   Algorithm choices:
   eq8           ratio to pi_SFT as the paper's Eq. 8 writes it (default: to the rollout policy, standard GRPO).
+  GRPO variants (WORKSPACE.md "GRPO variants"; each also a one-line override of the ``rl`` keys):
+  gspo          sequence-level ratio and clipping (GSPO), clip range 3e-4 / 4e-4 as in the GSPO paper.
+  dr_grpo       Dr. GRPO: token sum over a constant (sequences x completion budget), mean-only advantage.
+  dapo          DAPO: clip-higher (eps_high 0.28), token-mean aggregation, dynamic sampling with refill,
+                soft overlong punishment.
+  tis           truncated importance sampling against the sampler's log-probs, cap 2.
+  Consistency reward:
+  evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).
 
 Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.reward.con=0.5``.
 
@@ -42,7 +50,8 @@ from configs import common
 
 ABLATIONS = ('rl_only', 'sft_only', 'acc_only', 'con_only', 'fmt_focused', 'acc_focused', 'con_focused',
              'balanced')
-VARIANTS = ('paper', 'eq8') + ABLATIONS
+ALGORITHMS = ('eq8', 'gspo', 'dr_grpo', 'dapo', 'tis', 'evidence')
+VARIANTS = ('paper',) + ALGORITHMS + ABLATIONS
 
 
 def apply_miniature(config: ml_collections.ConfigDict) -> None:
@@ -68,6 +77,7 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
     config.rl.optim.lr = 1e-3            # LoRA adapters from zero: 1e-4 moved the policy by a KL of 3e-5 in 20 steps
     config.rl.max_steps = 30
     config.sampling.max_new_tokens = 96  # the synthetic CoTs are 40-60 tokens
+    config.rl.overlong_buffer = 24       # DAPO's overlong buffer: the last quarter of the budget
   config.eval.batch_size = 32
   config.eval.max_new_tokens = 96
   config.eval.greedy = True              # one deterministic pass (sampled seeds: --config.eval.greedy=False)
@@ -99,6 +109,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rl.enabled = False
   if 'eq8' in variants:
     config.rl.ratio_to = 'sft'
+  if 'gspo' in variants:
+    config.rl.loss = 'gspo'
+    config.rl.eps_low, config.rl.eps_high = 3e-4, 4e-4
+  if 'dr_grpo' in variants:
+    config.rl.loss = 'dr_grpo'
+  if 'dapo' in variants:
+    config.rl.eps_high = 0.28
+    config.rl.aggregation = 'token_mean'
+    config.rl.dynamic_sampling = True
+    config.rl.overlong_penalty = 1.0
+  if 'tis' in variants:
+    config.rl.tis_cap = 2.0
+  if 'evidence' in variants:
+    config.judge.con_mode = 'evidence'
   config.name = '-'.join(['congrpo'] + variants)
   config.lock()
   return config

@@ -268,13 +268,20 @@ def consistency_reward(completions: Sequence[str], *, verdicts: Sequence[str | N
 
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
-  """λ of Eq. 3; the paper uses 1/3 each (Table 3 ablates e.g. 0.1/0.1/0.8)."""
+  """λ of Eq. 3; the paper uses 1/3 each (Table 3 ablates e.g. 0.1/0.1/0.8). ``evidence``: the weights of the
+  evidence-aware R_con's parts (``judge.con_mode='evidence'``; None = equal), see ``medad_jax.judge.evidence``."""
   fmt: float = 1 / 3
   acc: float = 1 / 3
   con: float = 1 / 3
+  evidence: Any = None
 
   def __post_init__(self):
+    if self.evidence is not None:
+      from medad_jax.judge.evidence import normalised_weights
+      normalised_weights(self.evidence)  # raises naming the bad weight
     for f in dataclasses.fields(self):
+      if f.name == 'evidence':
+        continue
       v = getattr(self, f.name)
       if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise ValueError(f'RewardWeights.{f.name}: expected a finite number >= 0, got {v!r}')
@@ -319,12 +326,20 @@ class RewardBreakdown:
   judged: np.ndarray  # [N] bool: sent to the judge
   verdicts: list[str | None]
   judge_result: Any = None
+  con_parts: dict[str, np.ndarray] | None = None  # evidence mode: [N] float32 per rubric part
 
   def metrics(self, prefix: str = 'reward/') -> dict[str, float]:
-    """Batch means for logging."""
+    """Batch means for logging (plus ``con_<part>`` in the evidence mode)."""
     out = {f'{prefix}{k}': float(getattr(self, k).mean()) if len(self.total) else 0.0
            for k in ('fmt', 'acc', 'con', 'total', 'judged')}
+    out.update(self.con_part_metrics(f'{prefix}con_'))
     return out
+
+  def con_part_metrics(self, prefix: str = 'reward_con_') -> dict[str, float]:
+    """Batch mean of every evidence part (empty in the deduce mode)."""
+    if self.con_parts is None:
+      return {}
+    return {f'{prefix}{k}': float(v.mean()) if len(v) else 0.0 for k, v in self.con_parts.items()}
 
 
 class PendingRewards:
@@ -333,8 +348,9 @@ class PendingRewards:
   ``fmt`` and ``acc`` (``[N]`` float32) need no network and are ready at once.
   """
 
-  def __init__(self, completions, parsed, fmt, acc, weights, idx, future):
+  def __init__(self, completions, parsed, fmt, acc, weights, idx, future, evidence: bool = False):
     self._completions, self._parsed, self._weights = completions, parsed, weights
+    self._evidence = evidence
     self._idx, self._future = idx, future
     self.fmt, self.acc = fmt, acc
 
@@ -352,12 +368,22 @@ class PendingRewards:
         raise RuntimeError(f'judge returned {len(letters)} verdicts for {len(self._idx)} judged rollouts')
       for i, v in zip(self._idx, letters):
         verdicts[i] = v
-    con = consistency_reward(self._completions, verdicts=verdicts, parsed=self._parsed)
     judged = np.zeros(n, bool)
     judged[self._idx] = True
+    con_parts = None
+    if self._evidence or (judge_result is not None and getattr(judge_result, 'evidence', None) is not None):
+      from medad_jax.judge.evidence import evidence_reward
+      if judge_result is not None and getattr(judge_result, 'evidence', None) is None:
+        raise RuntimeError('evidence-mode scoring: the judge returned no evidence verdicts (is judge.con_mode set?)')
+      ev: list = [None] * n
+      for i, v in zip(self._idx, judge_result.evidence if judge_result is not None else []):
+        ev[i] = v
+      con, con_parts = evidence_reward(ev, [p.letter for p in self._parsed], judged, self._weights.evidence)
+    else:
+      con = consistency_reward(self._completions, verdicts=verdicts, parsed=self._parsed)
     return RewardBreakdown(fmt=self.fmt, acc=self.acc, con=con,
                            total=total_reward(self.fmt, self.acc, con, self._weights), judged=judged,
-                           verdicts=verdicts, judge_result=judge_result)
+                           verdicts=verdicts, judge_result=judge_result, con_parts=con_parts)
 
 
 def start_scoring(completions: Sequence[str], *, answers: Sequence[str], questions: Sequence[str],
@@ -376,7 +402,8 @@ def start_scoring(completions: Sequence[str], *, answers: Sequence[str], questio
   acc = accuracy_reward(completions, answers=answers, parsed=parsed)
   idx, qs, ts = judge_inputs(parsed, questions)
   future = judge.submit(qs, ts) if idx else None
-  return PendingRewards(completions, parsed, fmt, acc, weights, idx, future)
+  evidence = getattr(getattr(judge, 'cfg', None), 'con_mode', 'deduce') == 'evidence'
+  return PendingRewards(completions, parsed, fmt, acc, weights, idx, future, evidence)
 
 
 def score_batch(completions: Sequence[str], **kwargs) -> RewardBreakdown:

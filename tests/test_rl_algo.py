@@ -100,6 +100,7 @@ M = jnp.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
     ('seq_mean_token_mean', (2.5 + 15.0) / 2),   # the empty third row is not a sequence
     ('token_mean', (10.0 + 30.0) / 6),
     ('token_sum', 40.0),
+    ('max_len_sum', 40.0 / (2 * 4)),             # 2 non-empty sequences x width 4
 ])
 def test_aggregation_modes(mode, expected):
   assert float(algo.aggregate(X, M, mode)) == pytest.approx(expected, rel=1e-7)
@@ -115,9 +116,11 @@ def test_padding_contributes_nothing(mode):
   g = jax.grad(lambda x: algo.aggregate(x, junk_m, mode))(junk)
   assert np.all(np.asarray(g)[np.asarray(junk_m) == 0] == 0.0)
   assert np.all(np.isfinite(np.asarray(g)))
-  # Extra padded columns / rows leave the value unchanged.
-  wide = jnp.pad(X, ((0, 1), (0, 3)), constant_values=99.0)
-  wide_m = jnp.pad(M, ((0, 1), (0, 3)))
+  # Extra padded columns / rows leave the value unchanged (max_len_sum: padded rows only -- its normaliser is the
+  # completion width by definition, so a wider budget divides by more).
+  cols = 0 if mode == 'max_len_sum' else 3
+  wide = jnp.pad(X, ((0, 1), (0, cols)), constant_values=99.0)
+  wide_m = jnp.pad(M, ((0, 1), (0, cols)))
   assert float(algo.aggregate(wide, wide_m, mode)) == pytest.approx(float(algo.aggregate(X, M, mode)), rel=1e-7)
 
 
@@ -159,3 +162,199 @@ def test_sft_nll_masks_prompt_tokens():
   lsm = jax.nn.log_softmax(logits, -1)
   want = [-lsm[0, 1, ids[0, 2]], -lsm[0, 2, ids[0, 3]], -lsm[1, 2, ids[1, 3]], -lsm[1, 3, ids[1, 4]]]
   assert float(loss) == pytest.approx(float(np.mean(want)), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ GRPO variants
+# Each variant's loss on a hand-computed example (numbers worked out in the comments).
+
+from medad_jax.rl import update as U  # noqa: E402
+
+
+def test_gspo_sequence_ratio_and_clip_by_hand():
+  # Sequence 0: 2 tokens, log-ratio 0.2 and -0.1 -> log s = 0.05, s = e^0.05, A = 2: inside the band,
+  #   loss_0 = -2 e^0.05; d loss_0 / d logp_0t = -A s / |y_0| = -e^0.05 for t = 0, 1 (the masked slot gets 0).
+  # Sequence 1: 3 tokens of log-ratio 0.3 -> s = e^0.3 = 1.35 > 1.2, A = 1: clipped, loss_1 = -1.2, no gradient.
+  # seq_mean_token_mean: (loss_0 + loss_1) / 2.
+  old = jnp.zeros((2, 3))
+  logp = jnp.array([[0.2, -0.1, 7.0], [0.3, 0.3, 0.3]])
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+  adv = jnp.array([2.0, 1.0])
+
+  def loss(lp):
+    pg, _ = algo.gspo_surrogate(lp, old, adv, mask, eps_low=EPS, eps_high=EPS)
+    return algo.aggregate(pg, mask, 'seq_mean_token_mean')
+
+  s0 = math.exp(0.05)
+  assert float(loss(logp)) == pytest.approx((-2 * s0 - 1.2) / 2, abs=1e-6)
+  g = jax.grad(loss)(logp)
+  np.testing.assert_allclose(g, [[-s0 / 2, -s0 / 2, 0.0], [0.0, 0.0, 0.0]], atol=1e-6)
+  _, aux = algo.gspo_surrogate(logp, old, adv, mask, eps_low=EPS, eps_high=EPS)
+  np.testing.assert_array_equal(aux['clipped_high'][:, 0], [False, True])
+  np.testing.assert_allclose(aux['ratio'][:, 0], [s0, math.exp(0.3)], rtol=1e-6)
+  # A negative advantage below 1 - eps is clipped too (the whole sequence).
+  _, aux = algo.gspo_surrogate(-jnp.ones((1, 2)), jnp.zeros((1, 2)), jnp.array([-1.0]), jnp.ones((1, 2)),
+                               eps_low=EPS, eps_high=EPS)
+  assert bool(aux['clipped_low'][0, 0])
+
+
+def test_gspo_equals_grpo_for_one_token_sequences():
+  # With |y| = 1 the sequence ratio is the token ratio: the two objectives coincide.
+  logp, old = jnp.array([[0.1], [-0.4], [0.5]]), jnp.zeros((3, 1))
+  adv, mask = jnp.array([1.0, -1.0, 2.0]), jnp.ones((3, 1))
+  a, _ = algo.gspo_surrogate(logp, old, adv, mask, eps_low=EPS, eps_high=EPS)
+  b, _ = algo.clipped_surrogate(logp, old, adv, eps_low=EPS, eps_high=EPS)
+  np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_dr_grpo_constant_normaliser_by_hand():
+  # token sum 1 + 2 + 3 = 6 over (2 non-empty sequences x width 3) = 1; the empty third row does not count.
+  x = jnp.array([[1.0, 2.0, 9.0], [3.0, 5.0, 5.0], [4.0, 4.0, 4.0]])
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+  num, den = algo.aggregate_parts(x, mask, 'max_len_sum')
+  assert (float(num), float(den)) == (6.0, 6.0)
+  assert float(algo.aggregate(x, mask, 'max_len_sum')) == 1.0
+  # Unlike seq_mean_token_mean ((1.5 + 3) / 2 = 2.25) the per-token weight does not depend on the length.
+  assert float(algo.aggregate(x, mask, 'seq_mean_token_mean')) == 2.25
+
+
+@pytest.mark.parametrize('length,factor,want', [(5, 1.0, 0.0), (6, 1.0, 0.0), (8, 1.0, -0.5), (9, 1.0, -0.75),
+                                                (10, 1.0, -1.0), (12, 1.0, -1.0), (8, 0.5, -0.25)])
+def test_overlong_penalty_by_hand(length, factor, want):
+  # max_len 10, buffer 4: free up to 6 tokens, then linear to -factor at 10 (DAPO Eq. 13).
+  got = algo.overlong_penalty(jnp.array([length]), 10, 4, factor)
+  assert float(got[0]) == pytest.approx(want, abs=1e-7)
+
+
+def test_overlong_penalty_rejects_a_bad_buffer():
+  with pytest.raises(ValueError, match='0 < buffer <= max_len'):
+    algo.overlong_penalty(jnp.array([1]), 10, 0)
+
+
+def test_tis_weights_and_mismatch_by_hand():
+  old = jnp.log(jnp.array([[0.5, 0.2, 0.3]]))
+  sampler = jnp.log(jnp.array([[0.25, 0.4, 0.3]]))
+  # ratios pi_old / pi_sampler = 2, 0.5, 1 -> capped at 1.5: 1.5, 0.5, 1.
+  np.testing.assert_allclose(algo.tis_weights(old, sampler, 1.5), [[1.5, 0.5, 1.0]], rtol=1e-6)
+  # |log 2|, |log 0.5|, 0 over the first two tokens (the third masked) -> log 2.
+  mask = jnp.array([[1.0, 1.0, 0.0]])
+  assert float(algo.logp_mismatch(old, sampler, mask)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def _obj(cfg, logp, old, adv, mask, **kw):
+  num, stats = U.grpo_objective(logp, old, None, adv, mask, cfg, **kw)
+  return float(num), {k: float(v) for k, v in stats.items()}
+
+
+def test_grpo_objective_selects_gspo_and_dr_grpo():
+  logp = jnp.array([[0.2, -0.1, 7.0], [0.3, 0.3, 0.3]])
+  old = jnp.zeros((2, 3))
+  mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+  adv = jnp.array([2.0, 1.0])
+  num, st = _obj(U.GRPOConfig(group_size=2, beta=0.0, loss='gspo'), logp, old, adv, mask)
+  assert num == pytest.approx(-2 * math.exp(0.05) - 1.2, abs=1e-5)  # numerator: sum of the sequence losses
+  assert st['clip_high_sum'] == 3.0  # sequence 1 clipped: its three tokens
+  # Dr. GRPO: token ratios, numerator = token sum of -min(r A, clip(r) A): seq 0 has r = e^0.2 = 1.22 (clipped to
+  # 1.2, A = 2) and e^-0.1 (inside); seq 1 has three tokens at e^0.3, clipped to 1.2 (A = 1).
+  num, _ = _obj(U.GRPOConfig(group_size=2, beta=0.0, loss='dr_grpo', aggregation='max_len_sum'), logp, old, adv,
+                mask)
+  assert num == pytest.approx(-2 * (1.2 + math.exp(-0.1)) - 3 * 1.2, abs=1e-5)
+
+
+def test_grpo_objective_overlong_penalty_enters_as_centred_advantage():
+  # One group of 2 rollouts in a width-10 budget, lengths 10 and 5, buffer 4: penalties -1 and 0, centred
+  # -0.5 and +0.5. Ratio 1, A = 0, token_mean: numerator = -sum_i A'_i L_i = -(-0.5 * 10 + 0.5 * 5) = 2.5.
+  mask = jnp.array([[1.0] * 10, [1.0] * 5 + [0.0] * 5])
+  z = jnp.zeros((2, 10))
+  cfg = U.GRPOConfig(group_size=2, beta=0.0, aggregation='token_mean', overlong_penalty=1.0, overlong_buffer=4)
+  num, st = _obj(cfg, z, z, jnp.zeros(2), mask)
+  assert num == pytest.approx(2.5, abs=1e-6)
+  assert (st['overlong_sum'], st['overlong_rows']) == (-1.0, 1.0)
+  num_off, _ = _obj(U.GRPOConfig(group_size=2, beta=0.0, aggregation='token_mean'), z, z, jnp.zeros(2), mask)
+  assert num_off == 0.0
+
+
+def test_grpo_objective_tis_weights_the_surrogate():
+  # Ratio 1 (logp = old), A = 1: token loss -1 each, weighted by min(pi_old / pi_sampler, 1.5) = 1.5 and 0.5.
+  old = jnp.log(jnp.array([[0.5, 0.2]]))
+  sampler = jnp.log(jnp.array([[0.25, 0.4]]))
+  cfg = U.GRPOConfig(group_size=1, beta=0.0, aggregation='token_sum', tis_cap=1.5)
+  num, st = _obj(cfg, old, old, jnp.ones(1), jnp.ones((1, 2)), sampler_logp_BN=sampler)
+  assert num == pytest.approx(-2.0, abs=1e-6)
+  assert st['tis_sum'] == pytest.approx(2.0) and st['tis_capped_sum'] == 1.0
+  assert st['mismatch_sum'] == pytest.approx(2 * math.log(2), rel=1e-6)
+  with pytest.raises(ValueError, match='needs sampler_logp_BN'):
+    _obj(cfg, old, old, jnp.ones(1), jnp.ones((1, 2)))
+
+
+def test_grpo_objective_mismatch_without_sampler_logp():
+  # Without sampler_logp_BN the mismatch is |logp - old_logp|: 0 when they agree, as the fp32 sampler's do.
+  logp = jnp.array([[-1.0, -2.0, -3.0]])
+  mask = jnp.array([[1.0, 1.0, 0.0]])
+  _, st = _obj(U.GRPOConfig(group_size=1, beta=0.0), logp, logp, jnp.ones(1), mask)
+  assert st['mismatch_sum'] == 0.0
+  _, st = _obj(U.GRPOConfig(group_size=1, beta=0.0), logp, logp + jnp.array([[0.1, -0.3, 5.0]]), jnp.ones(1), mask)
+  assert st['mismatch_sum'] == pytest.approx(0.4, abs=1e-6)
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(loss='ppo'), 'expected one of'),
+    (dict(loss='gspo', aggregation='token_mean'), "expected aggregation='seq_mean_token_mean'"),
+    (dict(loss='dr_grpo'), "expects aggregation='max_len_sum'"),
+    (dict(loss='dr_grpo', aggregation='max_len_sum', adv_std_norm=True), 'adv_std_norm=False'),
+    (dict(overlong_penalty=1.0), 'buffer >= 1'),
+    (dict(overlong_penalty=1.0, overlong_buffer=8, adv_std_norm=True), 'mean-only advantage'),
+    (dict(tis_cap=-1.0), 'tis_cap'),
+])
+def test_grpo_config_rejects_inconsistent_variants(kw, match):
+  with pytest.raises(ValueError, match=match):
+    U.GRPOConfig(**kw)
+
+
+# ------------------------------------------------------------------------------- DAPO dynamic sampling
+
+
+class _Draws:
+  """A scripted ``draw(n)``: each group's rewards come from ``script`` in order; payloads are the group ids."""
+
+  def __init__(self, script):
+    self.script, self.pos, self.calls = script, 0, []
+
+  def __call__(self, n):
+    self.calls.append(n)
+    rows = self.script[self.pos:self.pos + n]
+    ids = list(range(self.pos, self.pos + n))
+    self.pos += n
+    return ids, np.asarray(rows, np.float32)
+
+
+def test_refill_keeps_the_batch_size_and_counts_the_drops():
+  # target 3: the first draw (groups 0-2) has one informative group; the refill draws 2 (3, 4: one informative),
+  # then 1 (5: informative). 3 zero-variance groups dropped, 6 drawn in 3 draws.
+  script = [[1, 1], [0, 1], [0, 0], [1, 1], [1, 0], [0.5, 0.0], [0, 1]]
+  d = _Draws(script)
+  r = algo.dynamic_sampling_refill(d, 3, max_draws=5)
+  assert d.calls == [3, 2, 1]
+  assert r.groups == [1, 4, 5] and r.rewards_PG.shape == (3, 2)
+  np.testing.assert_array_equal(r.rewards_PG, [[0, 1], [1, 0], [0.5, 0.0]])
+  assert (r.drawn, r.dropped, r.filler, r.draws) == (6, 3, 0, 3)
+  assert r.informative.tolist() == [True, True, True]
+  assert r.metrics()['dynamic_sampling/dropped_groups'] == 3.0
+
+
+def test_refill_cap_fills_with_zero_variance_groups():
+  # Every group solved: after max_draws=2 draws (3 + 3 groups) none is informative; the batch still has 3 groups,
+  # the earliest zero-variance ones, marked as filler.
+  d = _Draws([[1, 1]] * 10)
+  r = algo.dynamic_sampling_refill(d, 3, max_draws=2)
+  assert d.calls == [3, 3]
+  assert r.groups == [0, 1, 2] and r.informative.tolist() == [False] * 3
+  assert (r.drawn, r.dropped, r.filler, r.draws) == (6, 3, 3, 2)
+
+
+def test_refill_no_drop_needed_and_bad_draws():
+  r = algo.dynamic_sampling_refill(_Draws([[0, 1], [1, 0]]), 2, max_draws=1)
+  assert (r.groups, r.drawn, r.dropped, r.draws) == ([0, 1], 2, 0, 1)
+  with pytest.raises(ValueError, match=r'draw\(2\) returned 1 groups'):
+    algo.dynamic_sampling_refill(lambda n: ([0], np.zeros((1, 2))), 2, max_draws=1)
+  with pytest.raises(ValueError, match='target >= 1'):
+    algo.dynamic_sampling_refill(_Draws([]), 0, max_draws=1)

@@ -50,6 +50,9 @@ class JudgeConfig:
     openai_constraint: how the one-letter constraint is sent to an OpenAI-compatible server: 'regex'
       (SGLang, top-level ``regex``), 'structured_outputs' (vLLM >= 0.12), 'guided_regex' (older vLLM) or
       'json_schema' (``response_format`` with an enum, for hosted APIs without regex support).
+    con_mode: 'deduce' (the paper's Eq. 6: one verdict letter) or 'evidence' (five rubric parts and the deduced
+      letter in one JSON verdict, ``medad_jax.judge.evidence``; network backends constrain it with a JSON schema).
+    evidence_max_new_tokens: generation budget of the evidence verdict's JSON.
   """
   backend: str = 'local'
   url: str = 'http://127.0.0.1:30000'
@@ -67,6 +70,8 @@ class JudgeConfig:
   letters: tuple[str, ...] = ('A', 'B', 'C', 'D')
   template: str = 'chatml'
   openai_constraint: str = 'regex'
+  con_mode: str = 'deduce'
+  evidence_max_new_tokens: int = 128
 
   def __post_init__(self):
     def bad(field, expected):
@@ -77,6 +82,8 @@ class JudgeConfig:
       bad('on_failure', f'one of {ON_FAILURE}')
     if self.openai_constraint not in OPENAI_CONSTRAINTS:
       bad('openai_constraint', f'one of {OPENAI_CONSTRAINTS}')
+    if self.con_mode not in ('deduce', 'evidence'):
+      bad('con_mode', "'deduce' or 'evidence'")
     if self.template not in ('chatml', 'plain'):
       bad('template', "'chatml' or 'plain'")
     for f in ('timeout_s', 'deadline_s'):
@@ -87,7 +94,7 @@ class JudgeConfig:
         bad(f, 'a number of seconds >= 0')
     if not (isinstance(self.max_retries, int) and self.max_retries >= 0):
       bad('max_retries', 'an int >= 0')
-    for f in ('concurrency', 'max_batch', 'max_new_tokens'):
+    for f in ('concurrency', 'max_batch', 'max_new_tokens', 'evidence_max_new_tokens'):
       if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1):
         bad(f, 'an int >= 1')
     if (not self.letters or len(set(self.letters)) != len(self.letters)
@@ -146,11 +153,14 @@ class JudgeResult:
     backend: the configured backend.
     fallback: ``[N]`` True where the verdict came from the local fallback judge.
     seconds: wall time of the call.
+    evidence: ``[N]`` :class:`~medad_jax.judge.evidence.EvidenceVerdict` in ``con_mode='evidence'`` (``letters``
+      are then their conclusions), else None.
   """
   letters: list[str | None]
   backend: str
   fallback: list[bool]
   seconds: float
+  evidence: list | None = None
 
   @property
   def num_fallback(self) -> int:
@@ -212,10 +222,13 @@ class Judge(abc.ABC):
         self.metrics.inc('fallback_calls')
         self.metrics.inc('fallback_items', len(part.failed))
         sub = self.fallback.judge([questions[i] for i in part.failed], [thoughts[i] for i in part.failed])
-        for i, v in zip(part.failed, sub.letters):
+        for i, v in zip(part.failed, sub.evidence if sub.evidence is not None else sub.letters):
           letters[i], fb[i] = v, True
     finally:
       self.metrics.inc('seconds', time.monotonic() - t0)
+    if self.cfg.con_mode == 'evidence':  # the backends' verdicts are EvidenceVerdict objects
+      return JudgeResult(letters=[v.conclusion if v is not None else None for v in letters], backend=self.backend,
+                         fallback=fb, seconds=time.monotonic() - t0, evidence=letters)
     return JudgeResult(letters=letters, backend=self.backend, fallback=fb, seconds=time.monotonic() - t0)
 
   def submit(self, questions: Sequence[str], thoughts: Sequence[str]) -> Future:

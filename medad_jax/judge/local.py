@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from medad_jax.judge.base import Judge, JudgeConfig, JudgeMetrics, _Partial
+from medad_jax.judge.evidence import rule_evidence
 from medad_jax.judge.prompt import build_judge_prompt, parse_options
 from medad_jax.rewards import letter_mentions
 
@@ -59,6 +60,8 @@ class LocalJudge(Judge):
       if bad.size:
         raise ValueError(f'local judge scorer returned NaN log-probs for batch rows {(bad + s).tolist()}')
       out.extend(letters[k] for k in np.argmax(logp_NK, axis=1))
+    if self.cfg.con_mode == 'evidence':  # approximation: the scorer's conclusion, rule heuristics for the rest
+      out = [rule_evidence(q, t, letters, conclusion=v) for q, t, v in zip(questions, thoughts, out)]
     return _Partial(out, [])
 
 
@@ -109,5 +112,7 @@ class RuleJudge(Judge):
     super().__init__(cfg or JudgeConfig(backend='rule'), None, metrics)
 
   def _judge_items(self, questions, thoughts):
+    if self.cfg.con_mode == 'evidence':
+      return _Partial([rule_evidence(q, t, self.cfg.letters) for q, t in zip(questions, thoughts)], [])
     out = [extract_conclusion(t, parse_options(q), self.cfg.letters) for q, t in zip(questions, thoughts)]
     return _Partial(out, [])

@@ -13,7 +13,8 @@ connection, 5xx / 408 / 429, a body    past the call's ``deadline_s`` (each requ
 that is not JSON or not the expected   time left)
 shape (e.g. a list of the wrong
 length: a partial batch)
-an item that is not a verdict letter   only those items are re-sent, same budget
+an item that is not a verdict letter   only those items are re-sent, same budget (``con_mode='evidence'``: a
+(or evidence JSON)                     reply that is not the complete JSON verdict)
 (``finish_reason`` abort, truncated
 JSON, text outside the alphabet)
 other 4xx (bad regex, bad role, ...)   :class:`JudgeRequestError` at once with the server's message: a bug in our
@@ -37,6 +38,8 @@ from typing import Any
 import httpx
 
 from medad_jax.judge.base import Judge, JudgeConfig, JudgeMetrics, JudgeRequestError, _Partial
+from medad_jax.judge.evidence import (build_evidence_messages, build_evidence_prompt, evidence_json_schema,
+                                      openai_response_format, parse_evidence_verdict)
 from medad_jax.judge.prompt import build_judge_messages, build_judge_prompt, letter_regex
 
 log = logging.getLogger(__name__)
@@ -67,12 +70,13 @@ def _verdict(text: Any, letters: Sequence[str]) -> str | None:
   return None
 
 
-def parse_generate_response(body: Any, n: int, letters: Sequence[str]) -> list[str | None]:
+def parse_generate_response(body: Any, n: int, letters: Sequence[str], parse=None) -> list[Any]:
   """Verdicts from a batched ``/generate`` reply: a list of ``n`` objects with ``text`` and ``meta_info``.
 
   An item counts when its ``text`` (stripped) is one of ``letters`` and its ``finish_reason.type`` is ``stop``
   or ``length``; anything else (``abort``, an error object, another text) gives None for that item. A body
-  that is not a list of ``n`` objects raises ``ValueError``.
+  that is not a list of ``n`` objects raises ``ValueError``. ``parse(text, letters)`` reads another verdict
+  format (the evidence mode's JSON) instead of one letter.
   """
   if not isinstance(body, list) or len(body) != n:
     got = f'a list of {len(body)}' if isinstance(body, list) else type(body).__name__
@@ -83,11 +87,11 @@ def parse_generate_response(body: Any, n: int, letters: Sequence[str]) -> list[s
       raise ValueError(f'/generate: expected result objects, got {type(item).__name__}')
     reason = ((item.get('meta_info') or {}).get('finish_reason') or {})
     kind = reason.get('type') if isinstance(reason, dict) else reason
-    out.append(_verdict(item.get('text'), letters) if kind in ('stop', 'length') else None)
+    out.append((parse or _verdict)(item.get('text'), letters) if kind in ('stop', 'length') else None)
   return out
 
 
-def parse_chat_response(body: Any, letters: Sequence[str], constraint: str = 'regex') -> str | None:
+def parse_chat_response(body: Any, letters: Sequence[str], constraint: str = 'regex', parse=None) -> Any:
   """The verdict of one ``/v1/chat/completions`` reply (``choices[0].message.content``), or None.
 
   With ``constraint='json_schema'`` the content must be complete JSON ``{"answer": "<letter>"}``; a reply cut
@@ -99,6 +103,8 @@ def parse_chat_response(body: Any, letters: Sequence[str], constraint: str = 're
     content = choice['message']['content']
   except (KeyError, IndexError, TypeError) as e:
     raise ValueError(f'/v1/chat/completions: no choices[0].message.content in reply ({e!r})') from None
+  if parse is not None:
+    return parse(content, letters)
   if constraint == 'json_schema':
     try:
       content = json.loads(content)['answer']
@@ -162,6 +168,10 @@ class HTTPJudge(Judge):
     except ValueError:
       m.inc('malformed_bodies')
       raise _Retryable(f'HTTP {r.status_code} body is not JSON: {r.text[:120]!r}') from None
+
+  def _parse(self):
+    """The verdict parser of ``con_mode``: None (one letter) or the evidence JSON's."""
+    return parse_evidence_verdict if self.cfg.con_mode == 'evidence' else None
 
   # -- one request unit with retries ----------------------------------------------------------------------------
 
@@ -239,6 +249,9 @@ class SGLangJudge(HTTPJudge):
   backend = 'sglang'
 
   def sampling_params(self) -> dict[str, Any]:
+    if self.cfg.con_mode == 'evidence':
+      return {'json_schema': json.dumps(evidence_json_schema(self.cfg.letters)),
+              'max_new_tokens': self.cfg.evidence_max_new_tokens, 'temperature': 0}
     return {'regex': letter_regex(self.cfg.letters), 'max_new_tokens': self.cfg.max_new_tokens, 'temperature': 0}
 
   def _units(self, n):
@@ -248,7 +261,7 @@ class SGLangJudge(HTTPJudge):
   def _request(self, items, timeout):
     body = self._post('/generate', {'text': list(items), 'sampling_params': self.sampling_params()}, timeout)
     try:
-      return parse_generate_response(body, len(items), self.cfg.letters)
+      return parse_generate_response(body, len(items), self.cfg.letters, self._parse())
     except ValueError as e:
       self.metrics.inc('malformed_bodies')
       raise _Retryable(str(e)) from None
@@ -259,8 +272,8 @@ class SGLangJudge(HTTPJudge):
     return part.letters, part.error
 
   def _judge_items(self, questions, thoughts):
-    return self._judge_with([build_judge_prompt(q, t, self.cfg.letters, self.cfg.template)
-                             for q, t in zip(questions, thoughts)])
+    build = build_evidence_prompt if self.cfg.con_mode == 'evidence' else build_judge_prompt
+    return self._judge_with([build(q, t, self.cfg.letters, self.cfg.template) for q, t in zip(questions, thoughts)])
 
 
 class OpenAIJudge(HTTPJudge):
@@ -282,6 +295,9 @@ class OpenAIJudge(HTTPJudge):
             'answer': {'type': 'string', 'enum': list(self.cfg.letters)}}, 'required': ['answer']}}}}
 
   def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    if self.cfg.con_mode == 'evidence':  # always a JSON schema: the verdict is an object
+      return {'model': self.cfg.model, 'messages': messages, 'max_tokens': self.cfg.evidence_max_new_tokens,
+              'temperature': 0, 'response_format': openai_response_format(self.cfg.letters)}
     return {'model': self.cfg.model, 'messages': messages, 'max_tokens': self.cfg.max_new_tokens,
             'temperature': 0, **self.constraint()}
 
@@ -292,7 +308,7 @@ class OpenAIJudge(HTTPJudge):
     (messages,) = items
     body = self._post('/v1/chat/completions', self.payload(messages), timeout)
     try:
-      return [parse_chat_response(body, self.cfg.letters, self.cfg.openai_constraint)]
+      return [parse_chat_response(body, self.cfg.letters, self.cfg.openai_constraint, self._parse())]
     except ValueError as e:
       self.metrics.inc('malformed_bodies')
       raise _Retryable(str(e)) from None
@@ -303,4 +319,5 @@ class OpenAIJudge(HTTPJudge):
     return part.letters, part.error
 
   def _judge_items(self, questions, thoughts):
-    return self._judge_with([build_judge_messages(q, t, self.cfg.letters) for q, t in zip(questions, thoughts)])
+    build = build_evidence_messages if self.cfg.con_mode == 'evidence' else build_judge_messages
+    return self._judge_with([build(q, t, self.cfg.letters) for q, t in zip(questions, thoughts)])

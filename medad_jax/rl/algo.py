@@ -23,13 +23,14 @@ The Con-GRPO objective (paper Eq. 8), per completion token ``t`` of rollout ``i`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-AggregationMode = Literal['seq_mean_token_mean', 'token_mean', 'token_sum']
-AGGREGATION_MODES: tuple[str, ...] = ('seq_mean_token_mean', 'token_mean', 'token_sum')
+AggregationMode = Literal['seq_mean_token_mean', 'token_mean', 'token_sum', 'max_len_sum']
+AGGREGATION_MODES: tuple[str, ...] = ('seq_mean_token_mean', 'token_mean', 'token_sum', 'max_len_sum')
 
 
 def _masked(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -140,7 +141,8 @@ def aggregate_parts(per_token_BT: jax.Array, mask_BT: jax.Array, mode: Aggregati
   Split so that gradient accumulation can sum numerators over microbatches and divide by the whole batch's
   denominator (which depends on the masks only). For ``seq_mean_token_mean`` the numerator is the sum of the
   per-sequence token means and the denominator the number of non-empty sequences; for ``token_mean`` the token sum
-  and the token count; for ``token_sum`` the token sum and 1.
+  and the token count; for ``token_sum`` the token sum and 1; for ``max_len_sum`` (Dr. GRPO) the token sum and
+  the number of non-empty sequences times the completion width ``N = mask.shape[-1]`` (the generation budget).
   """
   m = mask_BT.astype(jnp.float32)
   x = _masked(per_token_BT.astype(jnp.float32), m)
@@ -152,6 +154,9 @@ def aggregate_parts(per_token_BT: jax.Array, mask_BT: jax.Array, mode: Aggregati
     return jnp.sum(x), jnp.sum(m)
   if mode == 'token_sum':
     return jnp.sum(x), jnp.ones((), jnp.float32)
+  if mode == 'max_len_sum':
+    has = (jnp.sum(m, axis=-1) > 0).astype(jnp.float32)
+    return jnp.sum(x), jnp.sum(has) * m.shape[-1]
   raise ValueError(f'unknown aggregation mode {mode!r}; expected one of {AGGREGATION_MODES}')
 
 
@@ -163,6 +168,9 @@ def aggregate(per_token_BT: jax.Array, mask_BT: jax.Array, mode: AggregationMode
   * ``token_mean``: mean over all masked tokens of the batch: every token weighs the same (DAPO).
   * ``token_sum``: plain sum over all masked tokens (its scale grows with batch and length; AdamW is invariant to
     the loss scale but global-norm clipping is not).
+  * ``max_len_sum`` (Dr. GRPO, Liu et al. 2025): the token sum divided by a constant, ``|{i}| * N`` with ``N`` the
+    completion width (the generation budget): no per-sequence length normalisation, so a long wrong answer is not
+    penalised less per token than a short one.
   """
   num, den = aggregate_parts(per_token_BT, mask_BT, mode)
   return num / jnp.maximum(den, 1.0)
@@ -200,3 +208,149 @@ def sft_nll(logits_BTV: jax.Array, ids_BT: jax.Array, loss_mask_BT: jax.Array,
 def first_token_unscored(mask_BT: jax.Array) -> jax.Array:
   """The mask with position 0 cleared: the first token has no prediction, so it can never be a target."""
   return mask_BT.at[:, 0].set(0)
+
+
+# ------------------------------------------------------------------------------------------- GRPO variants
+#
+# The objectives the public GRPO stacks (TRL, verl, Tunix, EasyDeL) ship as baselines, selected by
+# ``GRPOConfig.loss`` / ``rl.loss`` and switched on independently (``rl.overlong_penalty``, ``rl.tis_cap``,
+# ``rl.dynamic_sampling``). Each has a hand-computed test in ``tests/test_rl_algo.py``.
+
+LOSSES: tuple[str, ...] = ('grpo', 'gspo', 'dr_grpo')
+
+
+def sequence_log_ratio(logp_BN: jax.Array, old_logp_BN: jax.Array, mask_BN: jax.Array) -> jax.Array:
+  """``[B]`` GSPO's log importance ratio: the mean over the sequence's tokens of ``logp - old_logp`` (the log of
+  the geometric mean of the token ratios, ``log s_i = 1/|y_i| sum_t log(pi_theta / pi_old)``); 0 for a sequence
+  without tokens. ``old_logp`` is a constant."""
+  m = mask_BN.astype(jnp.float32)
+  d = _masked(logp_BN - jax.lax.stop_gradient(old_logp_BN), m)
+  return jnp.sum(d, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def gspo_surrogate(logp_BN: jax.Array, old_logp_BN: jax.Array, adv_B: jax.Array, mask_BN: jax.Array, *,
+                   eps_low: float, eps_high: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GSPO (Zheng et al. 2025): the clipped surrogate on the *sequence* ratio ``s_i`` (:func:`sequence_log_ratio`).
+
+  ``loss_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)``, returned broadcast over the sequence's
+  tokens (``[B, N]``) so that ``seq_mean_token_mean`` aggregation gives GSPO's ``1/|{i}| sum_i loss_i`` exactly;
+  its gradient is ``-s_i A_i * 1/|y_i| sum_t grad log pi(y_it)`` where the clip does not bind, 0 where it does (the
+  whole sequence is clipped at once). ``aux`` as :func:`clipped_surrogate`, per token (the sequence's value).
+  """
+  log_s_B = sequence_log_ratio(logp_BN, old_logp_BN, mask_BN)
+  s_B = jnp.exp(log_s_B)
+  adv = adv_B.astype(jnp.float32)
+  loss_B = -jnp.minimum(s_B * adv, jnp.clip(s_B, 1.0 - eps_low, 1.0 + eps_high) * adv)
+  shape = logp_BN.shape
+  bc = lambda x: jnp.broadcast_to(x[:, None], shape)  # noqa: E731
+  aux = {'ratio': bc(s_B), 'clipped_low': bc((adv < 0) & (s_B < 1.0 - eps_low)),
+         'clipped_high': bc((adv > 0) & (s_B > 1.0 + eps_high))}
+  return bc(loss_B), aux
+
+
+def overlong_penalty(lengths_B: jax.Array, max_len: int, buffer: int, factor: float = 1.0) -> jax.Array:
+  """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), a reward term ``[B]`` (<= 0):
+
+  ``0`` for ``L <= max_len - buffer``; ``factor * (max_len - buffer - L) / buffer`` inside the buffer (linear from 0
+  to ``-factor``); ``-factor`` for ``L >= max_len`` (the completion hit the budget: truncated)."""
+  if not 0 < buffer <= max_len:
+    raise ValueError(f'overlong_penalty: expected 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}')
+  L = lengths_B.astype(jnp.float32)
+  return factor * jnp.clip((max_len - buffer - L) / buffer, -1.0, 0.0)
+
+
+def group_centred(x_B: jax.Array, group_size: int) -> jax.Array:
+  """``x - mean_group(x)`` for group-contiguous rows: the advantage a reward term ``x`` adds under Eq. 7 (the
+  mean-only advantage is linear in the rewards, so adding this to ``A`` equals adding ``x`` to ``R``)."""
+  x = x_B.astype(jnp.float32).reshape(-1, group_size)
+  return (x - jnp.mean(x, axis=-1, keepdims=True)).reshape(-1)
+
+
+def tis_weights(old_logp_BN: jax.Array, sampler_logp_BN: jax.Array, cap: float) -> jax.Array:
+  """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy
+  RL training"; verl ``tis_imp_ratio_cap``): per-token ``min(pi_old / pi_sampler, cap)`` with ``pi_old`` from the
+  update's numerics and ``pi_sampler`` from the rollout engine's (e.g. bf16); a constant (no gradient)."""
+  w = jnp.exp(jax.lax.stop_gradient(old_logp_BN) - jax.lax.stop_gradient(sampler_logp_BN))
+  return jnp.minimum(w, cap)
+
+
+def logp_mismatch(logp_a_BN: jax.Array, logp_b_BN: jax.Array, mask_BN: jax.Array) -> jax.Array:
+  """The rollout-update mismatch: mean ``|log p_a - log p_b|`` over the masked tokens (no gradient)."""
+  d = jnp.abs(jax.lax.stop_gradient(logp_a_BN) - jax.lax.stop_gradient(logp_b_BN))
+  return masked_mean(d, mask_BN)
+
+
+# --------------------------------------------------------------------- DAPO dynamic sampling (host side)
+#
+# Not jnp: which prompts to keep depends on host rewards and decides how many more rollouts to draw, so it runs in
+# the trainer's Python loop, on the *global* rewards (every host reaches the same decision).
+
+
+def informative_groups(rewards_PG, atol: float = 0.0):
+  """``[P]`` numpy bool: True where the group's rewards are not all equal (the group carries a learning signal)."""
+  import numpy as np
+  r = np.asarray(rewards_PG, np.float64)
+  if r.ndim != 2:
+    raise ValueError(f'informative_groups: expected rewards [P, G], got shape {r.shape}')
+  return (r.max(axis=1) - r.min(axis=1)) > atol
+
+
+@dataclasses.dataclass
+class RefillResult:
+  """What :func:`dynamic_sampling_refill` assembled.
+
+  Attributes:
+    groups: exactly ``target`` group payloads (whatever ``draw`` returns per group), informative groups first in
+      draw order, then -- only when the cap was reached -- zero-variance groups as filler.
+    rewards_PG: their rewards, ``[target, G]``.
+    informative: ``[target]`` bool, False for the filler groups.
+    drawn: groups drawn in all (``>= target``); ``dropped``: zero-variance groups discarded;
+    filler: zero-variance groups kept to hold the batch size; ``draws``: calls of ``draw`` (1 + refills).
+  """
+  groups: list
+  rewards_PG: 'object'
+  informative: 'object'
+  drawn: int
+  dropped: int
+  filler: int
+  draws: int
+
+  def metrics(self, prefix: str = 'dynamic_sampling/') -> dict[str, float]:
+    return {f'{prefix}drawn_groups': float(self.drawn), f'{prefix}dropped_groups': float(self.dropped),
+            f'{prefix}filler_groups': float(self.filler), f'{prefix}draws': float(self.draws)}
+
+
+def dynamic_sampling_refill(draw, target: int, *, max_draws: int, atol: float = 0.0) -> RefillResult:
+  """DAPO's dynamic sampling: drop the groups whose G rewards are all equal and *refill* with new prompts.
+
+  ``draw(n) -> (groups, rewards_nG)`` samples and scores ``n`` new prompt groups (a list of ``n`` payloads and
+  their ``[n, G]`` rewards). The first call draws ``target`` groups; every further call draws exactly the number
+  still missing, up to ``max_draws`` calls in all (the cap: a policy that solves or fails every prompt would
+  otherwise loop forever). If the cap is reached short of ``target`` informative groups, the batch is completed
+  with the earliest zero-variance groups drawn (``filler``), so the update always sees ``target`` groups (static
+  shapes: one compiled program); their advantages are 0, so they add only the KL term. Returns a
+  :class:`RefillResult`; ``dropped`` counts every zero-variance group not kept.
+  """
+  import numpy as np
+  if target < 1 or max_draws < 1:
+    raise ValueError(f'dynamic_sampling_refill: expected target >= 1 and max_draws >= 1, got {target}, {max_draws}')
+  keep, keep_r, spare, spare_r = [], [], [], []
+  drawn = draws = 0
+  while len(keep) < target and draws < max_draws:
+    n = target - len(keep)
+    groups, r = draw(n)
+    r = np.asarray(r, np.float32)
+    if len(groups) != n or r.shape[0] != n:
+      raise ValueError(f'dynamic_sampling_refill: draw({n}) returned {len(groups)} groups and rewards of shape '
+                       f'{r.shape}; expected {n} of each')
+    draws += 1
+    drawn += n
+    for g, rg, ok in zip(groups, r, informative_groups(r, atol)):
+      (keep if ok else spare).append(g)
+      (keep_r if ok else spare_r).append(rg)
+  filler = max(0, target - len(keep))
+  groups = keep + spare[:filler]
+  rewards = np.stack(keep_r + spare_r[:filler]).astype(np.float32)
+  informative = np.array([True] * len(keep) + [False] * filler)
+  return RefillResult(groups=groups, rewards_PG=rewards, informative=informative, drawn=drawn,
+                      dropped=len(spare) - filler, filler=filler, draws=draws)

@@ -106,9 +106,23 @@ class GRPOConfig:
     adv_eps: added to that std.
     filter_zero_variance: drop groups whose G rewards are all equal (they only carry the KL term).
     zero_variance_atol: rewards within this of each other count as equal.
-    temperature: logits are divided by it before the log-softmax (must match the rollouts' ``old_logp``;
-      the sampler records them at temperature 1).
+    temperature: logits are divided by it before the log-softmax, for the policy, old-policy and reference
+      log-probs alike: the ratio, the KL and the entropy are those of the sampling distribution
+      ``softmax(z / T)`` the rollouts were drawn from (TRL and verl do the same). ``from_config`` sets it to
+      ``sampling.temperature``; the trainer then takes ``old_logp`` from the sampler's sampling-distribution
+      log-probs (``Rollout.sampling_logprobs_BN``). At the default T = 1 both are the plain policy.
     num_microbatches: K, gradient accumulation slices of whole prompt groups.
+    loss: the policy-gradient objective, one of :data:`medad_jax.rl.algo.LOSSES`: ``'grpo'`` (token ratios,
+      Eq. 8), ``'gspo'`` (sequence ratio = geometric mean of the token ratios, clipped per sequence; needs
+      ``aggregation='seq_mean_token_mean'``), ``'dr_grpo'`` (mean-only advantage and the constant normaliser
+      ``aggregation='max_len_sum'``: token sum / (sequences x completion width)).
+    overlong_penalty: DAPO's soft overlong punishment factor (0 = off): a completion of length L inside the last
+      ``overlong_buffer`` tokens of the budget N gets the reward ``factor * (N - buffer - L) / buffer`` (down to
+      ``-factor`` at N), entered as its group-centred advantage (Eq. 7's mean-only advantage is linear in R).
+    overlong_buffer: that buffer, in tokens.
+    tis_cap: truncated importance sampling (0 = off): each token's loss is weighted by
+      ``min(pi_old / pi_sampler, tis_cap)``; needs ``sampler_logp_BN`` in the batch (the trainer then recomputes
+      ``old_logp_BN`` with the update's own forward). The mismatch ``mean |old_logp - sampler_logp|`` is logged.
   """
 
   group_size: int = 8
@@ -123,6 +137,10 @@ class GRPOConfig:
   zero_variance_atol: float = 0.0
   temperature: float = 1.0
   num_microbatches: int = 1
+  loss: str = 'grpo'
+  overlong_penalty: float = 0.0
+  overlong_buffer: int = 0
+  tis_cap: float = 0.0
 
   def __post_init__(self):
     if self.group_size < 1:
@@ -140,17 +158,41 @@ class GRPOConfig:
       raise ValueError(f'GRPOConfig.temperature={self.temperature}: expected > 0')
     if self.num_microbatches < 1:
       raise ValueError(f'GRPOConfig.num_microbatches={self.num_microbatches}: expected >= 1')
+    if self.loss not in algo.LOSSES:
+      raise ValueError(f'GRPOConfig.loss={self.loss!r}: expected one of {algo.LOSSES}')
+    if self.loss == 'gspo' and self.aggregation != 'seq_mean_token_mean':
+      raise ValueError(f"GRPOConfig.loss='gspo' with aggregation={self.aggregation!r}: GSPO averages sequence "
+                       "losses; expected aggregation='seq_mean_token_mean'")
+    if self.loss == 'dr_grpo' and (self.aggregation != 'max_len_sum' or self.adv_std_norm):
+      raise ValueError(f"GRPOConfig.loss='dr_grpo' with aggregation={self.aggregation!r}, adv_std_norm="
+                       f"{self.adv_std_norm}: Dr. GRPO expects aggregation='max_len_sum' and adv_std_norm=False")
+    if self.overlong_penalty < 0 or (self.overlong_penalty > 0 and self.overlong_buffer < 1):
+      raise ValueError(f'GRPOConfig.overlong_penalty={self.overlong_penalty}, overlong_buffer='
+                       f'{self.overlong_buffer}: expected a factor >= 0 and, when it is > 0, a buffer >= 1 token')
+    if self.overlong_penalty > 0 and self.adv_std_norm:
+      raise ValueError('GRPOConfig.overlong_penalty > 0 with adv_std_norm=True: the penalty enters as a '
+                       'group-centred advantage, exact only for the mean-only advantage (Eq. 7)')
+    if self.tis_cap < 0:
+      raise ValueError(f'GRPOConfig.tis_cap={self.tis_cap}: expected >= 0 (0 = off)')
 
   @property
   def needs_reference(self) -> bool:
     return self.beta > 0 or self.ratio_to == 'sft'
 
   @classmethod
-  def from_config(cls, rl) -> 'GRPOConfig':
-    """From the ``rl`` block of ``configs/congrpo.py``."""
+  def from_config(cls, rl, sampling=None) -> 'GRPOConfig':
+    """From the ``rl`` (and ``sampling``: its temperature) blocks of ``configs/congrpo.py``. ``rl.loss='dr_grpo'``
+    implies ``aggregation='max_len_sum'``."""
+    loss = rl.get('loss', 'grpo')
+    aggregation = rl.aggregation
+    if loss == 'dr_grpo' and aggregation == 'seq_mean_token_mean':
+      aggregation = 'max_len_sum'
     return cls(group_size=rl.group_size, beta=rl.beta, eps_low=rl.eps_low, eps_high=rl.eps_high,
-               ratio_to=rl.ratio_to, aggregation=rl.aggregation, adv_std_norm=rl.adv_std_norm,
-               filter_zero_variance=rl.filter_zero_variance, num_microbatches=rl.num_microbatches)
+               ratio_to=rl.ratio_to, aggregation=aggregation, adv_std_norm=rl.adv_std_norm,
+               filter_zero_variance=rl.filter_zero_variance, num_microbatches=rl.num_microbatches,
+               temperature=float(sampling.temperature) if sampling is not None else 1.0, loss=loss,
+               overlong_penalty=float(rl.get('overlong_penalty', 0.0)),
+               overlong_buffer=int(rl.get('overlong_buffer', 0)), tis_cap=float(rl.get('tis_cap', 0.0)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,31 +422,60 @@ def grpo_advantages(rewards_B: jax.Array, cfg: GRPOConfig) -> tuple[jax.Array, j
 
 
 _STAT_SUMS = ('tokens', 'pg_num', 'kl_num', 'kl_tok_sum', 'clip_low_sum', 'clip_high_sum', 'ratio_sum',
-              'entropy_sum', 'logp_diff_sum')
+              'entropy_sum', 'logp_diff_sum', 'mismatch_sum', 'tis_sum', 'tis_capped_sum', 'overlong_sum',
+              'overlong_rows')
 
 
 def grpo_objective(logp_BN: jax.Array, old_logp_BN: jax.Array, ref_logp_BN: jax.Array | None, adv_B: jax.Array,
-                   mask_BN: jax.Array, cfg: GRPOConfig) -> tuple[jax.Array, dict]:
-  """Eq. 8 on log-prob arrays -> ``(numerator, stats)``; the loss is ``numerator / max(denominator, 1)`` with the
-  denominator of ``algo.aggregate_parts(., mask, cfg.aggregation)``.
+                   mask_BN: jax.Array, cfg: GRPOConfig, *, sampler_logp_BN: jax.Array | None = None
+                   ) -> tuple[jax.Array, dict]:
+  """Eq. 8 (or the ``cfg.loss`` variant) on log-prob arrays -> ``(numerator, stats)``; the loss is
+  ``numerator / max(denominator, 1)`` with the denominator of ``algo.aggregate_parts(., mask, cfg.aggregation)``.
 
-  ``ref_logp_BN`` may be None only when ``cfg.needs_reference`` is False.
+  ``ref_logp_BN`` may be None only when ``cfg.needs_reference`` is False. ``sampler_logp_BN``: the rollout engine's
+  log-probs when ``old_logp_BN`` was recomputed by the update's forward (needed by ``cfg.tis_cap``); then the
+  mismatch stat is ``|old_logp - sampler_logp|``, else ``|logp - old_logp|`` (the sampler's log-probs against the
+  update's own at the current parameters: the rollout-update mismatch at the first inner step).
+
+  Order: overlong penalty (an advantage term), surrogate (token or sequence ratio), TIS weight on the surrogate,
+  k3 KL, aggregation.
   """
   ref = None if ref_logp_BN is None else jax.lax.stop_gradient(ref_logp_BN)
   if cfg.needs_reference and ref is None:
     raise ValueError(f'GRPOConfig(beta={cfg.beta}, ratio_to={cfg.ratio_to!r}) needs reference log-probs')
+  if cfg.tis_cap > 0 and sampler_logp_BN is None:
+    raise ValueError(f'GRPOConfig.tis_cap={cfg.tis_cap} needs sampler_logp_BN (the rollout engine\'s log-probs) '
+                     'besides old_logp_BN recomputed by the update\'s forward')
+  on = mask_BN > 0
+  s = lambda x: jnp.sum(jnp.where(on, x, 0.0).astype(jnp.float32))  # noqa: E731
+  adv = adv_B.astype(jnp.float32)
+  overlong_B = jnp.zeros_like(adv)
+  if cfg.overlong_penalty > 0:
+    len_B = jnp.sum(mask_BN.astype(jnp.float32), axis=-1)
+    overlong_B = jnp.where(len_B > 0, algo.overlong_penalty(len_B, mask_BN.shape[1], cfg.overlong_buffer,
+                                                            cfg.overlong_penalty), 0.0)
+    adv = adv + jnp.where(len_B > 0, algo.group_centred(overlong_B, cfg.group_size), 0.0)
   den_logp = ref if cfg.ratio_to == 'sft' else old_logp_BN
-  pg_BN, aux = algo.clipped_surrogate(logp_BN, den_logp, adv_B, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+  if cfg.loss == 'gspo':
+    pg_BN, aux = algo.gspo_surrogate(logp_BN, den_logp, adv, mask_BN, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+  else:
+    pg_BN, aux = algo.clipped_surrogate(logp_BN, den_logp, adv, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
+  tis = jnp.ones_like(logp_BN)
+  if cfg.tis_cap > 0:
+    tis = algo.tis_weights(old_logp_BN, sampler_logp_BN, cfg.tis_cap)
+    pg_BN = pg_BN * tis
   kl_BN = algo.k3_kl(logp_BN, ref) if ref is not None else jnp.zeros_like(logp_BN)
   pg_num, _ = algo.aggregate_parts(pg_BN, mask_BN, cfg.aggregation)
   kl_num, _ = algo.aggregate_parts(kl_BN, mask_BN, cfg.aggregation)
-  on = mask_BN > 0
-  s = lambda x: jnp.sum(jnp.where(on, x, 0.0).astype(jnp.float32))  # noqa: E731
   ratio = jax.lax.stop_gradient(aux['ratio'])
+  mis_a, mis_b = (old_logp_BN, sampler_logp_BN) if sampler_logp_BN is not None else (logp_BN, old_logp_BN)
   stats = {'tokens': jnp.sum(mask_BN.astype(jnp.float32)), 'pg_num': jax.lax.stop_gradient(pg_num),
            'kl_num': jax.lax.stop_gradient(kl_num), 'kl_tok_sum': s(jax.lax.stop_gradient(kl_BN)),
            'clip_low_sum': s(aux['clipped_low']), 'clip_high_sum': s(aux['clipped_high']), 'ratio_sum': s(ratio),
            'logp_diff_sum': s(jax.lax.stop_gradient(logp_BN) - old_logp_BN),
+           'mismatch_sum': s(jnp.abs(jax.lax.stop_gradient(mis_a) - jax.lax.stop_gradient(mis_b))),
+           'tis_sum': s(tis), 'tis_capped_sum': s((tis >= cfg.tis_cap) & (cfg.tis_cap > 0)),
+           'overlong_sum': jnp.sum(overlong_B), 'overlong_rows': jnp.sum((overlong_B < 0).astype(jnp.float32)),
            'ratio_min': jnp.min(jnp.where(on, ratio, jnp.inf)), 'ratio_max': jnp.max(jnp.where(on, ratio, -jnp.inf))}
   return pg_num + cfg.beta * kl_num, stats
 
@@ -421,7 +492,8 @@ def grpo_loss_parts(policy: nnx.Module, reference: Callable[[], jax.Array] | Non
   ref = None
   if cfg.needs_reference:
     ref = mb['ref_logp_BN'] if 'ref_logp_BN' in mb else reference()
-  num, stats = grpo_objective(logp, mb['old_logp_BN'], ref, mb['adv_B'], mb['loss_mask_BN'], cfg)
+  num, stats = grpo_objective(logp, mb['old_logp_BN'], ref, mb['adv_B'], mb['loss_mask_BN'], cfg,
+                              sampler_logp_BN=mb.get('sampler_logp_BN'))
   stats['entropy_sum'] = jnp.sum(jnp.where(mb['loss_mask_BN'] > 0, ent, 0.0))
   return num, stats
 
@@ -441,6 +513,8 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       rewards_B [B]         total rewards (Eq. 3)
       ref_logp_BN [B, N]    optional precomputed reference log-probs: with mu > 1 inner iterations, compute them
                             once per rollout batch (``rollout_logprobs(..., adapters=False)``) instead of mu times
+      sampler_logp_BN [B, N] optional: the rollout engine's log-probs when ``old_logp_BN`` was recomputed by the
+                            update's forward (truncated importance sampling, ``GRPOConfig.tis_cap``)
 
   Metrics (scalars): ``loss``, ``pg_loss``, ``kl_loss`` (beta * kl), ``kl`` (aggregated k3), ``kl_token_mean``,
   ``clip_frac_low`` / ``clip_frac_high`` (fraction of tokens whose lower / upper clip binds), ``ratio_mean`` /
@@ -448,7 +522,9 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
   ``reward_std``, ``adv_abs_mean``, ``zero_var_groups`` / ``zero_var_frac`` (groups with equal rewards, among
   those with completion tokens), ``completion_tokens``,
   ``completion_len``, ``logp_old_diff`` (mean ``logp - old_logp``: 0 at the first inner step when the teacher-
-  forced log-probs match the sampler's), ``lr``.
+  forced log-probs match the sampler's), ``lr``; ``logp_mismatch`` (mean ``|logp - old_logp|``, or
+  ``|old_logp - sampler_logp|`` with ``sampler_logp_BN``: the rollout-update mismatch, ~0 in fp32),
+  ``tis_weight_mean`` / ``tis_capped_frac``, ``overlong_penalty`` (mean per rollout) / ``overlong_frac``.
   """
   K = cfg.num_microbatches
 
@@ -493,7 +569,8 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       x_PTD = jax.lax.stop_gradient(embed_prompts(policy, batch))
       prompt_keys = ('prompt_ids_PT', 'prompt_mask_PT', 'rope_deltas_P')
       row_keys = ('completion_ids_BN', 'completion_mask_BN', 'old_logp_BN', 'adv_B', 'loss_mask_BN') + (
-          ('ref_logp_BN',) if 'ref_logp_BN' in batch else ())
+          ('ref_logp_BN',) if 'ref_logp_BN' in batch else ()) + (
+          ('sampler_logp_BN',) if 'sampler_logp_BN' in batch else ())
       mbs = _split_microbatches({**{k: full[k] for k in prompt_keys + row_keys}, 'x_PTD': x_PTD,
                                  'prompt_positions_3PT': jnp.moveaxis(batch['prompt_positions_3PT'], 1, 0)}, K)
       mbs['prompt_positions_3PT'] = jnp.moveaxis(mbs['prompt_positions_3PT'], 2, 1)
@@ -531,6 +608,9 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
         'zero_var_groups': jnp.sum((zero_var_P & real_P).astype(jnp.int32)),
         'zero_var_frac': jnp.sum((zero_var_P & real_P).astype(jnp.float32)) / jnp.maximum(jnp.sum(real_P), 1),
         'completion_tokens': stats['tokens'], 'completion_len': jnp.sum(comp) / comp.shape[0],
+        'logp_mismatch': stats['mismatch_sum'] / n, 'tis_weight_mean': stats['tis_sum'] / n,
+        'tis_capped_frac': stats['tis_capped_sum'] / n, 'overlong_penalty': stats['overlong_sum'] / comp.shape[0],
+        'overlong_frac': stats['overlong_rows'] / comp.shape[0],
     }
     if lr_schedule is not None:
       metrics['lr'] = jnp.asarray(lr_schedule(state.step), jnp.float32)

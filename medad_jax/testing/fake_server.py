@@ -11,7 +11,10 @@ The fixtures (``medad_jax/testing/fixtures/sglang/``, package data, captured fro
   ``image_url`` parts are accepted and only recorded in ``seen``); the default plays an *extractive judge*: it
   finds the reasoning in a judge prompt and returns :func:`~medad_jax.judge.local.extract_conclusion` of it (a
   hash-chosen letter for other prompts), so results are deterministic and checkable;
-* bad requests get SGLang's 400 bodies (malformed JSON, missing ``text``, uncompilable regex, bad chat role).
+* bad requests get SGLang's 400 bodies (malformed JSON, missing ``text``, uncompilable regex, bad chat role);
+* a request constrained by the evidence verdict's JSON schema (``sampling_params.json_schema`` on ``/generate``, a
+  ``response_format`` schema with a ``conclusion`` key on chat) gets ``evidence_fn(prompt_text)``'s JSON; the default
+  plays the rule judge's :func:`~medad_jax.judge.evidence.rule_evidence` on the prompt's question and reasoning.
 
 Fault injection: :meth:`FakeSGLangServer.inject` queues faults consumed one per POST: ``'drop'`` (close the
 connection without a response), ``'slow'`` (answer after ``slow_s``), ``'500'`` / ``'503'`` (and ``'400'`` /
@@ -81,6 +84,26 @@ def load_fixtures(fixtures_dir: str | os.PathLike | None = None) -> dict[str, di
       raise ValueError(f'SGLang fixture {f}: expected an object with "request" and "response"')
     out[f.stem] = rec
   return out
+
+
+def evidence_verdict(prompt: str, letters: str = 'ABCD') -> str:
+  """The fake evidence judge: :func:`~medad_jax.judge.evidence.rule_evidence` of the prompt's question and
+  reasoning as the JSON verdict (all parts false and no conclusion for other prompts)."""
+  from medad_jax.judge.evidence import NO_CONCLUSION, PARTS, rule_evidence
+  parts = split_judge_prompt(prompt)
+  if parts is None:
+    return json.dumps({**{p: False for p in PARTS}, 'conclusion': NO_CONCLUSION})
+  v = rule_evidence(parts[0], parts[1], tuple(letters))
+  return json.dumps({**{p: getattr(v, p) for p in PARTS}, 'conclusion': v.conclusion or NO_CONCLUSION})
+
+
+def _is_evidence_schema(schema: Any) -> bool:
+  if isinstance(schema, str):
+    try:
+      schema = json.loads(schema)
+    except ValueError:
+      return False
+  return isinstance(schema, dict) and 'conclusion' in (schema.get('properties') or {})
 
 
 def extractive_verdict(prompt: str, letters: str = 'ABCD') -> str:
@@ -202,8 +225,9 @@ class FakeSGLangServer:
 
   def __init__(self, fixtures_dir: str | os.PathLike | None = None, *, host: str = '127.0.0.1', port: int = 0,
                verdict_fn: Callable[[str], str] | None = None, delay_s: float = 0.0, slow_s: float = 5.0,
-               unhealthy: bool = False):
+               unhealthy: bool = False, evidence_fn: Callable[[str], str] | None = None):
     self.fixtures = load_fixtures(fixtures_dir)
+    self.evidence_fn = evidence_fn or evidence_verdict
     self.host, self.port = host, port
     self.verdict_fn = verdict_fn or extractive_verdict
     self.delay_s, self.slow_s, self.unhealthy = delay_s, slow_s, unhealthy
@@ -332,9 +356,10 @@ class FakeSGLangServer:
     texts = body['text'] if isinstance(body.get('text'), list) else [body.get('text', '')]
     template = self.fixtures['generate_batch_regex']['response']['json'][0]
     items = []
+    evidence = _is_evidence_schema(sp.get('json_schema'))
     for t in texts:
       item = copy.deepcopy(template)
-      v = self._constrained(str(t), regex)
+      v = self.evidence_fn(str(t)) if evidence else self._constrained(str(t), regex)
       item['text'] = v
       item['output_ids'] = [ord(v[0]) - 29 if v else 0, 2]
       item['meta_info'].update(id=uuid.uuid4().hex, prompt_tokens=max(1, len(str(t)) // 4),
@@ -356,9 +381,12 @@ class FakeSGLangServer:
     if err:
       return err
     prompt = '\n'.join(_content_text(m.get('content', '')) for m in msgs)
-    v = self._constrained(prompt, regex)
     fmt = body.get('response_format') or {}
-    content = json.dumps({'answer': v}) if fmt.get('type') == 'json_schema' else v
+    if fmt.get('type') == 'json_schema' and _is_evidence_schema((fmt.get('json_schema') or {}).get('schema')):
+      content = self.evidence_fn(prompt)
+    else:
+      v = self._constrained(prompt, regex)
+      content = json.dumps({'answer': v}) if fmt.get('type') == 'json_schema' else v
     out = copy.deepcopy(self.fixtures['chat_regex']['response']['json'])
     out.update(id=uuid.uuid4().hex, created=int(time.time()), model=body.get('model', 'default'))
     out['choices'][0]['message']['content'] = content

@@ -89,6 +89,22 @@ def checkpointer(run: pl.Run) -> Checkpointer:
                       meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)})
 
 
+def _rollout_logprobs_for_variants(batch: dict, roll, gcfg: U.GRPOConfig, graphdef, state, mesh) -> None:
+  """The old-policy log-probs the update's ratio needs (in place):
+
+  * ``sampling.temperature`` T != 1: the sampler's log-probs under the distribution it sampled from
+    (``softmax(z / T)``), the update's ``GRPOConfig.temperature`` being T too (see its docstring);
+  * ``rl.tis_cap`` > 0: those become ``sampler_logp_BN`` and ``old_logp_BN`` is recomputed by the update's own
+    forward at the rollout parameters, so truncated importance sampling corrects for any rollout-update mismatch.
+  """
+  if gcfg.temperature != 1.0:
+    batch['old_logp_BN'] = roll.sampling_logprobs_BN
+  if gcfg.tis_cap > 0:
+    batch['sampler_logp_BN'] = batch['old_logp_BN']
+    batch['old_logp_BN'] = U.rollout_logprobs(graphdef, state.params, state.frozen, U.put_batch(batch, mesh),
+                                              group_size=gcfg.group_size, temperature=gcfg.temperature)
+
+
 def _repeat(xs, g):
   return [x for x in xs for _ in range(g)]
 
@@ -109,7 +125,10 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
   judge = make_judge(run, graphdef, lambda: (holder['state'].params, holder['state'].frozen), adapters=False)
 
   # ------------------------------------------------------------------------------------------------ step
-  gcfg = U.GRPOConfig.from_config(rl)
+  gcfg = U.GRPOConfig.from_config(rl, config.sampling)
+  if rl.dynamic_sampling:
+    raise ValueError('config.rl.dynamic_sampling=True: the refill is not wired into this loop yet (the tested '
+                     'host function is medad_jax.rl.algo.dynamic_sampling_refill); use rl.filter_zero_variance')
   update = U.make_congrpo_update(graphdef, tx, gcfg, mesh=mesh, lr_schedule=sched)
   scfg = pl.sampling_config(config.sampling, run.model_cfg)
   table = pl.stop_table(run.tokenizer, run.model_cfg)
@@ -156,9 +175,10 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
                               options=_repeat([m['options'] for m in metas], G), judge=judge, weights=weights)
       rb = pending.result()
       batch = U.rollout_batch(prompts, roll, rb.total)
+      _rollout_logprobs_for_variants(batch, roll, gcfg, graphdef, state, mesh)
       if rl.inner_iterations > 1 and gcfg.needs_reference and rl.trainable == 'lora':
         batch['ref_logp_BN'] = U.rollout_logprobs(graphdef, state.params, state.frozen, U.put_batch(batch, mesh),
-                                                  group_size=G, adapters=False)
+                                                  group_size=G, temperature=gcfg.temperature, adapters=False)
       batch = U.put_batch(batch, mesh)
       for _ in range(rl.inner_iterations):
         state, metrics = update(state, batch)
@@ -167,7 +187,8 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
       host = {'reward_fmt': float(rb.fmt.mean()), 'reward_acc': float(rb.acc.mean()),
               'reward_con': float(rb.con.mean()), 'judged_frac': float(rb.judged.mean()),
               'group_reward_std': float(r_PG.std(axis=1).mean()), 'sample_seconds': t_sample,
-              'finish_stop': float(np.mean([r != 'length' for r in roll.finish_reasons()]))}
+              'finish_stop': float(np.mean([r != 'length' for r in roll.finish_reasons()])),
+              **rb.con_part_metrics()}
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
         logger.log(STAGE, step + 1, {**metrics, **host})
       meta = {'stage': STAGE, 'rollout_step': step + 1}

@@ -288,7 +288,8 @@ def sampling_config(sampling, cfg: Qwen25VLConfig, *, greedy: bool = False, max_
 
 def reward_weights(config):
   from medad_jax.rewards import RewardWeights
-  return RewardWeights(fmt=config.reward.fmt, acc=config.reward.acc, con=config.reward.con)
+  evidence = dict(config.judge.evidence_weights) if 'judge' in config and 'evidence_weights' in config.judge else None
+  return RewardWeights(fmt=config.reward.fmt, acc=config.reward.acc, con=config.reward.con, evidence=evidence)
 
 
 def judge_config(config):
@@ -297,7 +298,7 @@ def judge_config(config):
   j = config.judge
   return JudgeConfig(backend=j.backend, url=j.url, model=j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
                      concurrency=j.concurrency, deadline_s=j.deadline_s, on_failure=j.on_failure,
-                     api_key_env=j.api_key_env, template=j.template)
+                     api_key_env=j.api_key_env, template=j.template, con_mode=j.get('con_mode', 'deduce'))
 
 
 def write_json(path: str, obj) -> None:
