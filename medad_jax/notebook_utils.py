@@ -222,8 +222,21 @@ def curve(records: Sequence[Mapping], stage: str, key: str) -> tuple[np.ndarray,
   return np.asarray([r['step'] for r in rs], np.int64), np.asarray([r[key] for r in rs], np.float64)
 
 
-def plot_curves(runs: Sequence[RunInfo], stage: str, keys: Sequence[str]):
-  """One panel per metric key, one line per run; returns the matplotlib figure."""
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+  """Trailing moving average over up to ``window`` points (the first points average what exists so far), so the
+  smoothed curve has one value per step and never looks ahead; ``window <= 1`` returns the values."""
+  v = np.asarray(values, np.float64)
+  if window <= 1 or v.size == 0:
+    return v
+  c = np.cumsum(np.insert(v, 0, 0.0))
+  idx = np.arange(1, v.size + 1)
+  lo = np.maximum(idx - window, 0)
+  return (c[idx] - c[lo]) / (idx - lo)
+
+
+def plot_curves(runs: Sequence[RunInfo], stage: str, keys: Sequence[str], smooth_window: int = 5):
+  """One panel per metric key, one line per run: the raw points faint and their trailing moving average over
+  ``smooth_window`` steps (:func:`smooth`) as the line (noisy 30-step RL curves read better); returns the figure."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -232,7 +245,9 @@ def plot_curves(runs: Sequence[RunInfo], stage: str, keys: Sequence[str]):
     for run in runs:
       steps, vals = curve(run.metrics, stage, key)
       if len(steps):
-        ax.plot(steps, vals, marker='.', label=run.name)
+        pts = ax.plot(steps, vals, '.', alpha=0.35)[0]
+        ax.plot(steps, smooth(vals, smooth_window), color=pts.get_color(),
+                label=f'{run.name} (mean of {smooth_window})' if smooth_window > 1 else run.name)
     ax.set_title(f'{stage}/{key}')
     ax.set_xlabel('step')
   axs[0][0].legend(fontsize=7)
@@ -316,6 +331,23 @@ def table3_rows(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[Any]]]:
   rows = [[name, *(f'{x:.2f}' for x in ws), f'{m:.2f} ± {s:.2f}', mean_std_cell(ours.get(v, [])),
            f'--config=congrpo:{v}'] for name, v, ws, m, s in PAPER_TABLE3]
   return ['Configuration', 'λ_fmt', 'λ_acc', 'λ_con', 'paper', 'ours', 'our config'], rows
+
+
+# ---------------------------------------------------------------------------------------------- seed sweeps
+
+
+def sweep_outputs(sweep_dir: str) -> dict[str, str]:
+  """The files ``python -m medad_jax.sweep`` wrote under ``<sweep_dir>/tables``: ``{'table2': md path, 'table3',
+  'variants' (when present), 'plot': png path}``; a missing directory or table 2 raises naming it."""
+  d = os.path.join(sweep_dir, 'tables')
+  if not os.path.isfile(os.path.join(d, 'table2.md')):
+    raise FileNotFoundError(f'{sweep_dir}: no tables/table2.md (not a directory of python -m medad_jax.sweep, or '
+                            'no run of it has finished)')
+  out = {n: os.path.join(d, f'{n}.md') for n in ('table2', 'table3', 'variants')
+         if os.path.isfile(os.path.join(d, f'{n}.md'))}
+  if os.path.isfile(os.path.join(d, 'sweep.png')):
+    out['plot'] = os.path.join(d, 'sweep.png')
+  return out
 
 
 # ---------------------------------------------------------------------------------------------- policies

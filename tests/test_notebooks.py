@@ -274,3 +274,29 @@ def test_rollout_explorer_notebook_from_a_run_dir(results_run, tmp_path, monkeyp
   text = _text(nb)
   assert f'policy restored from {run_dir}' in text and "judge backend 'local'" in text
   assert '4 samples in' in text
+
+
+def test_smooth_is_a_trailing_mean():
+  np.testing.assert_allclose(nu.smooth([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
+  np.testing.assert_allclose(nu.smooth([1.0, 3.0, 5.0], 5), [1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(nu.smooth([2.0, 9.0], 1), [2.0, 9.0])
+  assert nu.smooth([], 3).size == 0
+
+
+def test_results_notebook_on_given_runs_new_workdir_and_a_sweep(results_run, tmp_path, monkeypatch):
+  """MEDAD_NB_RUN_DIRS set and a MEDAD_NB_WORKDIR that does not exist yet (it used to fail at the first figure),
+  plus a sweep directory whose tables and plot the last section shows."""
+  from medad_jax import sweep
+  _, run_dir = results_run
+  sw = tmp_path / 'sweep'
+  for v in ('sft_only', 'balanced'):  # the smoke run has both policies: it stands in for a seed's two runs
+    shutil.copytree(run_dir, sw / 'seed0' / v)
+  sweep.write_outputs(str(sw), ['sft_only', 'balanced'], [0])
+  work = tmp_path / 'not' / 'yet'
+  nb = _execute('03_results.ipynb', tmp_path, monkeypatch, MEDAD_NB_RUN_DIRS=str(run_dir),
+                MEDAD_NB_WORKDIR=str(work), MEDAD_NB_SWEEP_DIR=str(sw))
+  text = _text(nb)
+  assert (work / 'congrpo_curves.png').is_file() and 'run finished in' not in text
+  assert '**Table 2 (components)**' in text and '**Table 3 (reward weights)**' in text
+  assert '| MedAD-R1 (Full Model) | 85.15 ± 0.95 |' in text
+  assert _pngs(nb) == 3  # Con-GRPO curves, SFT curves, the sweep plot
