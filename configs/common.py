@@ -190,8 +190,9 @@ def reward_config(variant: str = 'balanced') -> ml_collections.ConfigDict:
 
 
 def sampling_config(max_new_tokens: int = 256) -> ml_collections.ConfigDict:
-  """Rollout sampling (``medad_jax.sampling.ops.SamplingConfig``). The update's log-probs are at temperature 1
-  (the sampler records the old-policy log-probs under the unmodified policy)."""
+  """Rollout sampling (``medad_jax.sampling.ops.SamplingConfig``). The Con-GRPO update takes its log-probs at the
+  same ``temperature`` (ratio, KL and entropy under the distribution the rollouts were drawn from; see
+  ``medad_jax.rl.update.GRPOConfig``); top-k / top-p truncation is refused for Con-GRPO (``validate``)."""
   return ml_collections.ConfigDict({'max_new_tokens': max_new_tokens, 'temperature': 1.0, 'top_k': 0,
                                     'top_p': 1.0})
 

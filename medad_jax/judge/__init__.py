@@ -6,6 +6,9 @@
 
 Backends: ``sglang`` (native ``/generate``), ``openai`` (``/v1/chat/completions``), ``local`` (an in-process
 Flax LMM scoring the letters' next-token log-probs; the default) and ``rule`` (deterministic extraction).
+
+``JudgeConfig.con_mode='evidence'`` switches every backend to the evidence-aware verdict (five rubric parts and the
+deduced letter, ``result.evidence``; :mod:`medad_jax.judge.evidence`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ pass. The scorer is any Qwen2.5 / Qwen2.5-VL checkpoint or the frozen reference 
 
 ``rule`` reads the conclusion straight from the thought: the last sentence that names an option decides (see
 :func:`extract_conclusion`). It is free and deterministic -- for tests and cheap ablations, not a model of F.
+
+In ``con_mode='evidence'`` both return :class:`~medad_jax.judge.evidence.EvidenceVerdict` objects: the rubric
+parts from :func:`~medad_jax.judge.evidence.rule_evidence` (text heuristics) and the conclusion from the letter
+scores (``local``) or the extraction (``rule``) -- a documented approximation of the served judge.
 """
 
 from __future__ import annotations
