@@ -10,7 +10,7 @@ import pytest
 from medad_jax import rewards as R
 from medad_jax.judge import JudgeConfig, JudgeUnavailableError, make_judge
 from medad_jax.judge import evidence as E
-from medad_jax.judge.fake_server import FakeSGLangServer, default_fixtures_dir, load_fixtures
+from medad_jax.testing.fake_server import FakeSGLangServer, default_fixtures_dir, load_fixtures
 from medad_jax.judge.prompt import split_judge_prompt
 from medad_jax.judge.remote import parse_chat_response, parse_generate_response
 

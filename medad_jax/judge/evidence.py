@@ -8,7 +8,7 @@ this project's**, not the authors'.
 
 One structured-output request per rollout returns the whole verdict (SGLang's ``json_schema`` constraint on
 ``/generate``, ``response_format: json_schema`` on ``/v1/chat/completions``, the shape of the captured
-``tests/fixtures/sglang/chat_json_schema.json``)::
+``medad_jax/testing/fixtures/sglang/chat_json_schema.json``)::
 
     {"visual_grounding": bool, "question_relevance": bool, "conclusion": "A" | ... | "none",
      "answer_support": bool, "no_hallucination": bool, "no_contradiction": bool}
