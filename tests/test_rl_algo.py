@@ -336,9 +336,25 @@ def test_refill_keeps_the_batch_size_and_counts_the_drops():
   assert d.calls == [3, 2, 1]
   assert r.groups == [1, 4, 5] and r.rewards_PG.shape == (3, 2)
   np.testing.assert_array_equal(r.rewards_PG, [[0, 1], [1, 0], [0.5, 0.0]])
-  assert (r.drawn, r.dropped, r.filler, r.draws) == (6, 3, 0, 3)
+  assert (r.drawn, r.dropped, r.filler, r.surplus, r.draws) == (6, 3, 0, 0, 3)
   assert r.informative.tolist() == [True, True, True]
-  assert r.metrics()['dynamic_sampling/dropped_groups'] == 3.0
+  assert r.metrics()['dynamic_sampling/dropped'] == 3.0
+
+
+def test_refill_with_full_batch_draws_counts_the_surplus():
+  # Static shapes: every draw is a whole batch of 3. Draw 1 (groups 0-2): one informative (1). Draw 2 (3-5): all
+  # three informative (3, 4, 5) -> 4 informative for a target of 3: group 5 is surplus; 2 dropped.
+  script = [[1, 1], [0, 1], [0, 0], [1, 0], [0.5, 0.0], [0, 1]]
+  pos = {'i': 0}
+
+  def draw(n):
+    i = pos['i']
+    pos['i'] += 3
+    return list(range(i, i + 3)), np.asarray(script[i:i + 3], np.float32)
+
+  r = algo.dynamic_sampling_refill(draw, 3, max_draws=4)
+  assert r.groups == [1, 3, 4] and len(r.rewards_PG) == 3
+  assert (r.drawn, r.dropped, r.filler, r.surplus, r.draws) == (6, 2, 0, 1, 2)
 
 
 def test_refill_cap_fills_with_zero_variance_groups():
@@ -348,13 +364,15 @@ def test_refill_cap_fills_with_zero_variance_groups():
   r = algo.dynamic_sampling_refill(d, 3, max_draws=2)
   assert d.calls == [3, 3]
   assert r.groups == [0, 1, 2] and r.informative.tolist() == [False] * 3
-  assert (r.drawn, r.dropped, r.filler, r.draws) == (6, 3, 3, 2)
+  assert (r.drawn, r.dropped, r.filler, r.surplus, r.draws) == (6, 3, 3, 0, 2)
 
 
 def test_refill_no_drop_needed_and_bad_draws():
   r = algo.dynamic_sampling_refill(_Draws([[0, 1], [1, 0]]), 2, max_draws=1)
   assert (r.groups, r.drawn, r.dropped, r.draws) == ([0, 1], 2, 0, 1)
-  with pytest.raises(ValueError, match=r'draw\(2\) returned 1 groups'):
+  with pytest.raises(ValueError, match=r'draw\(2\) returned 0 groups'):
+    algo.dynamic_sampling_refill(lambda n: ([], np.zeros((0, 2))), 2, max_draws=1)
+  with pytest.raises(ValueError, match='cannot fill 2'):
     algo.dynamic_sampling_refill(lambda n: ([0], np.zeros((1, 2))), 2, max_draws=1)
   with pytest.raises(ValueError, match='target >= 1'):
     algo.dynamic_sampling_refill(_Draws([]), 0, max_draws=1)

@@ -304,8 +304,9 @@ class RefillResult:
       draw order, then -- only when the cap was reached -- zero-variance groups as filler.
     rewards_PG: their rewards, ``[target, G]``.
     informative: ``[target]`` bool, False for the filler groups.
-    drawn: groups drawn in all (``>= target``); ``dropped``: zero-variance groups discarded;
-    filler: zero-variance groups kept to hold the batch size; ``draws``: calls of ``draw`` (1 + refills).
+    drawn: groups drawn in all (``>= target``); ``dropped``: zero-variance groups discarded; ``filler``:
+      zero-variance groups kept to hold the batch size; ``surplus``: informative groups beyond ``target`` (a draw
+      larger than what was missing) left unused; ``draws``: calls of ``draw`` (1 + refills).
   """
   groups: list
   rewards_PG: 'object'
@@ -313,23 +314,24 @@ class RefillResult:
   drawn: int
   dropped: int
   filler: int
+  surplus: int
   draws: int
 
   def metrics(self, prefix: str = 'dynamic_sampling/') -> dict[str, float]:
-    return {f'{prefix}drawn_groups': float(self.drawn), f'{prefix}dropped_groups': float(self.dropped),
-            f'{prefix}filler_groups': float(self.filler), f'{prefix}draws': float(self.draws)}
+    return {f'{prefix}{k}': float(getattr(self, k)) for k in ('drawn', 'dropped', 'filler', 'surplus', 'draws')}
 
 
 def dynamic_sampling_refill(draw, target: int, *, max_draws: int, atol: float = 0.0) -> RefillResult:
   """DAPO's dynamic sampling: drop the groups whose G rewards are all equal and *refill* with new prompts.
 
-  ``draw(n) -> (groups, rewards_nG)`` samples and scores ``n`` new prompt groups (a list of ``n`` payloads and
-  their ``[n, G]`` rewards). The first call draws ``target`` groups; every further call draws exactly the number
-  still missing, up to ``max_draws`` calls in all (the cap: a policy that solves or fails every prompt would
-  otherwise loop forever). If the cap is reached short of ``target`` informative groups, the batch is completed
+  ``draw(n) -> (groups, rewards_kG)`` samples and scores new prompt groups when ``n`` informative groups are still
+  missing: a list of ``k >= 1`` payloads and their ``[k, G]`` rewards. ``k`` may be ``n`` or, for static shapes,
+  always the full batch (DAPO draws whole generation batches): informative groups beyond ``target`` are then left
+  unused (``surplus``). ``draw`` is called at most ``max_draws`` times (the cap: a policy that solves or fails every
+  prompt would otherwise loop forever). Short of ``target`` informative groups at the cap, the batch is completed
   with the earliest zero-variance groups drawn (``filler``), so the update always sees ``target`` groups (static
-  shapes: one compiled program); their advantages are 0, so they add only the KL term. Returns a
-  :class:`RefillResult`; ``dropped`` counts every zero-variance group not kept.
+  shapes: one compiled program); their advantages are 0, so they add only the KL term. ``dropped`` counts every
+  zero-variance group not kept.
   """
   import numpy as np
   if target < 1 or max_draws < 1:
@@ -340,17 +342,21 @@ def dynamic_sampling_refill(draw, target: int, *, max_draws: int, atol: float = 
     n = target - len(keep)
     groups, r = draw(n)
     r = np.asarray(r, np.float32)
-    if len(groups) != n or r.shape[0] != n:
+    if not len(groups) or r.ndim != 2 or r.shape[0] != len(groups):
       raise ValueError(f'dynamic_sampling_refill: draw({n}) returned {len(groups)} groups and rewards of shape '
-                       f'{r.shape}; expected {n} of each')
+                       f'{r.shape}; expected k >= 1 groups and rewards [k, G]')
     draws += 1
-    drawn += n
+    drawn += len(groups)
     for g, rg, ok in zip(groups, r, informative_groups(r, atol)):
       (keep if ok else spare).append(g)
       (keep_r if ok else spare_r).append(rg)
+  surplus = max(0, len(keep) - target)
+  keep, keep_r = keep[:target], keep_r[:target]
   filler = max(0, target - len(keep))
+  if filler > len(spare):  # only when draw returned fewer groups than were missing, every time
+    raise ValueError(f'dynamic_sampling_refill: {drawn} groups drawn in {draws} draws cannot fill {target}')
   groups = keep + spare[:filler]
   rewards = np.stack(keep_r + spare_r[:filler]).astype(np.float32)
   informative = np.array([True] * len(keep) + [False] * filler)
   return RefillResult(groups=groups, rewards_PG=rewards, informative=informative, drawn=drawn,
-                      dropped=len(spare) - filler, filler=filler, draws=draws)
+                      dropped=len(spare) - filler, filler=filler, surplus=surplus, draws=draws)
