@@ -148,8 +148,17 @@ def path_to_hf_key(path: tuple) -> tuple[str, str] | None:
 # ----------------------------------------------------------------------------- reading tensors
 
 
+# The floating-point storage dtypes a checkpoint tensor may have. numpy's bfloat16 is ml_dtypes' extension type
+# (``dtype.kind == 'V'``), which safetensors returns for BF16 tensors; it is listed by name, not by kind.
+FLOAT_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
+                'float16': np.dtype(np.float16), 'float64': np.dtype(np.float64)}
+EXPORT_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
 def _np_dtype(name: str):
-  return np.dtype(ml_dtypes.bfloat16) if name == 'bfloat16' else np.dtype(name)
+  if name not in FLOAT_DTYPES:
+    raise ValueError(f'dtype {name!r}: expected one of {sorted(FLOAT_DTYPES)}')
+  return FLOAT_DTYPES[name]
 
 
 class SafetensorsReader:
@@ -234,8 +243,9 @@ def _hf_shape(transform: str, flax_shape) -> str:
 
 
 def _check_and_convert(key: str, arr: np.ndarray, transform: str, target_shape, target_dtype, where: str):
-  if arr.dtype.kind != 'f':
-    raise CheckpointError(f'{where}: tensor {key!r} has dtype {arr.dtype}; expected a floating-point tensor')
+  if arr.dtype not in FLOAT_DTYPES.values():
+    raise CheckpointError(f'{where}: tensor {key!r} has dtype {arr.dtype}; expected a floating-point tensor '
+                          f'({", ".join(FLOAT_DTYPES)})')
   expected = _hf_shape(transform, target_shape)
   if transform == 'patch' and (arr.ndim != 5 or arr.shape[0] != target_shape[1]
                                or int(np.prod(arr.shape[1:])) != target_shape[0]):
@@ -244,7 +254,8 @@ def _check_and_convert(key: str, arr: np.ndarray, transform: str, target_shape, 
   if tuple(out.shape) != tuple(target_shape):
     raise CheckpointError(f'{where}: tensor {key!r} has shape {tuple(arr.shape)}; the model expects {expected}. '
                           'Is config.json from the same checkpoint?')
-  return out.astype(target_dtype)
+  # bf16 / fp16 -> fp32 is exact; fp32 -> bf16 rounds to nearest even (as torch's ``.to(torch.bfloat16)``).
+  return out.astype(target_dtype, copy=False)
 
 
 def _assign(flat_targets: dict[tuple, Any], get_tensor: Callable[[str], np.ndarray], hf_keys: Iterable[str],
@@ -344,27 +355,54 @@ def load_checkpoint(path: str, *, cfg: Qwen25VLConfig | None = None, dtype: str 
   return model, cfg
 
 
-def hf_tensors_from_model(model: nnx.Module, *, merge_lora: bool = True, dtype: str | None = None
-                          ) -> dict[str, np.ndarray]:
-  """Our parameters (LoRA merged into the base kernels by default) -> HF hub-layout numpy tensors."""
-  cfg: Qwen25VLConfig = model.cfg
-  flat = _flat_params(model)
-  lora = {}
-  if merge_lora:
-    from medad_jax.model.lora import merged_kernels
-    lora = merged_kernels(model)
-  out = {}
+def hf_tensor_specs(cfg: Qwen25VLConfig) -> list[tuple[str, tuple[int, ...], tuple, str]]:
+  """Every HF tensor of ``Qwen25VL(cfg)`` as ``(hub-layout name, HF shape, our path, transform)``, in the model's
+  parameter order, from the abstract model (nothing is allocated). A tied head has no ``lm_head.weight``."""
+  from medad_jax.model.qwen25vl import Qwen25VL
+  abstract = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0)))
   hf_shapes = _hf_shapes(cfg)
-  for path, v in flat.items():
+  out = []
+  for path, v in _flat_params(abstract).items():
     hit = path_to_hf_key(path)
     if hit is None:
       raise CheckpointError(f'parameter {"/".join(map(str, path))} has no entry in HF_TABLE')
     key, transform = hit
-    arr = np.asarray(jax.device_get(lora.get(path, v.get_value())))
-    out[key] = TRANSFORMS[transform][1](arr, hf_shapes.get(key))
-    if dtype is not None:
-      out[key] = out[key].astype(_np_dtype(dtype))
+    shape = tuple(v.get_value().shape)
+    out.append((key, hf_shapes.get(key, shape[::-1] if transform == 'linear' else shape), path, transform))
   return out
+
+
+def _hf_tensor_producers(model: nnx.Module, merge_lora: bool, dtype: str | None
+                         ) -> dict[str, tuple[tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]:
+  """{HF name: (HF shape, numpy dtype, fn -> the tensor)} for our parameters; each tensor (its LoRA merge
+  included) is computed only when its function is called, so an export holds one tensor at a time."""
+  from medad_jax.model.lora import merged_kernel
+  cfg: Qwen25VLConfig = model.cfg
+  flat = _flat_params(model)
+  adapted = {}
+  if merge_lora:
+    from medad_jax.model.layers import Linear
+    adapted = {tuple(p) + ('kernel',): m for p, m in nnx.iter_modules(model)
+               if isinstance(m, Linear) and m.lora_a is not None}
+  out = {}
+  for key, hf_shape, path, transform in hf_tensor_specs(cfg):
+    v = flat[path].get_value()
+    np_dt = _np_dtype(dtype) if dtype is not None else np.dtype(v.dtype)
+
+    def produce(v=v, lin=adapted.get(path), transform=transform, hf_shape=hf_shape, np_dt=np_dt):
+      x = merged_kernel(lin, dtype=jnp.float32) if lin is not None else v
+      arr = np.asarray(jax.device_get(x))
+      return TRANSFORMS[transform][1](arr, hf_shape).astype(np_dt, copy=False)
+
+    out[key] = (hf_shape, np_dt, produce)
+  return out
+
+
+def hf_tensors_from_model(model: nnx.Module, *, merge_lora: bool = True, dtype: str | None = None
+                          ) -> dict[str, np.ndarray]:
+  """Our parameters (LoRA merged into the base kernels by default) -> HF hub-layout numpy tensors (all at once;
+  :func:`save_hf_checkpoint` streams them instead)."""
+  return {k: fn() for k, (_, _, fn) in _hf_tensor_producers(model, merge_lora, dtype).items()}
 
 
 def _hf_shapes(cfg: Qwen25VLConfig) -> dict[str, tuple]:
@@ -373,14 +411,63 @@ def _hf_shapes(cfg: Qwen25VLConfig) -> dict[str, tuple]:
                                              v.patch_size)}
 
 
+SAFETENSORS_INDEX = 'model.safetensors.index.json'
+
+
+def write_safetensors_shards(path: str, tensors: Iterable[tuple[str, tuple[int, ...], Any, Callable[[], np.ndarray]]],
+                             *, max_shard_bytes: int = 4 * 2**30) -> list[str]:
+  """Writes ``(name, shape, dtype, fn -> array)`` tensors, in the given order, as ``model.safetensors`` or, past
+  ``max_shard_bytes``, as ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json`` (the
+  layout transformers writes and the hub serves). Shards are planned from the shapes, then each is built by
+  calling its tensors' functions and written with ``safetensors.numpy.save_file``: host memory holds at most one
+  shard. Returns the file names written."""
+  from safetensors.numpy import save_file
+
+  plan, cur, size = [], [], 0
+  for name, shape, dtype, fn in tensors:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if cur and size + nbytes > max_shard_bytes:
+      plan.append(cur)
+      cur, size = [], 0
+    cur.append((name, tuple(shape), np.dtype(dtype), fn, nbytes))
+    size += nbytes
+  if cur:
+    plan.append(cur)
+  files = (['model.safetensors'] if len(plan) == 1 else
+           [f'model-{i + 1:05d}-of-{len(plan):05d}.safetensors' for i in range(len(plan))])
+  meta = {'format': 'pt'}  # transformers' loader expects this metadata value
+  weight_map, total = {}, 0
+  for fn_name, shard in zip(files, plan):
+    arrays = {}
+    for name, shape, dtype, fn, nbytes in shard:
+      arr = fn()
+      if tuple(arr.shape) != shape or arr.dtype != dtype:
+        raise ValueError(f'tensor {name!r}: produced {arr.dtype}{tuple(arr.shape)}, planned {dtype}{shape}')
+      arrays[name] = arr
+      weight_map[name] = fn_name
+      total += nbytes
+    save_file(arrays, os.path.join(path, fn_name), metadata=meta)
+    del arrays
+  if len(files) > 1:
+    with open(os.path.join(path, SAFETENSORS_INDEX), 'w') as f:
+      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
+  return files
+
+
 def save_hf_checkpoint(model: nnx.Module, path: str, *, merge_lora: bool = True, dtype: str | None = None,
                        max_shard_bytes: int = 4 * 2**30) -> str:
   """Writes ``config.json``, ``generation_config.json`` and safetensors (sharded with an index past
-  ``max_shard_bytes``) that transformers (and so SGLang / vLLM) load as a Qwen2.5-VL checkpoint."""
-  from safetensors.numpy import save_file
+  ``max_shard_bytes``) that transformers (and so SGLang / vLLM) load as a Qwen2.5-VL checkpoint.
 
+  ``dtype`` (``'bfloat16'``, ``'float16'`` or ``'float32'``; default: each parameter's own dtype) is the storage
+  dtype of the files: ``'bfloat16'`` makes the export the size of a released bf16 checkpoint, whatever dtype the
+  model was trained in. LoRA adapters are merged in float32 and rounded once to that dtype. Tensors are converted
+  and written one shard at a time (see :func:`write_safetensors_shards`).
+  """
+  if dtype is not None and dtype not in EXPORT_DTYPES:
+    raise ValueError(f'save_hf_checkpoint: dtype={dtype!r}; expected one of {EXPORT_DTYPES} or None')
   cfg: Qwen25VLConfig = model.cfg
-  tensors = hf_tensors_from_model(model, merge_lora=merge_lora, dtype=dtype)
+  producers = _hf_tensor_producers(model, merge_lora, dtype)
   os.makedirs(path, exist_ok=True)
   hf_cfg = to_hf_dict(cfg)
   if dtype is not None:
@@ -389,27 +476,7 @@ def save_hf_checkpoint(model: nnx.Module, path: str, *, merge_lora: bool = True,
     json.dump(hf_cfg, f, indent=2)
   with open(os.path.join(path, 'generation_config.json'), 'w') as f:
     json.dump({'eos_token_id': list(cfg.eos_token_ids), 'pad_token_id': cfg.pad_token_id}, f, indent=2)
-  shards, cur, size = [], {}, 0
-  for k in sorted(tensors):
-    nbytes = tensors[k].nbytes
-    if cur and size + nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, size = {}, 0
-    cur[k] = tensors[k]
-    size += nbytes
-  if cur:
-    shards.append(cur)
-  meta = {'format': 'pt'}  # transformers' loader expects this metadata value
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(path, 'model.safetensors'), metadata=meta)
-  else:
-    weight_map = {}
-    for i, sh in enumerate(shards):
-      fn = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-      save_file(sh, os.path.join(path, fn), metadata=meta)
-      weight_map.update({k: fn for k in sh})
-    total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
-      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
-  log.info('exported %d tensors to %s', len(tensors), path)
+  files = write_safetensors_shards(path, [(k, *producers[k]) for k in sorted(producers)],
+                                   max_shard_bytes=max_shard_bytes)
+  log.info('exported %d tensors to %s (%d file(s))', len(producers), path, len(files))
   return path

@@ -68,21 +68,23 @@ def _delta(lin: Linear) -> jax.Array:
   return (a @ b) * lin.lora_scale
 
 
+def merged_kernel(lin: Linear, dtype=None) -> jax.Array:
+  """``kernel + A @ B * alpha / r`` of one adapted Linear, summed in float32 and rounded once to ``dtype``
+  (default: the kernel's dtype). The module is not changed."""
+  k = lin.kernel.get_value()
+  return (k.astype(jnp.float32) + _delta(lin)).astype(dtype or k.dtype)
+
+
 def merged_kernels(model: nnx.Module) -> dict[tuple, jax.Array]:
-  """{kernel path: kernel + A @ B * alpha / r} for each adapted Linear (the model is not changed)."""
-  out = {}
-  for path, lin in _adapted(model):
-    k = lin.kernel.get_value()
-    out[tuple(path) + ('kernel',)] = (k.astype(jnp.float32) + _delta(lin)).astype(k.dtype)
-  return out
+  """{kernel path: merged kernel} for each adapted Linear (the model is not changed)."""
+  return {tuple(path) + ('kernel',): merged_kernel(lin) for path, lin in _adapted(model)}
 
 
 def merge_lora(model: nnx.Module) -> int:
   """Folds every adapter into its kernel and removes it, in place. Returns how many were merged."""
   n = 0
   for _, lin in _adapted(model):
-    k = lin.kernel.get_value()
-    lin.kernel.set_value((k.astype(jnp.float32) + _delta(lin)).astype(k.dtype))
+    lin.kernel.set_value(merged_kernel(lin))
     lin.lora_a = None
     lin.lora_b = None
     lin.lora_scale = 0.0
