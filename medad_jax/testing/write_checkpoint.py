@@ -7,8 +7,8 @@ when the head is untied) and a *flat* ``config.json`` (text fields at the top le
 This module writes directories of that layout:
 
 * :func:`write_random_checkpoint` -- random weights for any preset of ``Qwen25VLConfig`` (``qwen2_5_vl_3b``
-  included), generated and written tensor by tensor (host memory holds one shard, never the model), with the
-  Qwen2 tokenizer files when the preset uses Qwen2's vocabulary;
+  included), generated tensor by tensor and written one shard at a time (host memory ~2 shards, not the model),
+  with the Qwen2 tokenizer files when the preset uses Qwen2's vocabulary;
 * :func:`write_hf_model` -- the weights of a transformers ``Qwen2_5_VLForConditionalGeneration`` (tests).
 
 Command line (random weights; ~7.5 GB for the 3B preset)::
@@ -27,8 +27,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from medad_jax.model.checkpoint import (EXPORT_DTYPES, FLOAT_DTYPES, canonical_hf_key, hf_tensor_specs,
-                                        write_safetensors_shards)
+from medad_jax.model.checkpoint import (DEFAULT_SHARD_BYTES, EXPORT_DTYPES, FLOAT_DTYPES, canonical_hf_key,
+                                        hf_tensor_specs, write_safetensors_shards)
 from medad_jax.model.config import Qwen25VLConfig, to_hf_dict
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _init_kind(name: str) -> str:
 
 
 def write_random_checkpoint(cfg: Qwen25VLConfig | str, out: str, *, seed: int = 0, dtype: str = 'bfloat16',
-                            max_shard_bytes: int = 2 * 2**30, tokenizer: str = 'auto') -> dict:
+                            max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str = 'auto') -> dict:
   """Writes a random-weight Qwen2.5-VL checkpoint of ``cfg`` (a config or a preset name) in the hub layout.
 
   Weights follow transformers' initialisation (normal ``INIT_STD`` for matrices and embeddings, ones for the
@@ -139,7 +139,7 @@ def write_random_checkpoint(cfg: Qwen25VLConfig | str, out: str, *, seed: int = 
 
 
 def write_hf_model(model, cfg: Qwen25VLConfig, out: str, *, dtype: str = 'bfloat16',
-                   max_shard_bytes: int = 2 * 2**30) -> list[str]:
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
   """The weights of a transformers ``Qwen2_5_VLForConditionalGeneration`` in the hub layout: tensor names in the
   transformers-4 layout, rounded once to ``dtype`` (round to nearest even, as ``tensor.to(torch.bfloat16)``),
   sharded with an index past ``max_shard_bytes``, flat ``config.json``. A tied head is not stored (as in the
@@ -164,7 +164,8 @@ def main(argv: Iterable[str] | None = None) -> dict:
   p.add_argument('--out', required=True, help='directory to write (created; existing files are overwritten)')
   p.add_argument('--dtype', default='bfloat16', choices=EXPORT_DTYPES)
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--max_shard_gb', type=float, default=2.0, help='shard size limit in GiB (default 2)')
+  p.add_argument('--max_shard_gb', type=float, default=DEFAULT_SHARD_BYTES / 2**30,
+                 help='shard size limit in GiB (default %(default)s; writing needs about twice that in memory)')
   p.add_argument('--tokenizer', default='auto', choices=('auto', 'qwen2', 'none'))
   args = p.parse_args(None if argv is None else list(argv))
   logging.basicConfig(level=logging.INFO, format='%(message)s')
