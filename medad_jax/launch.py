@@ -158,7 +158,8 @@ def run_training(config, workdir: str) -> dict:
     summary['export'] = path
   run.logger.close()
   run.timings['total'] = time.time() - t0
-  summary['seconds'] = {k: round(v, 1) for k, v in run.timings.items()}
+  from medad_jax.rundir import keep_stage_times
+  summary['seconds'] = keep_stage_times(workdir, {k: round(v, 1) for k, v in run.timings.items()})
   pl.write_json(os.path.join(workdir, 'summary.json'), summary)
   log.info('done in %.1f s (%s); run directory %s', run.timings['total'],
            ', '.join(f'{k} {v:.0f}s' for k, v in run.timings.items() if k != 'total'), workdir)

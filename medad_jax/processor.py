@@ -33,8 +33,6 @@ DEFAULT_SYSTEM_PROMPT = 'You are a helpful assistant.'
 IM_START, IM_END = '<|im_start|>', '<|im_end|>'
 VISION_START, VISION_END, IMAGE_PAD = '<|vision_start|>', '<|vision_end|>', '<|image_pad|>'
 VIDEO_PAD = '<|video_pad|>'
-# PIL modes holding more than 8 bits per sample; PIL's own conversion to RGB would clip them at 255.
-_HIGH_BIT_DEPTH_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
 
 
 # ---------------------------------------------------------------------------------------------- text side
@@ -103,13 +101,8 @@ def to_pil_image(image: Any, where: str = 'image'):
   if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
     raise ValueError(f'{where}: aspect ratio {max(w, h) / min(w, h):.1f} of a {w}x{h} image exceeds the '
                      f'Qwen2-VL limit of {MAX_ASPECT_RATIO}')
-  if image.mode in _HIGH_BIT_DEPTH_MODES:
-    a = np.asarray(image, dtype=np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    scaled = np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    log.debug('%s: %s image min-max scaled from [%g, %g] to 8 bits', where, image.mode, lo, hi)
-    image = Image.fromarray(scaled, mode='L')
-  return image
+  from medad_jax.data.images import to_8bit  # one implementation of the 16-bit scaling (data loading uses it too)
+  return to_8bit(image)
 
 
 # ---------------------------------------------------------------------------------------------- processor

@@ -143,3 +143,15 @@ def check(config, workdir: str | None) -> None:
       f'{listing}. Relaunch with the recorded values, choose a new --workdir, or pass --config.resume=allow to '
       'continue these checkpoints under the new config (fields that may change on resume: '
       f'{", ".join(RESUMABLE)})')
+
+
+def keep_stage_times(workdir: str, seconds: dict[str, float]) -> dict[str, float]:
+  """``seconds`` (this launch's stage wall times) with the earlier ``summary.json``'s times of the stages this launch
+  did not run (a resumed, finished run restores its stages instead of training them: their times stay on record)."""
+  path = os.path.join(workdir, 'summary.json')
+  try:
+    with open(path) as f:
+      before = json.load(f).get('seconds', {})
+  except (OSError, ValueError, AttributeError):
+    return dict(seconds)
+  return {**{k: v for k, v in before.items() if k not in seconds}, **seconds}

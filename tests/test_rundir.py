@@ -81,3 +81,11 @@ def test_new_and_empty_directories_pass(tmp_path):
   rundir.check(_cfg(), str(tmp_path))
   rundir.check(_cfg(), None)
   assert not os.listdir(tmp_path)
+
+
+def test_a_resumed_finished_run_keeps_its_stage_times(tmp_path):
+  (tmp_path / 'summary.json').write_text(json.dumps({'seconds': {'setup': 3.0, 'sft': 398.0, 'congrpo': 66.0,
+                                                                 'eval': 71.0, 'total': 539.0}}))
+  got = rundir.keep_stage_times(str(tmp_path), {'setup': 2.0, 'eval': 70.0, 'total': 75.0})
+  assert got == {'setup': 2.0, 'sft': 398.0, 'congrpo': 66.0, 'eval': 70.0, 'total': 75.0}
+  assert rundir.keep_stage_times(str(tmp_path / 'none'), {'total': 1.0}) == {'total': 1.0}

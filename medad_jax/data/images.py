@@ -33,14 +33,19 @@ def open_image(image: str | bytes) -> Image.Image:
   return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+  """A 16-bit / 32-bit / float grayscale image min-max scaled to 8-bit ``L``; any other image unchanged."""
+  if im.mode not in HIGH_BIT_DEPTH_MODES:
+    return im
+  a = np.asarray(im, dtype=np.float64)
+  lo, hi = float(a.min()), float(a.max())
+  scaled = np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+  return Image.fromarray(scaled, mode='L')
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
   """8-bit RGB (see the module docstring); decodes ``im``."""
-  im = ImageOps.exif_transpose(im)
-  if im.mode in HIGH_BIT_DEPTH_MODES:
-    a = np.asarray(im, dtype=np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    scaled = np.zeros(a.shape, np.uint8) if hi <= lo else np.round((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    im = Image.fromarray(scaled, mode='L')
+  im = to_8bit(ImageOps.exif_transpose(im))
   if im.mode == 'RGB':
     return im
   if 'A' in im.getbands() or im.info.get('transparency') is not None:
