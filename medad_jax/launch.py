@@ -24,7 +24,7 @@ Run directory::
       checkpoints/congrpo/<step>/
       eval/results.json, table.md Table 1 (accuracy per task, overall, format and consistency rates)
       export/                     the merged final policy as a Hugging Face directory (when export is on)
-      summary.json                stage wall times and the final table
+      summary.json                stage wall times, the final table, the data used / skipped by reason
 """
 
 from __future__ import annotations

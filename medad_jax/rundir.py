@@ -102,6 +102,11 @@ def _show(v: Any) -> str:
   return s if len(s) <= 60 else s[:57] + '...'
 
 
+def _is_first_process() -> bool:
+  import jax  # the launcher has initialised jax.distributed by now (a single process: index 0)
+  return jax.process_index() == 0
+
+
 def check(config, workdir: str | None) -> None:
   """Refuses (``RunDirError``) to launch ``config`` into ``workdir`` when it holds a run with another config; see
   the module docstring. Writes nothing unless ``config.resume == 'allow'`` accepts a changed config."""
@@ -130,10 +135,10 @@ def check(config, workdir: str | None) -> None:
     return
   listing = '; '.join(f'{k}: {_show(a)} -> {_show(b)}' for k, a, b in diffs)
   if resume == 'allow':
-    n = 1
-    while os.path.exists(os.path.join(workdir, f'config.previous-{n}.json')):
-      n += 1
-    if os.path.exists(path):
+    if _is_first_process() and os.path.exists(path):  # several hosts share the directory: one archives
+      n = 1
+      while os.path.exists(os.path.join(workdir, f'config.previous-{n}.json')):
+        n += 1
       os.replace(path, os.path.join(workdir, f'config.previous-{n}.json'))
     log.warning('%s: continuing under a changed config (--config.resume=allow); %d key(s) differ: %s', workdir,
                 len(diffs), listing)
