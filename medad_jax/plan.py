@@ -14,11 +14,11 @@ Axis legend:
 
 What is counted, per device (every term is a small pure function below)
 -----------------------------------------------------------------------
-State (resident for the whole run): frozen parameters and trainable ones (LoRA adapters, or every parameter for
-full fine-tuning) in ``param_dtype``, sharded by ``medad_jax.sharding.PARAM_RULES`` exactly as the trainer places
-them (the parameter list is enumerated from the architecture: :func:`param_shapes`, checked against the real
-module tree in the tests); AdamW's two moments of the trainable parameters (optax keeps them in the parameters'
-dtype: fp32 here); the reference copy of the trainable parameters for full-fine-tuning Con-GRPO.
+State (resident for the whole run): frozen parameters in ``param_dtype``, trainable ones in fp32 (LoRA adapters)
+or ``param_dtype`` (every parameter, full fine-tuning), sharded by ``medad_jax.sharding.PARAM_RULES`` as the
+trainer places them (the parameter list is enumerated from the architecture: :func:`param_shapes`, checked
+against the real module tree in the tests); AdamW's two moments of the trainable parameters (optax keeps them in
+the parameters' dtype); the reference copy of the trainable parameters for full-fine-tuning Con-GRPO.
 
 Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of the backward pass):
 
@@ -499,20 +499,22 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = Fal
   t = cfg.text
   pb, ab, tp = dtype_bytes(w.param_dtype), dtype_bytes(w.dtype), mesh.tensor
   pc = count_params(cfg, w, mesh)
+  # LoRA adapters are float32 whatever param_dtype is (model/layers.py LORA_DTYPE); so are their grads and moments.
+  trb, tr_dtype = (4, 'float32') if w.trainable == 'lora' else (pb, w.param_dtype)
   acts = update_activations(cfg, w, mesh, remat=remat)
   acts_other = update_activations(cfg, w, mesh, remat=not remat)
   P_dev = w.prompts / mesh.dp
   terms = [
       Term('parameters, frozen', pc.frozen_device * pb, 'state', f'{pc.frozen / 1e6:,.1f}M in {w.param_dtype}'),
       Term('parameters, trainable' + (' (LoRA adapters)' if w.trainable == 'lora' else ''),
-           pc.trainable_device * pb, 'state', f'{pc.trainable / 1e6:,.2f}M in {w.param_dtype}'),
-      Term('AdamW moments (mu, nu)', 2 * pc.trainable_device * pb, 'state', 'optax keeps them in the params dtype'),
+           pc.trainable_device * trb, 'state', f'{pc.trainable / 1e6:,.2f}M in {tr_dtype}'),
+      Term('AdamW moments (mu, nu)', 2 * pc.trainable_device * trb, 'state', 'optax keeps them in the params dtype'),
   ]
   if w.stage == 'congrpo' and w.trainable == 'all' and w.needs_reference:
     terms.append(Term('reference copy of the parameters', pc.trainable_device * pb, 'state', 'full fine-tuning'))
   terms += [
-      Term('gradients', pc.trainable_device * pb, 'update'),
-      Term('AdamW moment copies (XLA, skip-step select)', 2 * pc.trainable_device * pb, 'update'),
+      Term('gradients', pc.trainable_device * trb, 'update'),
+      Term('AdamW moment copies (XLA, skip-step select)', 2 * pc.trainable_device * trb, 'update'),
   ]
   if mesh.fsdp > 1:
     terms.append(Term('fsdp: gathered weights kept for the backward', gathered_weights_bytes(cfg, w, mesh),
