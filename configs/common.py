@@ -32,6 +32,8 @@ JUDGE_BACKENDS = ('local', 'rule', 'sglang', 'openai')
 DATA_SOURCES = ('synth', 'medad38k')
 POLICY_SOURCES = ('run', 'hf', 'endpoint')
 DTYPES = ('float32', 'bfloat16')
+REMAT = ('none', 'full', 'dots')            # = medad_jax.model.text.REMAT_POLICIES (configs import no JAX code)
+ATTENTION = ('xla', 'cudnn', 'auto')       # = medad_jax.model.text.ATTENTION_IMPLEMENTATIONS
 TRAINABLE = ('lora', 'all')
 ANSWER_FORMATS = ('letter', 'option')  # = medad_jax.data.schema.ANSWER_FORMATS (configs import no JAX code)
 LOSSES = ('grpo', 'gspo', 'dr_grpo')  # = medad_jax.rl.algo.LOSSES
@@ -116,6 +118,10 @@ def model_config(preset: str = 'small', *, dtype: str = 'float32', param_dtype: 
       # whose vocabulary is a few thousand tokens).
       'tokenizer': tokenizer,
       'vocab_size': 2048,   # of the 'small' tokenizer (learned from the training split); ignored for 'qwen2'
+      # Memory / kernels (medad_jax/model/text.py): rematerialisation of decoder layers and vision blocks in the
+      # backward pass ('none' | 'full' | 'dots'), and the attention kernel ('xla' | 'cudnn' | 'auto').
+      'remat': 'none',
+      'attention': 'xla',
   })
 
 
@@ -208,6 +214,7 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'max_steps': -1,            # > 0 caps the number of steps (quick runs)
       'batch_size': batch_size,   # examples per optimizer step (global)
       'num_microbatches': 1,
+      'logits_chunk': 1024,       # target tokens whose LM-head logits exist at once (rl/update.py)
       'aggregation': 'token_mean',
       'optim': optim_config(lr),
   })
@@ -244,6 +251,7 @@ def rl_config(*, lr: float = 1e-6, epochs: int = 1, prompts_per_step: int = 8, g
       'overlong_penalty': 0.0,     # DAPO soft overlong punishment factor (0 = off; 1.0 = DAPO)
       'overlong_buffer': 256,      # ... over the last this many tokens of sampling.max_new_tokens
       'tis_cap': 0.0,              # truncated importance sampling cap (0 = off; verl uses 2.0)
+      'logits_chunk': 1024,        # completion tokens whose LM-head logits exist at once (rl/update.py)
       'optim': optim_config(lr),
   })
 
@@ -336,6 +344,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'stage', STAGES)
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.param_dtype', DTYPES)
+  _choice(config, 'model.remat', REMAT)
+  _choice(config, 'model.attention', ATTENTION)
+  for stage in ('sft', 'rl'):
+    if stage in config:
+      _positive(config, f'{stage}.logits_chunk', integer=True)
   _choice(config, 'data.source', DATA_SOURCES)
   _choice(config, 'data.answer_format', ANSWER_FORMATS)
   _validate_data(config.data)

@@ -819,6 +819,8 @@ def _image_prompt_ids(cfg: Qwen25VLConfig, rows: int, length: int, side: int, rn
   if n_img + 3 > length:
     raise ValueError(f'length {length} cannot hold an image of {n_img} tokens plus its markers')
   ids = rng.integers(0, cfg.text.vocab_size - 10, size=(rows, length)).astype(np.int32)
+  special = {cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.video_token_id}
+  ids[np.isin(ids, list(special))] = 0
   if n_img:
     ids[:, 1] = cfg.vision_start_token_id
     ids[:, 2:2 + n_img] = cfg.image_token_id
@@ -826,47 +828,60 @@ def _image_prompt_ids(cfg: Qwen25VLConfig, rows: int, length: int, side: int, rn
   return ids
 
 
-def rollout_batch(cfg: Qwen25VLConfig, prompts: int, group: int, prompt_len: int, completion_len: int,
-                  image_side: int, *, seed: int = 0) -> dict:
-  """A full-length Con-GRPO update batch (numpy) in the processor layout: ``prompts`` prompts of ``prompt_len``
-  tokens with one ``image_side x image_side``-patch image each, ``prompts * group`` completions of
-  ``completion_len`` tokens (all real), random rewards and old log-probs."""
-  from medad_jax.model.rope_index import rope_index
-  from medad_jax.model.vision import vision_meta
+def prompt_batch(cfg: Qwen25VLConfig, prompts: int, prompt_len: int, image_side: int, *, seed: int = 0):
+  """The sampler's ``PromptBatch`` (per-image layout, ``sampling/prompts.py``) of ``prompts`` full-length prompts
+  with one ``image_side x image_side``-patch image each."""
+  from medad_jax.sampling.prompts import prepare_prompts
   rng = np.random.default_rng(seed)
   ids = _image_prompt_ids(cfg, prompts, prompt_len, image_side, rng)
-  mask = np.ones_like(ids)
-  grid = np.array([[1, image_side, image_side]] * prompts) if image_side else None
-  pos, deltas = rope_index(cfg, ids, mask, grid)
+  kw = {}
+  if image_side:
+    kw = dict(pixel_values=rng.normal(size=(prompts * image_side**2, cfg.vision.patch_dim)).astype(np.float32),
+              image_grid_thw=np.array([[1, image_side, image_side]] * prompts), patch_buckets=(image_side**2,))
+  return prepare_prompts(cfg, list(ids), length_buckets=(prompt_len,), **kw)
+
+
+def rollout_batch(cfg: Qwen25VLConfig, prompts: int, group: int, prompt_len: int, completion_len: int,
+                  image_side: int, *, seed: int = 0) -> dict:
+  """A full-length Con-GRPO update batch (numpy) in the trainer's layout (``rl.update.rollout_batch`` of a
+  ``PromptBatch``): ``prompts`` prompts of ``prompt_len`` tokens with one ``image_side x image_side``-patch image
+  each, ``prompts * group`` completions of ``completion_len`` tokens (all real), random rewards and old log-probs."""
+  rng = np.random.default_rng(seed + 1)
+  pb = prompt_batch(cfg, prompts, prompt_len, image_side, seed=seed)
   B = prompts * group
-  batch = dict(prompt_ids_PT=ids, prompt_mask_PT=mask, prompt_positions_3PT=pos, rope_deltas_P=deltas,
+  batch = dict(prompt_ids_PT=pb.input_ids_PT, prompt_mask_PT=pb.attention_mask_PT,
+               prompt_positions_3PT=pb.positions_3PT, rope_deltas_P=pb.rope_deltas_P,
                completion_ids_BN=rng.integers(0, cfg.text.vocab_size - 10, (B, completion_len)).astype(np.int32),
                completion_mask_BN=np.ones((B, completion_len), bool),
                old_logp_BN=-rng.random((B, completion_len)).astype(np.float32),
                rewards_B=rng.random(B).astype(np.float32))
   if image_side:
-    batch.update(pixel_values_LC=rng.normal(size=(prompts * image_side**2, cfg.vision.patch_dim)).astype(np.float32),
-                 vision_meta=vision_meta(grid, cfg.vision))
+    batch.update(pixel_values_ILC=pb.pixel_values_ILC, vision_meta_I=pb.vision_meta_I, image_src_PT=pb.image_src_PT)
   return batch
 
 
-def sft_batch(cfg: Qwen25VLConfig, rows: int, length: int, image_side: int, *, seed: int = 0) -> dict:
-  """An SFT batch (numpy): ``rows`` sequences of ``length`` tokens with one image each, the second half as the
-  assistant target."""
-  from medad_jax.model.rope_index import rope_index
-  from medad_jax.model.vision import vision_meta
+def sft_batch(cfg: Qwen25VLConfig, rows: int, length: int, image_side: int, *, seed: int = 0,
+              answer_len: int | None = None) -> dict:
+  """An SFT batch (numpy) in the trainer's layout (``train.pipeline.sft_batch``): ``rows`` sequences of ``length``
+  tokens with one image each, the last ``answer_len`` tokens (default: half) as the assistant target."""
+  from medad_jax.train.pipeline import sft_batch as trainer_sft_batch
   rng = np.random.default_rng(seed)
   ids = _image_prompt_ids(cfg, rows, length, image_side, rng)
-  mask = np.ones_like(ids)
-  grid = np.array([[1, image_side, image_side]] * rows) if image_side else None
-  pos, _ = rope_index(cfg, ids, mask, grid)
-  loss_mask = np.zeros(ids.shape, np.float32)
-  loss_mask[:, length // 2:] = 1.0
-  batch = dict(input_ids_BT=ids, attention_mask_BT=mask, positions_3BT=pos, loss_mask_BT=loss_mask)
-  if image_side:
-    batch.update(pixel_values_LC=rng.normal(size=(rows * image_side**2, cfg.vision.patch_dim)).astype(np.float32),
-                 vision_meta=vision_meta(grid, cfg.vision))
-  return batch
+  answer = length // 2 if answer_len is None else answer_len
+  examples = []
+  for r in range(rows):
+    loss = np.zeros(length, np.int32)
+    loss[length - answer:] = 1
+    ex = {'input_ids': ids[r], 'attention_mask': np.ones(length, np.int32),
+          'mm_token_type_ids': (ids[r] == cfg.image_token_id).astype(np.int32), 'loss_mask': loss,
+          'pixel_values': np.zeros((0, cfg.vision.patch_dim), np.float32),
+          'image_grid_thw': np.zeros((0, 3), np.int32)}
+    if image_side:
+      ex['pixel_values'] = rng.normal(size=(image_side**2, cfg.vision.patch_dim)).astype(np.float32)
+      ex['image_grid_thw'] = np.array([[1, image_side, image_side]], np.int32)
+    examples.append(ex)
+  return trainer_sft_batch(examples, cfg, buckets=(length,),
+                           patch_buckets=(image_side**2,) if image_side else None)
 
 
 if __name__ == '__main__':

@@ -51,11 +51,11 @@ def test_param_counts_of_the_3b_preset():
 
 def test_rollout_cache_formula_equals_the_samplers_group_cache():
   from medad_jax.model.text import init_cache
-  from medad_jax.sampling.group_decode import group_cache
   cfg = Qwen25VLConfig.tiny()
   P, G, T, N = 3, 4, 20, 7
-  cache = group_cache(init_cache(cfg.text, P, T), G, N)
-  kv_bytes = sum(x.nbytes for k, v in cache.items() if k != 'prefix_mask' for x in v)
+  # The sampler's caches: the prompt's (P rows, T slots, shared) and the samples' own (P*G rows, N slots).
+  prefix, own = init_cache(cfg.text, P, T), init_cache(cfg.text, P * G, N)
+  kv_bytes = sum(x.nbytes for c in (prefix, own) for k in ('k', 'v') for x in c[k])
   assert PL.rollout_cache_bytes(cfg.text, P, G, T, N, act_bytes=4) == kv_bytes
   naive = 2 * cfg.text.num_layers * P * G * (T + N) * cfg.text.num_kv_heads * cfg.text.head_dim * 4
   assert PL.rollout_cache_bytes(cfg.text, P, G, T, N, act_bytes=4, grouped=False) == naive

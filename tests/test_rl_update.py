@@ -66,6 +66,16 @@ def rollout_batch(cfg, seed=0):
               old_logp_BN=np.zeros((P * G, N), np.float32), rewards_B=rewards)
 
 
+def per_image(cfg, batch, ids_key='prompt_ids_PT', mask_key='prompt_mask_PT', src_key='image_src_PT'):
+  """The batch with its packed images moved to the trainer's per-image layout (``sampling/prompts.py``)."""
+  from medad_jax.sampling.prompts import _per_image
+  out = {k: v for k, v in batch.items() if k not in ('pixel_values_LC', 'vision_meta')}
+  pix, meta, src = _per_image(cfg, batch['pixel_values_LC'], GRID, batch[ids_key], batch[mask_key],
+                              batch[ids_key].shape[0], (16,))
+  out.update(pixel_values_ILC=pix, vision_meta_I=meta, **{src_key: src})
+  return out
+
+
 def full_sequence_inputs(cfg, batch):
   """Every rollout as one full sequence (prompt + completion), each with its own copy of its prompt's image."""
   ids = np.concatenate([np.repeat(batch['prompt_ids_PT'], G, 0), batch['completion_ids_BN']], 1)
@@ -255,10 +265,16 @@ def test_full_fine_tuning_update_with_a_reference_copy(setup):
 
 
 def test_microbatched_update_equals_full_batch(setup):
-  _, graphdef, state, batch, gcfg, step = setup
+  """2 microbatches, each running its own prompts' images through the tower inside the scan, equal the packed
+  full batch; so does the per-image layout unsplit."""
+  cfg, graphdef, state, batch, gcfg, step = setup
   step2 = U.make_congrpo_update(graphdef, optax.sgd(1.0), dataclasses.replace(gcfg, num_microbatches=2))
   s1, m1 = step(copy_state(state), U.put_batch(batch, None))
-  s2, m2 = step2(copy_state(state), U.put_batch(batch, None))
+  s2, m2 = step2(copy_state(state), U.put_batch(per_image(cfg, batch), None))
+  s3, _ = step(copy_state(state), U.put_batch(per_image(cfg, batch), None))
+  assert_trees_close(s3.params, s1.params, rtol=0, atol=MESH_TOL)
+  with pytest.raises(ValueError, match='needs per-prompt images'):
+    step2(copy_state(state), U.put_batch(batch, None))
   assert_trees_close(s2.params, s1.params, rtol=0, atol=MESH_TOL)
   for k in ('loss', 'kl', 'clip_frac_low', 'clip_frac_high', 'ratio_min', 'ratio_max', 'entropy', 'grad_norm'):
     assert float(m2[k]) == pytest.approx(float(m1[k]), rel=MESH_TOL, abs=MESH_TOL), k
@@ -360,7 +376,8 @@ def test_sft_loss_is_the_masked_mean_over_assistant_tokens():
   assert_trees_close(sgd_delta(state.params, new_state.params), want_g, rtol=0, atol=WHOLE_MODEL_TOL * scale)
   # Gradient accumulation over 2 microbatches (one example each) gives the same step.
   step2 = U.make_sft_step(graphdef, optax.sgd(1.0), U.SFTConfig(num_microbatches=2))
-  s2, met2 = step2(copy_state(state), U.put_batch(b, None))
+  s2, met2 = step2(copy_state(state), U.put_batch(per_image(cfg, b, 'input_ids_BT', 'attention_mask_BT',
+                                                           'image_src_BT'), None))
   assert_trees_close(s2.params, new_state.params, rtol=0, atol=MESH_TOL)
   assert float(met2['loss']) == pytest.approx(float(met['loss']), abs=MESH_TOL)
 
@@ -382,7 +399,7 @@ def test_sft_steps_lower_the_loss():
   tx, sched = U.make_optimizer(1e-2)
   graphdef, state = U.init_train_state(model, tx)
   step = U.make_sft_step(graphdef, tx, U.SFTConfig(num_microbatches=2), lr_schedule=sched)
-  dev = U.put_batch(b, None)
+  dev = U.put_batch(per_image(cfg, b, 'input_ids_BT', 'attention_mask_BT', 'image_src_BT'), None)
   losses = []
   for _ in range(6):
     state, met = step(state, dev)
@@ -401,3 +418,77 @@ def test_bad_batches_and_configs_fail_clearly(setup):
     U.GRPOConfig(aggregation='mean')
   with pytest.raises(ValueError, match='selects no parameters'):
     U.init_train_state(Qwen25VL(tiny_cfg(), rngs=nnx.Rngs(0)), optax.sgd(1.0))
+
+
+# ------------------------------------------------------------------------------------------ memory features
+
+
+@pytest.mark.parametrize('chunk', [1, 5, 4096])
+def test_chunked_logprobs_equal_unchunked(chunk):
+  """Log-probs, entropy and argmax hits through the LM head in chunks equal the full-logits ones (1e-6), and
+  so do the gradients."""
+  from medad_jax.rl import algo
+  cfg, model = tiny_policy()
+  rng = np.random.default_rng(3)
+  h = jnp.asarray(rng.normal(size=(3, 7, cfg.text.hidden_size)).astype(np.float32))
+  ids = jnp.asarray(rng.integers(0, cfg.text.vocab_size, (3, 7)).astype(np.int32))
+  graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+  def chunked(params, h):
+    m = nnx.merge(graphdef, params, rest)
+    lp, ent, hit = U.chunked_token_logprobs(m, h, ids, temperature=0.7, chunk=chunk)
+    return jnp.sum(jnp.sin(lp)), (lp, ent, hit)
+
+  def full(params, h):
+    m = nnx.merge(graphdef, params, rest)
+    logits = m.logits(h)
+    lp = algo.selected_logprobs(logits, ids, temperature=0.7)
+    return jnp.sum(jnp.sin(lp)), (lp, algo.entropy(logits, temperature=0.7), jnp.argmax(logits, -1) == ids)
+
+  (v1, a1), g1 = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(params, h)
+  (v0, a0), g0 = jax.jit(jax.value_and_grad(full, argnums=(0, 1), has_aux=True))(params, h)
+  for x, y in zip(a1, a0):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=0, atol=1e-6)
+  assert_trees_close(g1, g0, rtol=0, atol=1e-6)
+
+
+def test_sft_target_positions_equal_every_position():
+  """The pipeline's target gather (logits only where a target is) gives the loss and gradients of scoring every
+  position under the loss mask (1e-6)."""
+  from medad_jax.train.pipeline import TARGET_LENGTH_BUCKETS  # noqa: F401  (the bucket list the pipeline uses)
+  cfg, model = tiny_policy()
+  b = sft_batch(cfg)
+  loss = b['loss_mask_BT'].astype(bool).copy()
+  loss[:, 0] = False
+  M = 8
+  pos, tids, tmask = (np.zeros((2, M), np.int32) for _ in range(3))
+  for r in range(2):
+    t = np.nonzero(loss[r])[0]
+    pos[r, :t.size], tids[r, :t.size], tmask[r, :t.size] = t - 1, b['input_ids_BT'][r, t], 1
+  gathered = dict(b, target_pos_BM=pos, target_ids_BM=tids, target_mask_BM=tmask)
+  graphdef, state = U.init_train_state(model, optax.sgd(1.0))
+  step = U.make_sft_step(graphdef, optax.sgd(1.0), U.SFTConfig(logits_chunk=3))
+  s1, m1 = step(copy_state(state), U.put_batch(b, None))
+  s2, m2 = step(copy_state(state), U.put_batch(gathered, None))
+  assert_trees_close(s2.params, s1.params, rtol=0, atol=1e-6)
+  for k in ('loss', 'nll', 'token_accuracy', 'target_tokens'):
+    assert float(m2[k]) == pytest.approx(float(m1[k]), abs=1e-6), k
+
+
+def test_remat_and_chunking_lower_the_updates_memory():
+  """XLA's compiled memory analysis of the Con-GRPO update: rematerialised layers + chunked log-probs need fewer
+  temporary bytes than neither, for the same program otherwise."""
+  base = Qwen25VLConfig.tiny()
+  temps = {}
+  for remat, chunk in (('none', 4096), ('full', 16)):
+    cfg = base.replace(remat=remat, text=dataclasses.replace(base.text, num_layers=3),
+                       vision=dataclasses.replace(base.vision, depth=1, fullatt_block_indexes=(0,)))
+    model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, LoraConfig(rank=4, alpha=8.0))
+    graphdef, state = U.init_train_state(model, optax.sgd(1.0))
+    from medad_jax.plan import rollout_batch as plan_rollout_batch
+    batch = plan_rollout_batch(cfg, 2, 4, 24, 32, 4)
+    step = U.make_congrpo_update(graphdef, optax.sgd(1.0), U.GRPOConfig(group_size=4, logits_chunk=chunk))
+    temps[remat] = step.lower(state, U.put_batch(batch, None)).compile().memory_analysis().temp_size_in_bytes
+  print('XLA temp bytes, no remat / remat + chunking:', temps)
+  assert temps['full'] < 0.8 * temps['none'], temps

@@ -341,44 +341,45 @@ def test_bad_inputs_get_clear_errors(models):
     prepare_prompts(cfg, ids, attention_mask=mask, pixel_values=pix)
 
 
-def test_grouped_attention_equals_attention_over_repeated_prefix():
-  from medad_jax.sampling.group_decode import grouped_attention
+def test_shared_prefix_attention_equals_attention_over_repeated_prefix():
+  from medad_jax.model.text import attention
   rng = np.random.default_rng(0)
-  P, G, K, J, H, T, N, slot = 2, 3, 2, 2, 8, 5, 4, 2
+  P, G, K, J, H, R, T, S = 2, 3, 2, 2, 8, 5, 2, 4
   B = P * G
   f = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))  # noqa: E731
-  q_BKJH, pk, pv, sk, sv = f(B, K, J, H), f(P, K, T, H), f(P, K, T, H), f(B, K, N, H), f(B, K, N, H)
+  q, pk, pv, sk, sv = f(B, T, K * J, H), f(P, K, R, H), f(P, K, R, H), f(B, K, S, H), f(B, K, S, H)
   pmask = jnp.asarray(np.array([[0, 1, 1, 1, 1], [0, 0, 0, 1, 1]], bool))
-  got = grouped_attention(q_BKJH, pk, pv, pmask, sk, sv, jnp.int32(slot), H**-0.5)
-  # Reference: the prompt keys repeated G times next to the completion keys, one dot_product_attention.
+  own = jnp.asarray(rng.random((B, T, S)) < 0.7)
+  got = attention(q, sk, sv, own, prefix=(pk, pv, pmask))
+  # Reference: the prompt keys repeated G times next to the own keys, one dot_product_attention.
   to_bskh = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # noqa: E731
   k = jnp.concatenate([jnp.repeat(to_bskh(pk), G, 0), to_bskh(sk)], 1)
   v = jnp.concatenate([jnp.repeat(to_bskh(pv), G, 0), to_bskh(sv)], 1)
-  mask = jnp.concatenate([jnp.repeat(pmask, G, 0), jnp.broadcast_to(jnp.arange(N) <= slot, (B, N))], 1)
-  want = jax.nn.dot_product_attention(q_BKJH.reshape(B, 1, K * J, H), k, v, mask=mask[:, None, None, :],
-                                      scale=H**-0.5, implementation='xla')
-  np.testing.assert_allclose(got.reshape(B, K * J * H), want.reshape(B, K * J * H), atol=1e-5, rtol=0)
+  mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(pmask, G, 0)[:, None], (B, T, R)), own], 2)
+  want = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=H**-0.5, implementation='xla')
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'G'))
 def _group_vs_repeated(graphdef, state, b, tokens_SB, *, G):
-  """Logits of ``len(tokens_SB)`` decode steps through group_decode and through text.py's repeated cache."""
+  """Logits of ``len(tokens_SB)`` decode steps through the sampler's shared-prefix step and through text.py's
+  prompt cache repeated G times."""
   from medad_jax.model.qwen25vl import continuation_positions
   from medad_jax.model.text import repeat_cache
-  from medad_jax.sampling import group_decode
   model = nnx.merge(graphdef, state)
   P, T = b.input_ids_PT.shape
   steps, B = tokens_SB.shape
   x_PTD = sampler_lib.embed_prompts(model, b.input_ids_PT, b.pixel_values_ILC, b.vision_meta_I, b.image_src_PT)
   kw = dict(attention_mask_BT=b.attention_mask_PT, positions_3BT=b.positions_3PT, cache_index=0)
-  _, cache_P = model.model(x_PTD, cache=model.init_cache(P, T), **kw)
+  _, prefix = model.model(x_PTD, return_kv=True, attention_mask_BT=b.attention_mask_PT,
+                          positions_3BT=b.positions_3PT)
   _, ref_cache = model.model(x_PTD, cache=model.init_cache(P, T + steps), **kw)
   ref_cache = repeat_cache(ref_cache, G)
-  gc = group_decode.group_cache(cache_P, G, steps)
+  own = model.init_cache(P * G, steps)
   deltas_B = jnp.repeat(b.rope_deltas_P, G)
   got, want = [], []
   for n in range(steps):
-    logits, gc = group_decode.decode_step(model, tokens_SB[n], jnp.int32(n), deltas_B, gc)
+    logits, own = sampler_lib.decode_step(model, tokens_SB[n], jnp.int32(n), deltas_B, prefix, own)
     got.append(logits)
     logits, ref_cache = model(tokens_SB[n][:, None], attention_mask_BT=jnp.ones((B, 1), jnp.int32), cache=ref_cache,
                               positions_3BT=continuation_positions(T + n, deltas_B), cache_index=T + n)
@@ -388,7 +389,7 @@ def _group_vs_repeated(graphdef, state, b, tokens_SB, *, G):
 
 @pytest.mark.parametrize('name', ['untied_gqa2_win56', 'tied_gqa4_win112'])
 def test_group_decode_step_equals_the_model_cached_step(models, name):
-  """Three decode steps: shared-prefix cache (group_decode) vs text.py's cache repeated G times, same tokens."""
+  """Three decode steps: shared-prefix cache vs text.py's cache repeated G times, same tokens."""
   cfg, model, _ = models[name]
   G, b = 2, _batch(cfg)
   tokens = np.random.default_rng(1).integers(0, cfg.text.vocab_size - 8, (3, b.num_prompts * G)).astype(np.int32)

@@ -9,7 +9,7 @@ the checkpoint table), the same batch: ``--prompts`` prompts with one ``--image-
 (no stop tokens on our side, ``min_new_tokens = max_new_tokens`` on theirs), plain sampling (temperature 1, no
 top-k / top-p), KV cache on. transformers draws the group with ``num_return_sequences`` (it repeats the image and
 the prompt G times, as TRL / VLM-R1 rollouts do); ours prefills every prompt once and its G samples share that
-cache (each decode step reads a prompt's keys once, not G times: ``sampling/group_decode.py``). Our prompts are
+cache (each decode step reads a prompt's keys once, not G times: the decoder's shared ``prefix``, ``model/text.py``). Our prompts are
 left-padded to the sampler's length bucket and that padding is computed (and counted against us).
 
 Reported: tokens/s of each (``prompts x G x new tokens / wall seconds`` of one whole rollout, best of

@@ -82,6 +82,11 @@ class Qwen25VLConfig:
   pad_token_id: int = 151643
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  # Runtime choices (not architecture; never written to a checkpoint's config.json): the attention kernel of the
+  # decoder and the vision tower ('xla' | 'cudnn' | 'auto', see text.py) and rematerialisation of decoder layers
+  # and vision blocks in the backward pass ('none' | 'full' | 'dots').
+  attention: str = 'xla'
+  remat: str = 'none'
 
   def replace(self, **kw) -> 'Qwen25VLConfig':
     return dataclasses.replace(self, **kw)

@@ -47,8 +47,9 @@ class Qwen25VL(nnx.Module):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.visual = VisionTransformer(cfg.vision, **kw)
-    self.model = text_lib.TextModel(cfg.text, **kw)
+    self.visual = VisionTransformer(cfg.vision, attn_implementation=text_lib.resolve_attention(cfg.attention, dtype),
+                                    **kw)
+    self.model = text_lib.TextModel(cfg.text, attention=cfg.attention, remat=cfg.remat, **kw)
     self.lm_head = None if cfg.text.tie_word_embeddings else Linear(cfg.text.hidden_size, cfg.text.vocab_size,
                                                                     use_bias=False, **kw)
 
@@ -82,6 +83,27 @@ class Qwen25VL(nnx.Module):
     idx_BT = jnp.clip(idx_BT, 0, feats_MD.shape[0] - 1)
     img_BTD = jnp.take(feats_MD, idx_BT, axis=0).astype(x_BTD.dtype)
     return jnp.where(is_img_BT[..., None], img_BTD, x_BTD)
+
+  def embed_per_image(self, input_ids_PT: jax.Array, pixel_values_ILC: jax.Array | None, vision_meta_I,
+                      image_src_PT: jax.Array, *, stop_gradient: bool = False) -> jax.Array:
+    """Token embeddings with image features in place of ``<|image_pad|>`` tokens -> ``x_PTD``, images kept apart.
+
+    The layout of ``sampling/prompts.py``'s ``PromptBatch`` (used by the sampler and both training steps): each
+    image is padded to a patch bucket on its own, ``[I, L, C]``, and the vision tower runs once per image
+    (``vmap`` over ``I``), so no attention is ever computed across the images of a batch and memory grows with
+    the number of images, not with its square. ``image_src_PT`` is the row of the flattened ``[I * M, D]``
+    features each image token takes (-1 for other tokens). ``stop_gradient``: the image features are constants
+    (a frozen tower keeps nothing for the backward pass).
+    """
+    x_PTD = self.model.embed_tokens(input_ids_PT)
+    if pixel_values_ILC is None:
+      return x_PTD
+    feats_IMD = jax.vmap(lambda pix, meta: self.visual(pix, meta))(pixel_values_ILC, vision_meta_I)
+    if stop_gradient:
+      feats_IMD = jax.lax.stop_gradient(feats_IMD)
+    feats_XD = feats_IMD.reshape(-1, feats_IMD.shape[-1]).astype(x_PTD.dtype)
+    img_PTD = jnp.take(feats_XD, jnp.maximum(image_src_PT, 0), axis=0)
+    return jnp.where((image_src_PT >= 0)[..., None], img_PTD, x_PTD)
 
   def logits(self, hidden_BTD: jax.Array) -> jax.Array:
     """LM head -> ``logits_BTV`` in float32 (accumulated in float32 even for a bf16 model)."""

@@ -1,30 +1,52 @@
-"""The Qwen2.5-VL text decoder: GQA attention with M-RoPE and a static-shape KV cache, SiLU-gated MLP.
+"""The Qwen2.5-VL text decoder: GQA attention with M-RoPE, KV caches and a shared-prompt prefix, SiLU-gated MLP.
 
 Axis legend (as in ``layers.py``):
-  B batch          T query length (this call's tokens)     S key length (the cache length when a cache is used)
-  D model width    F MLP width        N query heads        K key/value heads        H head dim
-  h rotary frequencies (H/2)          V vocabulary         L decoder layers
+  B batch (rows)   T query length (this call's tokens)   S key length (this call's keys, or the cache's slots)
+  P prompts when a prefix is shared (B = P * G rows, row ``p*G + g`` reads prompt ``p``)   G rows per prompt
+  D model width    F MLP width        N query heads        K key/value heads        J query heads per KV head
+  H head dim       h rotary frequencies (H/2)             V vocabulary             L decoder layers
+
+This file holds the ONE decoder-layer implementation. The forward (``Qwen25VL``), the sampler's prefill and
+decode (``sampling/sampler.py``) and the training steps (``rl/update.py``) all run :class:`TextModel`; what
+differs between them is only which keys a query sees:
+
+* no cache (SFT, any plain forward): the keys are this call's ``T`` tokens, causal, padding (``attention_mask``
+  0) never attended. With ``return_kv=True`` the call also returns its keys/values as a :data:`Cache` of ``T``
+  slots (the sampler's prefill and the update's prompt pass).
+* ``cache`` (with ``cache_index``): this call's keys/values are written at slots ``[cache_index, cache_index+T)``
+  of a static-shape cache and queries attend to every valid slot ``s <= cache_index + t`` (greedy decoding).
+* ``prefix`` (a prompt :data:`Cache` of ``P`` rows) in addition to either of the above: the ``B = P*G`` rows share
+  their prompt's keys/values, which are stored and read once per prompt, never copied G times; one softmax spans
+  the prefix and the row's own keys. The sampler decodes with it (own keys = a per-sample completion cache) and the
+  Con-GRPO update teacher-forces the G completions of a prompt against it (own keys = the completion tokens).
 
 M-RoPE: every token has three positions (temporal, height, width) ``positions_3BT``; text tokens carry the same
 value in all three rows. The ``H/2`` rotary frequencies are split into ``mrope_section`` chunks (e.g. 16/24/24
 for the 3B model) and chunk ``i`` is rotated by position row ``i % 3`` (exactly transformers'
 ``Qwen2_5_VLRotaryEmbedding.recomposition_frequencies``). cos/sin and the rotation are computed in float32.
 
-KV cache (a plain pytree so ``jax.tree.map(lambda x: jnp.repeat(x, G, axis=0), cache)`` broadcasts a prefilled
-prompt to G samples; every leaf has the batch on axis 0)::
+KV cache layout (a plain pytree; every leaf has the rows on axis 0; keys and values are stored head-major, the
+layout the attention matmuls consume, so XLA:CPU does not transpose the cache on every decode step)::
 
     cache = {
-        'k': (k_BSKH for each of the L layers),   # tuple; keys after the rotary embedding, in the compute dtype
-        'v': (v_BSKH for each of the L layers),   # tuple
+        'k': (k_BKSH for each of the L layers),   # tuple; keys after the rotary embedding, in the compute dtype
+        'v': (v_BKSH for each of the L layers),   # tuple
         'mask': mask_BS,                          # bool; True where the slot holds a real (non-pad) token
     }
 
-The write position ``cache_index`` (an int32 scalar, may be traced) is passed next to the cache, not inside it,
-so the cache stays broadcastable. A call with ``T`` tokens writes slots ``[cache_index, cache_index + T)`` with
-``lax.dynamic_update_slice`` and its queries attend to every valid slot ``s <= cache_index + t``. Prefill
-(``T`` = prompt length, ``cache_index`` = 0) and decode (``T`` = 1) are the same code path. Left padding and
-finished rows are handled by writing ``attention_mask_BT`` = 0 for their tokens: those slots never become keys.
-Slots not yet written start with ``mask`` False, so they are never attended either.
+Slots not yet written start with ``mask`` False, so they are never attended. Left padding and finished rows are
+handled by writing ``attention_mask_BT`` = 0 for their tokens: those slots never become keys.
+
+Attention implementations (``Qwen25VLConfig.attention``): ``'xla'`` is written here with einsums (logits and
+softmax in float32, masked logits at jax.nn.dot_product_attention's large finite negative, so fully masked pad
+rows stay finite); it is the only one that handles a shared prefix without copying it, and the one the CPU tests
+use. ``'cudnn'`` calls ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU, bf16/fp16; the prefix is
+then repeated G times, as cuDNN takes one key sequence per row). ``'auto'`` = cuDNN on GPU with a 16-bit compute
+dtype, else XLA. A TPU splash-attention kernel would plug in at :func:`attention` (the same arguments).
+
+Rematerialisation (``Qwen25VLConfig.remat``): ``'none'``; ``'full'`` keeps only each layer's input for the
+backward pass and recomputes the rest; ``'dots'`` also keeps the matmul outputs without batch dimensions
+(``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``). Applied per decoder layer with ``nnx.remat``.
 """
 
 from __future__ import annotations
@@ -37,7 +59,29 @@ from flax import nnx
 from medad_jax.model.config import TextConfig
 from medad_jax.model.layers import Embed, Linear, RMSNorm
 
-Cache = dict  # {'k': tuple[k_BSKH], 'v': tuple[v_BSKH], 'mask': mask_BS}; see the module docstring.
+Cache = dict  # {'k': tuple[k_BKSH], 'v': tuple[v_BKSH], 'mask': mask_BS}; see the module docstring.
+
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
+REMAT_POLICIES = ('none', 'full', 'dots')
+# jax.nn.dot_product_attention's value for masked logits (finite, so an all-masked row gives a uniform softmax).
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+
+def remat_policy(name: str):
+  """``Qwen25VLConfig.remat`` -> the ``jax.checkpoint`` policy (None = save nothing but the inputs)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'remat={name!r}: expected one of {REMAT_POLICIES}')
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if name == 'dots' else None
+
+
+def resolve_attention(name: str, dtype) -> str:
+  """``'auto'`` -> ``'cudnn'`` on GPU with a 16-bit compute dtype, else ``'xla'``."""
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention={name!r}: expected one of {ATTENTION_IMPLEMENTATIONS}')
+  if name == 'auto':
+    gpu = jax.default_backend() == 'gpu'
+    return 'cudnn' if gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else 'xla'
+  return name
 
 
 # ----------------------------------------------------------------------------- rotary (M-RoPE)
@@ -79,7 +123,7 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
 
 
 def attention_mask_BTS(key_mask_BS: jax.Array, query_slot_T: jax.Array) -> jax.Array:
-  """Causal + key-validity mask: query ``t`` (at cache slot ``query_slot_T[t]``) sees valid slots ``s <= slot``."""
+  """Causal + key-validity mask: query ``t`` (at slot ``query_slot_T[t]``) sees valid slots ``s <= slot``."""
   S = key_mask_BS.shape[1]
   causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
   return key_mask_BS[:, None, :] & causal_TS[None]
@@ -87,15 +131,61 @@ def attention_mask_BTS(key_mask_BS: jax.Array, query_slot_T: jax.Array) -> jax.A
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype='float32') -> Cache:
   """An empty cache of ``max_len`` slots (every slot invalid)."""
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   zeros = lambda: jnp.zeros(shape, jnp.dtype(dtype))  # noqa: E731
   return {'k': tuple(zeros() for _ in range(cfg.num_layers)), 'v': tuple(zeros() for _ in range(cfg.num_layers)),
           'mask': jnp.zeros((batch, max_len), bool)}
 
 
 def repeat_cache(cache: Cache, n: int) -> Cache:
-  """Each batch row repeated ``n`` times in place (row ``b`` -> rows ``b*n .. b*n+n-1``), e.g. prompt -> G samples."""
+  """Each row repeated ``n`` times in place (row ``b`` -> rows ``b*n .. b*n+n-1``). A reference for tests: the
+  sampler and the update share a prompt through ``prefix=`` instead of copying it."""
   return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache)
+
+
+def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array, *,
+              prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None, implementation: str = 'xla'
+              ) -> jax.Array:
+  """GQA attention of ``q`` over the row's own keys and, optionally, a prefix shared by groups of rows.
+
+  ``q_BTNH`` (query head ``k*J + j`` reads KV head ``k``: transformers' ``repeat_kv`` order); own keys/values
+  ``[B, K, S, H]`` with ``mask_BTS``; ``prefix = (k_PKSH, v_PKSH, mask_PS)`` read by rows ``p*G .. p*G+G-1``
+  (every prefix key precedes every own key). Returns ``o_BTNH`` in the values' dtype.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BKSH.shape[1]
+  J = N // K
+  scale = H**-0.5
+  if implementation == 'cudnn':
+    k, v, m = k_BKSH, v_BKSH, mask_BTS
+    if prefix is not None:
+      pk, pv, pm = prefix
+      G = B // pk.shape[0]
+      k = jnp.concatenate([jnp.repeat(pk, G, axis=0), k], axis=2)
+      v = jnp.concatenate([jnp.repeat(pv, G, axis=0), v], axis=2)
+      m = jnp.concatenate([jnp.broadcast_to(jnp.repeat(pm, G, axis=0)[:, None], (B, T, pm.shape[1])), m], axis=2)
+    return jax.nn.dot_product_attention(q_BTNH, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=m[:, None],
+                                        scale=scale, implementation='cudnn')
+  if implementation != 'xla':
+    raise ValueError(f'attention implementation {implementation!r}: expected xla or cudnn (resolve auto first)')
+  q_BTKJH = q_BTNH.reshape(B, T, K, J, H)
+  s_BKJTS = jnp.einsum('btkjh,bksh->bkjts', q_BTKJH, k_BKSH, preferred_element_type=jnp.float32) * scale
+  s_BKJTS = jnp.where(mask_BTS[:, None, None], s_BKJTS, MASKED_LOGIT)
+  if prefix is None:
+    w = jax.nn.softmax(s_BKJTS, axis=-1).astype(v_BKSH.dtype)
+    o_BTKJH = jnp.einsum('bkjts,bksh->btkjh', w, v_BKSH)
+    return o_BTKJH.reshape(B, T, N, H)
+  pk_PKRH, pv_PKRH, pm_PR = prefix
+  P, R = pk_PKRH.shape[0], pk_PKRH.shape[2]
+  G = B // P
+  q_PGTKJH = q_BTKJH.reshape(P, G, T, K, J, H)
+  s_PGKJTR = jnp.einsum('pgtkjh,pkrh->pgkjtr', q_PGTKJH, pk_PKRH, preferred_element_type=jnp.float32) * scale
+  s_PGKJTR = jnp.where(pm_PR[:, None, None, None, None, :], s_PGKJTR, MASKED_LOGIT)
+  s_all = jnp.concatenate([s_PGKJTR.reshape(B, K, J, T, R), s_BKJTS], axis=-1)
+  w = jax.nn.softmax(s_all, axis=-1).astype(v_BKSH.dtype)
+  o_pre = jnp.einsum('pgkjtr,pkrh->pgtkjh', w[..., :R].reshape(P, G, K, J, T, R), pv_PKRH).reshape(B, T, K, J, H)
+  o_own = jnp.einsum('bkjts,bksh->btkjh', w[..., R:], v_BKSH)
+  return (o_pre + o_own).reshape(B, T, N, H)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -115,13 +205,15 @@ class MLP(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with q/k/v biases, M-RoPE, optional KV cache; softmax in float32."""
+  """Grouped-query self-attention with q/k/v biases, M-RoPE, optional KV cache and shared prefix."""
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
+               implementation: str = 'xla'):
     if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
       raise ValueError(f'hidden_size {cfg.hidden_size}, num_heads {cfg.num_heads}, num_kv_heads '
                        f'{cfg.num_kv_heads}: expected hidden_size % num_heads == 0 and num_heads % num_kv_heads == 0')
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.implementation = resolve_attention(implementation, dtype)
     D, H = cfg.hidden_size, cfg.head_dim
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj = Linear(D, cfg.num_heads * H, use_bias=True, **kw)
@@ -130,62 +222,66 @@ class Attention(nnx.Module):
     self.o_proj = Linear(cfg.num_heads * H, D, use_bias=False, **kw)
 
   def __call__(self, x_BTD: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array, mask_BTS: jax.Array, *,
-               kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Returns ``(y_BTD, (k_BSKH, v_BSKH) or None)``.
-
-    Without ``kv`` the keys are this call's ``T`` tokens (``S == T``). With ``kv`` (this layer's cache slices
-    ``[B, S, K, H]``) the new keys/values are written at ``cache_index`` and attention runs over all ``S`` slots.
-    """
+               kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+               prefix: tuple[jax.Array, jax.Array, jax.Array] | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Returns ``(y_BTD, (k, v))``: this call's keys/values ``[B, K, T, H]`` without ``kv``, else the updated
+    cache slices ``[B, K, S, H]`` (written at ``cache_index``). See :func:`attention` for ``prefix``."""
     B, T, _ = x_BTD.shape
-    q_BTNH = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
-    k_BTKH = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
+    q_BTNH = apply_rope(self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim), cos_BTH, sin_BTH)
+    k_BTKH = apply_rope(self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim), cos_BTH, sin_BTH)
     v_BTKH = self.v_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
-    q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
-    k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
-    new_kv = None
+    k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
     if kv is not None:
       k_cache, v_cache = kv
-      start = (0, cache_index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
-      v_BSKH = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
-      new_kv = (k_BSKH, v_BSKH)
-      k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+      start = (0, 0, cache_index, 0)
+      k_BKSH = jax.lax.dynamic_update_slice(k_cache, k_BKTH.astype(k_cache.dtype), start)
+      v_BKSH = jax.lax.dynamic_update_slice(v_cache, v_BKTH.astype(v_cache.dtype), start)
+      new_kv = (k_BKSH, v_BKSH)
     else:
-      k_BSKH, v_BSKH = k_BTKH, v_BTKH
-    # The XLA implementation handles GQA (N a multiple of K), computes logits and softmax in float32, and fills
-    # masked logits with a large finite negative, so fully masked (pad) query rows stay finite instead of NaN.
-    o_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=self.head_dim**-0.5,
-                                          implementation='xla')
+      k_BKSH, v_BKSH = k_BKTH, v_BKTH
+      new_kv = (k_BKTH, v_BKTH)
+    dt = q_BTNH.dtype
+    pre = None if prefix is None else (prefix[0].astype(dt), prefix[1].astype(dt), prefix[2])
+    o_BTNH = attention(q_BTNH, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS, prefix=pre,
+                       implementation=self.implementation)
     return self.o_proj(o_BTNH.reshape(B, T, self.num_heads * self.head_dim)), new_kv
 
 
 class DecoderLayer(nnx.Module):
   """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
-    self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
+               attention: str = 'xla'):
+    self.self_attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, implementation=attention)
     self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
-  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, *, kv=None, cache_index=0):
-    """Returns ``(x_BTD, new_kv)``; see :meth:`Attention.__call__`."""
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, cache_index=0, prefix=None):
+    """Returns ``(x_BTD, (k, v))``; see :meth:`Attention.__call__`."""
     h_BTD, new_kv = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, kv=kv,
-                                   cache_index=cache_index)
+                                   cache_index=cache_index, prefix=prefix)
     x_BTD = x_BTD + h_BTD
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
     return x_BTD, new_kv
 
 
+def _run_layer(layer: DecoderLayer, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, cache_index, prefix):
+  return layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, cache_index, prefix)
+
+
 class TextModel(nnx.Module):
   """Token embedding, ``L`` decoder layers and the final norm (HF ``Qwen2_5_VLTextModel``)."""
 
-  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32'):
+  def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
+               attention: str = 'xla', remat: str = 'none'):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
+    remat_policy(remat)  # validates the name
+    self.remat = remat
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
@@ -195,18 +291,26 @@ class TextModel(nnx.Module):
     return mrope_cos_sin(positions_3BT, inv_freq, self.cfg.mrope_section)
 
   def __call__(self, x_BTD: jax.Array, *, attention_mask_BT: jax.Array, positions_3BT: jax.Array,
-               cache: Cache | None = None, cache_index: jax.Array | int = 0) -> tuple[jax.Array, Cache | None]:
-    """Input embeddings ``x_BTD`` -> ``(normed hidden_BTD, new_cache or None)``.
+               cache: Cache | None = None, cache_index: jax.Array | int = 0, prefix: Cache | None = None,
+               return_kv: bool = False) -> tuple[jax.Array, Cache | None]:
+    """Input embeddings ``x_BTD`` -> ``(normed hidden_BTD, cache or None)``.
 
     ``attention_mask_BT`` is 1 for real tokens and 0 for padding; ``positions_3BT`` are the M-RoPE positions of
-    this call's tokens (see ``rope_index.py``). With a cache, this call's tokens occupy slots
-    ``[cache_index, cache_index + T)``.
+    this call's tokens (see ``rope_index.py``). With ``cache``, this call's tokens occupy slots
+    ``[cache_index, cache_index + T)`` and the updated cache is returned; without, ``return_kv=True`` returns this
+    call's keys/values as a cache of ``T`` slots. ``prefix``: a prompt cache of ``P`` rows shared by the ``B``
+    rows in groups of ``B // P`` (see the module docstring).
     """
     B, T, _ = x_BTD.shape
     if positions_3BT.shape != (3, B, T):
       raise ValueError(f'positions_3BT has shape {positions_3BT.shape}; expected (3, {B}, {T})')
     if attention_mask_BT.shape != (B, T):
       raise ValueError(f'attention_mask_BT has shape {attention_mask_BT.shape}; expected ({B}, {T})')
+    pre = None
+    if prefix is not None:
+      P = prefix['mask'].shape[0]
+      if B % P:
+        raise ValueError(f'{B} rows cannot share a prefix of {P} prompts: expected a multiple of {P}')
     cos_BTH, sin_BTH = self.rotary(positions_3BT)
     valid_BT = attention_mask_BT.astype(bool)
     if cache is None:
@@ -221,12 +325,19 @@ class TextModel(nnx.Module):
       query_slot_T = cache_index + jnp.arange(T)
     mask_BTS = attention_mask_BTS(key_mask_BS, query_slot_T)
     x_BTD = x_BTD.astype(self.dtype)
+    run = _run_layer
+    if self.remat != 'none':
+      run = nnx.remat(_run_layer, policy=remat_policy(self.remat))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache['k'][i], cache['v'][i])
-      x_BTD, new_kv = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=kv, cache_index=cache_index)
-      if new_kv is not None:
-        new_k.append(new_kv[0])
-        new_v.append(new_kv[1])
-    new_cache = None if cache is None else {'k': tuple(new_k), 'v': tuple(new_v), 'mask': key_mask_BS}
+      if prefix is not None:
+        pre = (prefix['k'][i], prefix['v'][i], prefix['mask'])
+      x_BTD, (k, v) = run(layer, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, cache_index, pre)
+      new_k.append(k)
+      new_v.append(v)
+    if cache is not None or return_kv:
+      new_cache = {'k': tuple(new_k), 'v': tuple(new_v), 'mask': key_mask_BS}
+    else:
+      new_cache = None
     return self.norm(x_BTD), new_cache

@@ -61,6 +61,7 @@ prompts outside the differentiated function, which requires the vision tower and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -76,7 +77,6 @@ from jax.sharding import Mesh
 
 from medad_jax.model.layers import lora_disabled
 from medad_jax.model.qwen25vl import continuation_positions
-from medad_jax.model.text import repeat_cache
 from medad_jax.rl import algo
 # Re-exported so a trainer needs one import (``from medad_jax.rl import update``).
 from medad_jax.rl.state import (JittedStep, TrainState, batch_shardings, init_train_state, make_optimizer,  # noqa: F401
@@ -111,7 +111,10 @@ class GRPOConfig:
       ``softmax(z / T)`` the rollouts were drawn from (TRL and verl do the same). ``from_config`` sets it to
       ``sampling.temperature``; the trainer then takes ``old_logp`` from the sampler's sampling-distribution
       log-probs (``Rollout.sampling_logprobs_BN``). At the default T = 1 both are the plain policy.
-    num_microbatches: K, gradient accumulation slices of whole prompt groups.
+    num_microbatches: K, gradient accumulation slices of whole prompt groups (each slice runs its own prompts'
+      vision tower and decoder, so activations scale with 1/K).
+    logits_chunk: completion tokens whose LM-head logits exist at once (:func:`chunked_token_logprobs`); no
+      ``[rows, length, vocab]`` array is ever materialised.
     loss: the policy-gradient objective, one of :data:`medad_jax.rl.algo.LOSSES`: ``'grpo'`` (token ratios,
       Eq. 8), ``'gspo'`` (sequence ratio = geometric mean of the token ratios, clipped per sequence; needs
       ``aggregation='seq_mean_token_mean'``), ``'dr_grpo'`` (mean-only advantage and the constant normaliser
@@ -141,8 +144,11 @@ class GRPOConfig:
   overlong_penalty: float = 0.0
   overlong_buffer: int = 0
   tis_cap: float = 0.0
+  logits_chunk: int = 1024
 
   def __post_init__(self):
+    if self.logits_chunk < 1:
+      raise ValueError(f'GRPOConfig.logits_chunk={self.logits_chunk}: expected >= 1')
     if self.group_size < 1:
       raise ValueError(f'GRPOConfig.group_size={self.group_size}: expected >= 1')
     if self.beta < 0:
@@ -192,7 +198,8 @@ class GRPOConfig:
                filter_zero_variance=rl.filter_zero_variance, num_microbatches=rl.num_microbatches,
                temperature=float(sampling.temperature) if sampling is not None else 1.0, loss=loss,
                overlong_penalty=float(rl.get('overlong_penalty', 0.0)),
-               overlong_buffer=int(rl.get('overlong_buffer', 0)), tis_cap=float(rl.get('tis_cap', 0.0)))
+               overlong_buffer=int(rl.get('overlong_buffer', 0)), tis_cap=float(rl.get('tis_cap', 0.0)),
+               **({'logits_chunk': rl.logits_chunk} if 'logits_chunk' in rl else {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,30 +209,29 @@ class SFTConfig:
 
   aggregation: str = 'token_mean'
   num_microbatches: int = 1
+  logits_chunk: int = 1024
 
   def __post_init__(self):
     if self.aggregation not in algo.AGGREGATION_MODES:
       raise ValueError(f'SFTConfig.aggregation={self.aggregation!r}: expected one of {algo.AGGREGATION_MODES}')
+    if self.logits_chunk < 1:
+      raise ValueError(f'SFTConfig.logits_chunk={self.logits_chunk}: expected >= 1')
     if self.num_microbatches < 1:
       raise ValueError(f'SFTConfig.num_microbatches={self.num_microbatches}: expected >= 1')
 
   @classmethod
   def from_config(cls, sft) -> 'SFTConfig':
     """From the ``sft`` block of ``configs/sft.py`` / ``configs/congrpo.py``."""
-    return cls(aggregation=sft.aggregation, num_microbatches=sft.num_microbatches)
+    return cls(aggregation=sft.aggregation, num_microbatches=sft.num_microbatches,
+               **({'logits_chunk': sft.logits_chunk} if 'logits_chunk' in sft else {}))
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
 
 
-def _check_frozen_inputs(state_like, what: str):
-  """Microbatching precomputes prompt embeddings outside the gradient: they must not depend on trainable params."""
-  flat = nnx.to_flat_state(state_like)
-  bad = ['/'.join(map(str, p)) for p, _ in flat
-         if re.match(r'^(visual|model/embed_tokens)(/|$)', '/'.join(map(str, p)))]
-  if bad:
-    raise ValueError(f'{what}: num_microbatches > 1 needs a frozen vision tower and token embedding, but these '
-                     f'are trainable: {bad[:3]}{"..." if len(bad) > 3 else ""}')
+def _frozen_vision(params) -> bool:
+  """True when no trainable parameter lives in the vision tower (the default LoRA targets)."""
+  return not any(re.match(r'^visual(/|$)', '/'.join(map(str, p))) for p, _ in nnx.to_flat_state(params))
 
 
 def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple[TrainState, jax.Array]:
@@ -238,42 +244,123 @@ def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple
   return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), optax.tree.norm(updates)
 
 
-def _split_microbatches(tree, k: int):
+def _split_microbatches(tree, k: int, what: str = 'batch'):
   """``[X, ...] -> [k, X/k, ...]`` for every leaf (X must divide)."""
   def one(x):
     if x.shape[0] % k:
-      raise ValueError(f'num_microbatches={k} does not divide the batch axis of size {x.shape[0]}')
+      raise ValueError(f'num_microbatches={k} does not divide the {what} axis of size {x.shape[0]}')
     return x.reshape(k, x.shape[0] // k, *x.shape[1:])
   return jax.tree.map(one, tree)
+
+
+def _microbatches(batch: dict, k: int, row_keys: tuple[str, ...], positions_key: str, ids_key: str,
+                  src_key: str) -> dict:
+  """The batch split into ``k`` slices of whole rows (prompts), images included, for ``lax.scan``.
+
+  Images are laid out per row (``prompts.py``: the images of row ``p`` occupy image slots ``[p*m, (p+1)*m)``), so
+  slice ``i`` of the rows owns slice ``i`` of the images and its vision tower runs inside the scan body; the
+  feature index of its image tokens is made local to the slice with ``mb_offset``.
+  """
+  out = {kk: batch[kk] for kk in row_keys if kk in batch}
+  out[positions_key] = jnp.moveaxis(batch[positions_key], 1, 0)
+  out = _split_microbatches(out, k)
+  out[positions_key] = jnp.moveaxis(out[positions_key], 2, 1)
+  if 'pixel_values_ILC' in batch:
+    I = batch['pixel_values_ILC'].shape[0]
+    out['pixel_values_ILC'] = _split_microbatches(batch['pixel_values_ILC'], k, 'image')
+    out['vision_meta_I'] = _split_microbatches(batch['vision_meta_I'], k, 'image')
+    out[src_key] = _split_microbatches(batch[src_key], k)
+    feats_per_slice = (I // k) * batch['vision_meta_I'].window_index_M.shape[1]  # images x merged tokens
+    out['mb_offset'] = jnp.arange(k, dtype=jnp.int32) * feats_per_slice
+  return out
+
+
+def _embed_rows(model: nnx.Module, mb: dict, ids_key: str, src_key: str, frozen_vision: bool) -> jax.Array:
+  """Embeddings of a (micro)batch's rows with its own images' features (``Qwen25VL.embed_per_image``)."""
+  ids = mb[ids_key]
+  if 'pixel_values_ILC' not in mb:
+    return model.embed(ids, mb.get('pixel_values_LC'), mb.get('vision_meta'))
+  src = mb[src_key]
+  if 'mb_offset' in mb:
+    src = jnp.where(src >= 0, src - mb['mb_offset'], -1)
+  # With nothing trainable in the tower, its features are constants: nothing of it is kept for the backward pass.
+  return model.embed_per_image(ids, mb['pixel_values_ILC'], mb['vision_meta_I'], src, stop_gradient=frozen_vision)
+
+
+def chunked_token_logprobs(model: nnx.Module, h_XD: jax.Array, ids_X: jax.Array, *, temperature: float = 1.0,
+                           chunk: int = 1024) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Log-probs of ``ids_X`` under the LM head applied to hidden states ``h_XD`` (any leading axes ``X``), in
+  chunks of ``chunk`` positions -> ``(logp_X, entropy_X, argmax_hit_X)`` (entropy and hits without gradient).
+
+  Only ``[chunk, V]`` float32 logits exist at a time: ``lax.scan`` over the chunks with a rematerialised body, so
+  the backward pass recomputes each chunk's logits instead of storing them (no ``[rows, length, V]`` array in the
+  forward or the backward). Equal to the unchunked ``algo.selected_logprobs`` / ``algo.entropy`` up to summation
+  order (``tests/test_rl_update.py``).
+  """
+  lead = ids_X.shape
+  D = h_XD.shape[-1]
+  h = h_XD.reshape(-1, D)
+  ids = ids_X.reshape(-1)
+  n = h.shape[0]
+  c = max(1, min(chunk, n))
+  nc = -(-n // c)
+  pad = nc * c - n
+  h = jnp.pad(h, ((0, pad), (0, 0))).reshape(nc, c, D)
+  ids = jnp.pad(ids, (0, pad)).reshape(nc, c)
+
+  @jax.checkpoint
+  def one(h_cD, ids_c):
+    logits = model.logits(h_cD[None])[0]
+    logp = algo.selected_logprobs(logits, ids_c, temperature=temperature)
+    sg = jax.lax.stop_gradient(logits)
+    return logp, algo.entropy(sg, temperature=temperature), (jnp.argmax(sg, -1) == ids_c)
+
+  def body(_, xs):
+    return None, one(*xs)
+
+  _, (logp, ent, hit) = jax.lax.scan(body, None, (h, ids))
+  unpad = lambda x: x.reshape(-1)[:n].reshape(lead)  # noqa: E731
+  return unpad(logp), unpad(ent), unpad(hit)
 
 
 # ------------------------------------------------------------------------------------------------- SFT
 
 
 SFT_KEYS = ('input_ids_BT', 'attention_mask_BT', 'positions_3BT', 'loss_mask_BT')
+_SFT_ROW_KEYS = SFT_KEYS[:2] + SFT_KEYS[3:] + ('target_pos_BM', 'target_ids_BM', 'target_mask_BM')
 
 
-def sft_loss_parts(model: nnx.Module, batch: dict, cfg: SFTConfig, x_BTD: jax.Array | None = None
+def sft_targets(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(pos_BM, ids_BM, mask_BM)``: the positions whose hidden state predicts a target token, the target ids and
+  which of the M slots are real. The pipeline supplies them (``M`` = a bucket of the batch's longest answer, so
+  logits exist only where there is a target); otherwise every position predicts the next one (``M = T - 1``)."""
+  if 'target_pos_BM' in batch:
+    return batch['target_pos_BM'], batch['target_ids_BM'], batch['target_mask_BM'].astype(jnp.float32)
+  ids = batch['input_ids_BT']
+  B, T = ids.shape
+  mask = algo.first_token_unscored(batch['loss_mask_BT'].astype(jnp.float32))[:, 1:]
+  return jnp.broadcast_to(jnp.arange(T - 1), (B, T - 1)), ids[:, 1:], mask
+
+
+def sft_loss_parts(model: nnx.Module, batch: dict, cfg: SFTConfig, frozen_vision: bool = False
                    ) -> tuple[jax.Array, dict]:
   """-> ``(numerator, stats)``; the loss is ``numerator / denominator(loss_mask)`` (see :func:`_sft_denominator`)."""
-  ids = batch['input_ids_BT']
-  if x_BTD is None:
-    x_BTD = model.embed(ids, batch.get('pixel_values_LC'), batch.get('vision_meta'))
+  x_BTD = _embed_rows(model, batch, 'input_ids_BT', 'image_src_BT', frozen_vision)
   h_BTD, _ = model.model(x_BTD, attention_mask_BT=batch['attention_mask_BT'], positions_3BT=batch['positions_3BT'])
-  logits_BTV = model.logits(h_BTD)
-  mask = algo.first_token_unscored(batch['loss_mask_BT'].astype(jnp.float32))
-  nll_BT = -algo.token_logprobs(logits_BTV, ids)
-  num, _ = algo.aggregate_parts(nll_BT, mask, cfg.aggregation)
-  n_tok = jnp.sum(mask)
-  correct = jnp.argmax(logits_BTV[:, :-1], -1) == ids[:, 1:]
-  stats = {'tokens': n_tok, 'loss_num': jax.lax.stop_gradient(num),
-           'nll_sum': jax.lax.stop_gradient(jnp.sum(jnp.where(mask > 0, nll_BT, 0.0))),
-           'correct_sum': jnp.sum(jnp.where(mask[:, 1:] > 0, correct, False).astype(jnp.float32))}
+  pos_BM, ids_BM, mask_BM = sft_targets(batch)
+  h_BMD = jnp.take_along_axis(h_BTD, pos_BM[..., None].astype(jnp.int32), axis=1)
+  logp_BM, _, hit_BM = chunked_token_logprobs(model, h_BMD, ids_BM, chunk=cfg.logits_chunk)
+  nll_BM = -logp_BM
+  num, _ = algo.aggregate_parts(nll_BM, mask_BM, cfg.aggregation)
+  on = mask_BM > 0
+  stats = {'tokens': jnp.sum(mask_BM), 'loss_num': jax.lax.stop_gradient(num),
+           'nll_sum': jax.lax.stop_gradient(jnp.sum(jnp.where(on, nll_BM, 0.0))),
+           'correct_sum': jnp.sum(jnp.where(on, hit_BM, False).astype(jnp.float32))}
   return num, stats
 
 
 def _sft_denominator(batch: dict, cfg: SFTConfig) -> jax.Array:
-  mask = algo.first_token_unscored(batch['loss_mask_BT'].astype(jnp.float32))
+  mask = sft_targets(batch)[2]
   return algo.aggregate_parts(jnp.zeros_like(mask), mask, cfg.aggregation)[1]
 
 
@@ -285,7 +372,12 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
 
       input_ids_BT [B, T] int32, attention_mask_BT [B, T], positions_3BT [3, B, T] (rope_index),
       loss_mask_BT [B, T]   1 where token t is an assistant target (prompt, image and padding tokens: 0),
-      pixel_values_LC [L, C] and vision_meta   optional, all images of the batch in row order.
+      pixel_values_ILC [I, L, C], vision_meta_I, image_src_BT   optional: the images, one patch bucket each, laid
+                            out per row (``sampling/prompts.py``), or packed ``pixel_values_LC`` + ``vision_meta``,
+      target_pos_BM, target_ids_BM, target_mask_BM   optional (:func:`sft_targets`; the pipeline supplies them).
+
+  Memory: logits exist only at target positions and only ``logits_chunk`` of them at a time; with
+  ``num_microbatches`` K > 1 each slice of rows runs its own images through the vision tower inside the scan.
 
   Metrics: ``loss``, ``nll`` (token mean), ``token_accuracy`` (greedy next-token accuracy on the targets),
   ``target_tokens``, ``grad_norm`` (before clipping), ``update_norm``, ``lr``.
@@ -294,31 +386,27 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     for k in SFT_KEYS:
       if k not in batch:
-        raise KeyError(f'SFT batch: missing key {k!r}; expected {SFT_KEYS} (+ pixel_values_LC, vision_meta)')
+        raise KeyError(f'SFT batch: missing key {k!r}; expected {SFT_KEYS} (+ images, targets)')
     denom = _sft_denominator(batch, cfg)
     K = cfg.num_microbatches
+    frozen_vision = _frozen_vision(state.params)
 
-    def loss_fn(params, mb, x_BTD=None):
+    def loss_fn(params, mb):
       model = nnx.merge(graphdef, params, state.frozen)
-      num, stats = sft_loss_parts(model, mb, cfg, x_BTD)
+      num, stats = sft_loss_parts(model, mb, cfg, frozen_vision)
       return num / jnp.maximum(denom, 1.0), stats
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if K == 1:
       grads, stats = grad_fn(state.params, batch)
     else:
-      _check_frozen_inputs(state.params, 'SFTConfig')
-      model = nnx.merge(graphdef, state.params, state.frozen)
-      x_BTD = jax.lax.stop_gradient(model.embed(batch['input_ids_BT'], batch.get('pixel_values_LC'),
-                                                batch.get('vision_meta')))
-      rows = {k: batch[k] for k in ('input_ids_BT', 'attention_mask_BT', 'loss_mask_BT')}
-      rows['positions_3BT'] = jnp.moveaxis(batch['positions_3BT'], 1, 0)
-      mbs = _split_microbatches({**rows, 'x_BTD': x_BTD}, K)
-      mbs['positions_3BT'] = jnp.moveaxis(mbs['positions_3BT'], 2, 1)
+      if 'pixel_values_LC' in batch:
+        raise ValueError('SFTConfig.num_microbatches > 1 needs per-row images (pixel_values_ILC, image_src_BT; '
+                         'train.pipeline.sft_batch), not one packed pixel_values_LC')
+      mbs = _microbatches(batch, K, _SFT_ROW_KEYS, 'positions_3BT', 'input_ids_BT', 'image_src_BT')
 
       def body(acc, mb):
-        x = mb.pop('x_BTD')
-        g, s = grad_fn(state.params, mb, x)
+        g, s = grad_fn(state.params, mb)
         return jax.tree.map(jnp.add, acc, (g, s)), None
 
       zero = (jax.tree.map(jnp.zeros_like, state.params),
@@ -357,28 +445,21 @@ def rollout_batch(prompts, rollout, rewards_B) -> dict:
   return batch
 
 
-def embed_prompts(model: nnx.Module, batch: dict) -> jax.Array:
+def embed_prompts(model: nnx.Module, batch: dict, frozen_vision: bool = False) -> jax.Array:
   """Prompt embeddings ``x_PTD`` with the images' features at the ``<|image_pad|>`` tokens, from either layout:
-
-  * the sampler's (``pixel_values_ILC``, ``vision_meta_I``, ``image_src_PT``: images kept apart, the vision tower
-    run per image), exactly as the sampler embedded the prompts it drew the rollouts from;
-  * the processor's (``pixel_values_LC`` + ``vision_meta``: all images packed, ``Qwen25VL.embed``);
-  * none (text-only prompts).
-  """
-  ids = batch['prompt_ids_PT']
-  if 'pixel_values_ILC' in batch:
-    from medad_jax.sampling.sampler import embed_prompts as sampler_embed
-    return sampler_embed(model, ids, batch['pixel_values_ILC'], batch['vision_meta_I'], batch['image_src_PT'])
-  return model.embed(ids, batch.get('pixel_values_LC'), batch.get('vision_meta'))
+  the sampler's (``pixel_values_ILC``, ``vision_meta_I``, ``image_src_PT``: images kept apart, the vision tower
+  run per image, exactly as the sampler embedded the prompts it drew the rollouts from), the processor's packed
+  ``pixel_values_LC`` + ``vision_meta``, or none (text-only prompts)."""
+  return _embed_rows(model, batch, 'prompt_ids_PT', 'image_src_PT', frozen_vision)
 
 
-def completion_logits(model: nnx.Module, batch: dict, group_size: int, x_PTD: jax.Array | None = None
-                      ) -> jax.Array:
-  """Teacher-forced logits ``[B, N, V]`` (float32) that predict each completion token.
+def completion_hidden(model: nnx.Module, batch: dict, group_size: int, frozen_vision: bool = False) -> jax.Array:
+  """Teacher-forced final hidden states ``[B, N, D]`` whose LM-head output predicts each completion token.
 
-  The prompt runs once per prompt into a KV cache (with its image), the cache is repeated to the G rollouts and
-  the completions run against it, so row ``p*G + g`` sees prompt ``p`` exactly as during sampling. Position ``j``
-  of the result predicts ``completion_ids_BN[:, j]`` (from the last prompt position for ``j = 0``).
+  The prompt runs once per prompt (``P`` rows, with its image) and returns its keys/values; the ``B = P*G``
+  completions then run against that prompt cache as a shared ``prefix`` (``text.py``): it is never copied G times,
+  exactly as in the sampler. Position ``j`` predicts ``completion_ids_BN[:, j]`` (from the last prompt position for
+  ``j = 0``).
   """
   ids_PT, mask_PT = batch['prompt_ids_PT'], batch['prompt_mask_PT']
   comp_BN = batch['completion_ids_BN']
@@ -387,30 +468,24 @@ def completion_logits(model: nnx.Module, batch: dict, group_size: int, x_PTD: ja
   if comp_BN.shape[0] != Pn * group_size:
     raise ValueError(f'Con-GRPO batch: {comp_BN.shape[0]} completion rows for {Pn} prompts; expected '
                      f'prompts * group_size = {Pn * group_size}')
-  if x_PTD is None:
-    x_PTD = embed_prompts(model, batch)
-  # The prompt attends over its own T slots only; N empty (invalid) slots are appended for the completions.
-  h_PTD, cache = model.model(x_PTD, attention_mask_BT=mask_PT, positions_3BT=batch['prompt_positions_3PT'],
-                             cache=model.init_cache(Pn, T), cache_index=0)
-  cache = {'k': tuple(jnp.pad(k, ((0, 0), (0, N), (0, 0), (0, 0))) for k in cache['k']),
-           'v': tuple(jnp.pad(v, ((0, 0), (0, N), (0, 0), (0, 0))) for v in cache['v']),
-           'mask': jnp.pad(cache['mask'], ((0, 0), (0, N)))}
-  cache = repeat_cache(cache, group_size)
+  x_PTD = embed_prompts(model, batch, frozen_vision)
+  h_PTD, prefix = model.model(x_PTD, attention_mask_BT=mask_PT, positions_3BT=batch['prompt_positions_3PT'],
+                              return_kv=True)
   deltas_B = jnp.repeat(batch['rope_deltas_P'].astype(jnp.int32), group_size, axis=0)
   x_BND = model.model.embed_tokens(comp_BN)
   h_BND, _ = model.model(x_BND, attention_mask_BT=batch['completion_mask_BN'].astype(jnp.int32),
-                         positions_3BT=continuation_positions(T, deltas_B, N), cache=cache, cache_index=T)
+                         positions_3BT=continuation_positions(T, deltas_B, N), prefix=prefix)
   last_BD = jnp.repeat(h_PTD[:, -1], group_size, axis=0)
-  pred_BND = jnp.concatenate([last_BD[:, None], h_BND[:, :-1]], axis=1)
-  return model.logits(pred_BND)
+  return jnp.concatenate([last_BD[:, None], h_BND[:, :-1]], axis=1)
 
 
 def completion_logprobs(model: nnx.Module, batch: dict, group_size: int, temperature: float = 1.0,
-                        x_PTD: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """-> ``(logp_BN, entropy_BN)`` of the completion tokens under ``model`` (entropy without gradient)."""
-  logits = completion_logits(model, batch, group_size, x_PTD)
-  logp = algo.selected_logprobs(logits, batch['completion_ids_BN'], temperature=temperature)
-  ent = algo.entropy(jax.lax.stop_gradient(logits), temperature=temperature)
+                        chunk: int = 1024, frozen_vision: bool = False) -> tuple[jax.Array, jax.Array]:
+  """-> ``(logp_BN, entropy_BN)`` of the completion tokens under ``model`` (entropy without gradient), through
+  the LM head in chunks of ``chunk`` tokens (:func:`chunked_token_logprobs`)."""
+  h_BND = completion_hidden(model, batch, group_size, frozen_vision)
+  logp, ent, _ = chunked_token_logprobs(model, h_BND, batch['completion_ids_BN'], temperature=temperature,
+                                        chunk=chunk)
   return logp, ent
 
 
@@ -481,14 +556,14 @@ def grpo_objective(logp_BN: jax.Array, old_logp_BN: jax.Array, ref_logp_BN: jax.
 
 
 def grpo_loss_parts(policy: nnx.Module, reference: Callable[[], jax.Array] | None, mb: dict, cfg: GRPOConfig,
-                    x_PTD: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                    frozen_vision: bool = False) -> tuple[jax.Array, dict]:
   """:func:`grpo_objective` on one (micro)batch of rollouts, with the policy's teacher-forced log-probs.
 
   ``mb`` holds the rollout batch keys plus ``adv_B`` and ``loss_mask_BN`` (completion mask, zero-variance groups
   removed when filtering). ``reference()`` returns ``ref_logp_BN`` (called only when needed and the batch does not
   carry ``ref_logp_BN``).
   """
-  logp, ent = completion_logprobs(policy, mb, cfg.group_size, cfg.temperature, x_PTD)
+  logp, ent = completion_logprobs(policy, mb, cfg.group_size, cfg.temperature, cfg.logits_chunk, frozen_vision)
   ref = None
   if cfg.needs_reference:
     ref = mb['ref_logp_BN'] if 'ref_logp_BN' in mb else reference()
@@ -535,8 +610,6 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     G = cfg.group_size
     if batch['rewards_B'].shape[0] % G:
       raise ValueError(f'rewards_B has {batch["rewards_B"].shape[0]} rows, not a multiple of group_size={G}')
-    if K > 1:
-      _check_frozen_inputs(state.params, 'GRPOConfig')
     adv_B, zero_var_P = grpo_advantages(batch['rewards_B'], cfg)
     mask = batch['completion_mask_BN'].astype(jnp.float32)
     # Padding prompts (no completion tokens at all) are not groups: they are left out of the zero-variance count.
@@ -545,19 +618,21 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       mask = mask * jnp.repeat(~zero_var_P, G)[:, None].astype(jnp.float32)
     _, denom = algo.aggregate_parts(jnp.zeros_like(mask), mask, cfg.aggregation)
     use_lora_ref = state.ref_params is None
+    frozen_vision = _frozen_vision(state.params)
 
-    def loss_fn(params, mb, x_PTD=None):
+    def loss_fn(params, mb):
       policy = nnx.merge(graphdef, params, state.frozen)
 
       def reference():
         if use_lora_ref:
           with lora_disabled():
             ref_model = nnx.merge(graphdef, params, state.frozen)
-            return completion_logprobs(ref_model, mb, G, cfg.temperature, x_PTD)[0]
+            return jax.lax.stop_gradient(completion_logprobs(ref_model, mb, G, cfg.temperature, cfg.logits_chunk,
+                                                             frozen_vision)[0])
         ref_model = nnx.merge(graphdef, state.ref_params, state.frozen)
-        return completion_logprobs(ref_model, mb, G, cfg.temperature, x_PTD)[0]
+        return completion_logprobs(ref_model, mb, G, cfg.temperature, cfg.logits_chunk, frozen_vision)[0]
 
-      num, stats = grpo_loss_parts(policy, reference, mb, cfg, x_PTD)
+      num, stats = grpo_loss_parts(policy, reference, mb, cfg, frozen_vision)
       return num / jnp.maximum(denom, 1.0), stats
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -565,19 +640,17 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
     if K == 1:
       grads, stats = grad_fn(state.params, full)
     else:
-      policy = nnx.merge(graphdef, state.params, state.frozen)
-      x_PTD = jax.lax.stop_gradient(embed_prompts(policy, batch))
+      if 'pixel_values_LC' in batch:
+        raise ValueError('GRPOConfig.num_microbatches > 1 needs per-prompt images (pixel_values_ILC, image_src_PT: '
+                         'the sampler\'s PromptBatch layout), not one packed pixel_values_LC')
       prompt_keys = ('prompt_ids_PT', 'prompt_mask_PT', 'rope_deltas_P')
       row_keys = ('completion_ids_BN', 'completion_mask_BN', 'old_logp_BN', 'adv_B', 'loss_mask_BN') + (
           ('ref_logp_BN',) if 'ref_logp_BN' in batch else ()) + (
           ('sampler_logp_BN',) if 'sampler_logp_BN' in batch else ())
-      mbs = _split_microbatches({**{k: full[k] for k in prompt_keys + row_keys}, 'x_PTD': x_PTD,
-                                 'prompt_positions_3PT': jnp.moveaxis(batch['prompt_positions_3PT'], 1, 0)}, K)
-      mbs['prompt_positions_3PT'] = jnp.moveaxis(mbs['prompt_positions_3PT'], 2, 1)
+      mbs = _microbatches(full, K, prompt_keys + row_keys, 'prompt_positions_3PT', 'prompt_ids_PT', 'image_src_PT')
 
       def body(acc, mb):
-        x = mb.pop('x_PTD')
-        g, s = grad_fn(state.params, mb, x)
+        g, s = grad_fn(state.params, mb)
         g_acc, s_acc = acc
         s_new = {k: (jnp.minimum if k == 'ratio_min' else jnp.maximum if k == 'ratio_max' else jnp.add)(
             s_acc[k], s[k]) for k in s_acc}
@@ -619,13 +692,12 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
   return JittedStep(update, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'group_size', 'temperature', 'adapters'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'group_size', 'temperature', 'adapters', 'logits_chunk'))
 def rollout_logprobs(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, batch: dict, *,
-                     group_size: int, temperature: float = 1.0, adapters: bool = True) -> jax.Array:
+                     group_size: int, temperature: float = 1.0, adapters: bool = True,
+                     logits_chunk: int = 1024) -> jax.Array:
   """Teacher-forced ``logp_BN`` of a rollout batch (e.g. recomputed old log-probs, or reference log-probs with
   ``adapters=False``), by the same code path as the update."""
   model = nnx.merge(graphdef, params, frozen)
-  if adapters:
-    return completion_logprobs(model, batch, group_size, temperature)[0]
-  with lora_disabled():
-    return completion_logprobs(model, batch, group_size, temperature)[0]
+  with contextlib.nullcontext() if adapters else lora_disabled():
+    return completion_logprobs(model, batch, group_size, temperature, logits_chunk, frozen_vision=True)[0]

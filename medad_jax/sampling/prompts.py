@@ -3,7 +3,8 @@ bucket, M-RoPE positions and ``rope_deltas``. Axis letters: see ``ops.py``; L pa
 
 Compiled programs are keyed by shapes, so every shape the sampler sees comes from a short list of buckets:
 prompt length ``T`` (``length_buckets``), patches per image ``L`` (``patch_buckets``), the number of images ``I``
-(at least ``P``, else a multiple of ``P``: dummy images fill the rest) and optionally the number of prompts ``P``
+(``P`` times the most images in one prompt, laid out per prompt: dummy images fill the rest) and optionally the
+number of prompts ``P``
 (``num_prompts``: extra all-padding prompts that start *done*). A new batch whose sizes fall in the same buckets
 reuses the compiled prefill and decode.
 
@@ -139,12 +140,8 @@ def prepare_prompts(cfg: Qwen25VLConfig, input_ids, *, attention_mask=None, pixe
   image_src = np.full((P, T), -1, np.int32)
   if pixel_values is not None:
     grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-    pixels, meta, feat_index = _per_image(cfg, np.asarray(pixel_values, np.float32), grid, P, patch_buckets)
-    is_img = (ids == cfg.image_token_id) & mask.astype(bool)
-    if int(is_img.sum()) != feat_index.size:
-      raise ValueError(f'input_ids hold {int(is_img.sum())} image tokens (id {cfg.image_token_id}) but '
-                       f'image_grid_thw {grid.tolist()} gives {feat_index.size} (sum of t*h*w/merge**2)')
-    image_src[is_img] = feat_index  # boolean indexing is row-major: the order the images were given in
+    pixels, meta, image_src = _per_image(cfg, np.asarray(pixel_values, np.float32), grid, ids, mask, P,
+                                         patch_buckets)
   positions, deltas = rope_index(cfg, ids, mask, grid)
   done = np.arange(P) >= P_real
   lengths = np.array([r.size for r in rows] + [0] * (P - P_real), np.int32)
@@ -153,9 +150,14 @@ def prepare_prompts(cfg: Qwen25VLConfig, input_ids, *, attention_mask=None, pixe
                      prompt_lengths_P=lengths)
 
 
-def _per_image(cfg: Qwen25VLConfig, pixels: np.ndarray, grid: np.ndarray, P: int, patch_buckets: Sequence[int]
-               ) -> tuple[np.ndarray, VisionMeta, np.ndarray]:
-  """Concatenated patches -> ``([I, L, C] patches, stacked metas, flat feature row of every image token)``."""
+def _per_image(cfg: Qwen25VLConfig, pixels: np.ndarray, grid: np.ndarray, ids: np.ndarray, mask: np.ndarray,
+               P: int, patch_buckets: Sequence[int]) -> tuple[np.ndarray, VisionMeta, np.ndarray]:
+  """Concatenated patches -> ``([I, L, C] patches, stacked metas, image_src_PT)``, laid out per prompt row.
+
+  With at most ``m`` images in any prompt, ``I = P * m`` and the images of prompt ``p`` occupy slots
+  ``[p*m, p*m + m)`` (unused slots hold a dummy one-unit image that is encoded and never read). Any slice of whole
+  prompts therefore owns the matching slice of images: the training steps split microbatches before the tower.
+  """
   C = cfg.vision.patch_dim
   if pixels.ndim != 2 or pixels.shape[1] != C:
     raise ValueError(f'pixel_values has shape {pixels.shape}; expected [num_patches, {C}]')
@@ -164,19 +166,41 @@ def _per_image(cfg: Qwen25VLConfig, pixels: np.ndarray, grid: np.ndarray, P: int
     raise ValueError(f'pixel_values has {pixels.shape[0]} patches but image_grid_thw {grid.tolist()} describes '
                      f'{int(counts.sum())} (sum of t*h*w)')
   unit = cfg.vision.spatial_merge_size**2
+  feats = counts // unit
+  is_img = (ids == cfg.image_token_id) & mask.astype(bool)
+  if int(is_img.sum()) != int(feats.sum()):
+    raise ValueError(f'input_ids hold {int(is_img.sum())} image tokens (id {cfg.image_token_id}) but '
+                     f'image_grid_thw {grid.tolist()} gives {int(feats.sum())} (sum of t*h*w/merge**2)')
+  # Images are given in prompt order: prompt p takes images until their features cover its image tokens.
+  owner, img, tokens_P = [], 0, is_img.sum(1)
+  for p in range(P):
+    need = int(tokens_P[p])
+    mine = []
+    while need > 0:
+      if img >= len(grid) or feats[img] > need:
+        raise ValueError(f'prompt {p} holds {int(tokens_P[p])} image tokens, which do not add up to whole images '
+                         f'of image_grid_thw {grid.tolist()} taken in order')
+      need -= int(feats[img])
+      mine.append(img)
+      img += 1
+    owner.append(mine)
+  m = max(1, max(len(o) for o in owner))
   L = pick_bucket(int(counts.max()), [b for b in patch_buckets if b % unit == 0], 'image patches per image')
-  n_img = len(grid)
-  I = P if n_img <= P else -(-n_img // P) * P
+  I = P * m
   out = np.zeros((I, L, C), np.float32)
-  metas, feat_index, start = [], [], 0
-  for i in range(I):
-    if i < n_img:
-      out[i, :counts[i]] = pixels[start:start + counts[i]]
-      start += counts[i]
-      metas.append(vision_meta(grid[i:i + 1], cfg.vision, pad_to=L))
-      feat_index.append(i * (L // unit) + np.arange(counts[i] // unit))
-    else:  # a dummy image (one merge unit + padding): encoded, never read
-      m = cfg.vision.spatial_merge_size
-      metas.append(vision_meta(np.array([[1, m, m]]), cfg.vision, pad_to=L))
-  meta = jax.tree.map(lambda *xs: np.stack(xs), *metas)
-  return out, meta, np.concatenate(feat_index).astype(np.int32)
+  starts = np.concatenate([[0], np.cumsum(counts)])
+  metas = [None] * I
+  image_src = np.full(ids.shape, -1, np.int32)
+  for p, mine in enumerate(owner):
+    flat = []
+    for j, i in enumerate(mine):
+      slot = p * m + j
+      out[slot, :counts[i]] = pixels[starts[i]:starts[i + 1]]
+      metas[slot] = vision_meta(grid[i:i + 1], cfg.vision, pad_to=L)
+      flat.append(slot * (L // unit) + np.arange(feats[i]))
+    if flat:
+      image_src[p][is_img[p]] = np.concatenate(flat)  # boolean indexing is row-major: the images' order
+  mm = cfg.vision.spatial_merge_size
+  dummy = vision_meta(np.array([[1, mm, mm]]), cfg.vision, pad_to=L)
+  meta = jax.tree.map(lambda *xs: np.stack(xs), *[x if x is not None else dummy for x in metas])
+  return out, meta, image_src

@@ -5,8 +5,8 @@ Axis letters: see ``ops.py`` (P prompts, G samples per prompt, B = P*G rows, T p
 Flow of :func:`sample` for ``P`` prompts and ``G`` samples each (Con-GRPO's group)::
 
     prefill  (jit)  P prompts -> vision tower (per image) + decoder, once -> cache_P [P, T], logits_PV (last token)
-    decode   (jit)  B = P*G rows share their prompt's cache (group_decode.py: prompt keys/values are stored and
-                    read once per prompt, each sample adds its own completion slots); draw token 0 from the
+    decode   (jit)  B = P*G rows share their prompt's cache (the decoder's ``prefix``: prompt keys/values are
+                    stored and read once per prompt, each sample adds its own completion slots); draw token 0 from the
                     prefill logits, then while step < N and not all rows done:
                       feed the last token (completion slot step - 1), draw token ``step`` from its logits
 
@@ -47,7 +47,8 @@ import numpy as np
 from flax import nnx
 
 from medad_jax.model.layers import lora_disabled
-from medad_jax.sampling import group_decode, ops, stops
+from medad_jax.model.qwen25vl import continuation_positions
+from medad_jax.sampling import ops, stops
 from medad_jax.sampling.prompts import PromptBatch
 
 _TRACES: collections.Counter = collections.Counter()
@@ -78,7 +79,8 @@ class DecodeState:
   finish_B: jax.Array           # int32 code, see ops.FINISH_REASONS
   tail_BM: jax.Array            # int32 last M sampled tokens (-1 before the first), for stop sequences
   stop_state_BQ: jax.Array      # int32 state of each stop-string automaton (stops.py)
-  cache: dict                   # group_decode.GroupCache: shared prompt prefix + per-sample completion slots
+  cache: dict                   # the samples' own completion slots (text.py cache, B rows, N slots); the prompt
+                                # cache is shared read-only by every step (the ``prefix`` of text.py)
   keys_B: jax.Array             # per-row PRNG keys
 
 
@@ -105,17 +107,25 @@ class Rollout:
 
 def embed_prompts(model, input_ids_PT: jax.Array, pixel_values_ILC: jax.Array | None, vision_meta_I,
                   image_src_PT: jax.Array) -> jax.Array:
-  """Token embeddings with image features in place of ``<|image_pad|>`` tokens -> ``x_PTD``.
+  """Token embeddings with image features in place of ``<|image_pad|>`` tokens -> ``x_PTD`` (``Qwen25VL.embed_per_image``)."""
+  return model.embed_per_image(input_ids_PT, pixel_values_ILC, vision_meta_I, image_src_PT)
 
-  Like ``Qwen25VL.embed`` but the vision tower runs per image (``vmap`` over ``I``), see ``prompts.py``.
+
+def decode_step(model, tokens_B: jax.Array, slot: jax.Array, rope_deltas_B: jax.Array, prefix: dict,
+                cache: dict) -> tuple[jax.Array, dict]:
+  """Feeds one token per row (completion slot ``slot``, position ``T + slot + delta``) -> ``(logits_BV, cache)``.
+
+  ``prefix``: the prompts' cache from :func:`prefill` (``P`` rows, shared by their ``G`` samples, never copied);
+  ``cache``: the samples' own completion slots (``B`` rows, ``N`` slots). The decoder layer is the model's own.
   """
-  x_PTD = model.model.embed_tokens(input_ids_PT)
-  if pixel_values_ILC is None:
-    return x_PTD
-  feats_IMD = jax.vmap(lambda pix, meta: model.visual(pix, meta))(pixel_values_ILC, vision_meta_I)
-  feats_XD = feats_IMD.reshape(-1, feats_IMD.shape[-1]).astype(x_PTD.dtype)
-  img_PTD = jnp.take(feats_XD, jnp.maximum(image_src_PT, 0), axis=0)
-  return jnp.where((image_src_PT >= 0)[..., None], img_PTD, x_PTD)
+  text = model.model
+  T = prefix['mask'].shape[1]
+  B = tokens_B.shape[0]
+  x_B1D = text.embed_tokens(tokens_B[:, None])
+  h_B1D, cache = text(x_B1D, attention_mask_BT=jnp.ones((B, 1), jnp.int32),
+                      positions_3BT=continuation_positions(T + slot, rope_deltas_B), cache=cache,
+                      cache_index=slot, prefix=prefix)
+  return model.logits(h_B1D)[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'adapters'))
@@ -133,7 +143,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, input_ids_PT: jax.Array, a
   with _adapters(adapters):
     x_PTD = embed_prompts(model, input_ids_PT, pixel_values_ILC, vision_meta_I, image_src_PT)
     h_PTD, cache = model.model(x_PTD, attention_mask_BT=attention_mask_PT, positions_3BT=positions_3PT,
-                               cache=model.init_cache(P, T), cache_index=0)
+                               return_kv=True)
     logits_PV = model.logits(h_PTD[:, -1:])[:, 0]
   return cache, logits_PV
 
@@ -179,7 +189,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
   G, N = num_samples, config.max_new_tokens
   P = logits_PV.shape[0]
   B = P * G
-  cache = group_decode.group_cache(cache_P, G, N)
+  cache = model.init_cache(B, N)
   rep = lambda x: jnp.repeat(x, G, axis=0)  # noqa: E731
   deltas_B, done_B = rep(rope_deltas_P.astype(jnp.int32)), rep(done_P.astype(bool))
   s = DecodeState(
@@ -198,7 +208,7 @@ def decode(graphdef: nnx.GraphDef, state: nnx.State, cache_P: dict, logits_PV: j
     last_B = jax.lax.dynamic_index_in_dim(s.tokens_BN, s.step - 1, axis=1, keepdims=False)
     last_B = jnp.where(s.done_B, 0, last_B)  # a done row only attends to itself; feed an id that is always in range
     with _adapters(adapters):
-      logits_BV, cache = group_decode.decode_step(model, last_B, s.step - 1, deltas_B, s.cache)
+      logits_BV, cache = decode_step(model, last_B, s.step - 1, deltas_B, cache_P, s.cache)
     return _record(dataclasses.replace(s, cache=cache), logits_BV, config, cfg_model.pad_token_id, stop_table_QAV)
 
   s = jax.lax.while_loop(cond, body, s)

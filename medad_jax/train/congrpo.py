@@ -162,7 +162,8 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
     for step in range(start, total):
       examples = next(it)
       metas = [ex['meta'] for ex in examples]
-      prompts = pl.prompt_batch(examples, run.model_cfg, num_prompts=rl.prompts_per_step)
+      prompts = pl.prompt_batch(examples, run.model_cfg, num_prompts=rl.prompts_per_step,
+                                patch_buckets=pl.patch_buckets(run.config, run.model_cfg))
       key = jax.random.fold_in(state.rng, step)
       t0 = time.time()
       roll = jax.device_get(sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G,

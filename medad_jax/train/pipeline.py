@@ -15,9 +15,9 @@ Tokenizer (``config.model.tokenizer``)
   dataset), for the miniature whose embedding table would otherwise dwarf the rest of the model.
 
 Batches
-  SFT: ``processor(image, question, target)`` per record, right-padded to a length bucket, images' patches
-  concatenated and padded to a patch bucket (so the step compiles once per bucket pair), M-RoPE positions on the
-  host (:func:`sft_batch`). RL / evaluation: prompt-only processor outputs, turned into the sampler's
+  SFT: ``processor(image, question, target)`` per record, right-padded to a length bucket, each image padded to
+  a patches-per-image bucket (:func:`patch_buckets`; so the step compiles once per bucket pair), M-RoPE positions
+  and the target positions on the host (:func:`sft_batch`). RL / evaluation: prompt-only processor outputs, turned into the sampler's
   left-padded ``PromptBatch`` by :func:`prompt_batch`. Record metadata (formatted question, option texts, answer
   letter, task) rides along for the rewards.
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = os.path.join('~', '.cache', 'medad_jax')
 SFT_LENGTH_BUCKETS = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 PROMPT_LENGTH_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-PATCH_BUCKET = 256  # total patches of a batch are padded to a multiple of this
+TARGET_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 
 
 def cache_root(config) -> str:
@@ -175,7 +175,7 @@ def model_config(config, tokenizer) -> Qwen25VLConfig:
     cfg = from_hf_config(ckpt)
   else:
     cfg = config_for_tokenizer(Qwen25VLConfig.preset(m.preset), tokenizer, vocab_multiple=64)
-  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype)
+  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
 
 
 def build_model(config, cfg: Qwen25VLConfig, seed: int):
@@ -213,27 +213,51 @@ def record_meta(r: MedADRecord) -> dict[str, Any]:
           'task': r.task}
 
 
-def _pad_patches(pixels_LC: np.ndarray, grid: np.ndarray, cfg: Qwen25VLConfig) -> tuple[np.ndarray, Any]:
-  """Pads the batch's patches to a multiple of :data:`PATCH_BUCKET` (one compiled shape per bucket)."""
-  from medad_jax.model.vision import vision_meta
-  L = pixels_LC.shape[0]
-  Lp = -(-L // PATCH_BUCKET) * PATCH_BUCKET
-  out = np.zeros((Lp, pixels_LC.shape[1]), np.float32)
-  out[:L] = pixels_LC
-  return out, vision_meta(grid, cfg.vision, pad_to=Lp)
+def patch_buckets(config, cfg: Qwen25VLConfig) -> tuple[int, ...]:
+  """Patches-per-image buckets: the sampler's defaults below the largest image ``data.image_size`` allows, plus
+  that largest count itself (the processor never exceeds ``max_pixels = image_size**2``), so a fixed-size dataset
+  such as medad-synth pads nothing and a mixed one compiles at most one program per bucket."""
+  from medad_jax.sampling.prompts import DEFAULT_PATCH_BUCKETS
+  unit = cfg.vision.spatial_merge_size ** 2
+  side = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+  largest = (config.data.image_size // side) ** 2 * unit
+  return tuple(sorted({b for b in DEFAULT_PATCH_BUCKETS if b < largest} | {largest}))
 
 
-def sft_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, buckets: Sequence[int] = SFT_LENGTH_BUCKETS
-              ) -> dict:
-  """Processor outputs (with ``loss_mask``) -> the SFT step's batch (``update.SFT_KEYS`` + images)."""
+def sft_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
+              patch_buckets: Sequence[int] | None = None) -> dict:
+  """Processor outputs (with ``loss_mask``) -> the SFT step's batch (``update.SFT_KEYS`` + images + targets).
+
+  Images are laid out per row, each padded to its own patch bucket (``sampling/prompts.py``), so the vision tower
+  runs per image and a microbatch of rows owns its images. ``target_pos_BM`` / ``target_ids_BM`` /
+  ``target_mask_BM`` list, per row, the positions that predict an assistant token (``M`` = a bucket of the longest
+  answer), so the step computes LM-head logits only there.
+  """
   from medad_jax.model.rope_index import rope_index
   from medad_jax.processor import pad_batch
+  from medad_jax.sampling.prompts import DEFAULT_PATCH_BUCKETS, _per_image, pick_bucket
   b = pad_batch(examples, buckets, cfg.pad_token_id, padding_side='right')
-  grid = b['image_grid_thw']
-  positions, _ = rope_index(cfg, b['input_ids'], b['attention_mask'], grid)
-  pixels, meta = _pad_patches(b['pixel_values'], grid, cfg)
-  return {'input_ids_BT': b['input_ids'], 'attention_mask_BT': b['attention_mask'], 'positions_3BT': positions,
-          'loss_mask_BT': b['loss_mask'], 'pixel_values_LC': pixels, 'vision_meta': meta}
+  ids, attn = b['input_ids'], b['attention_mask']
+  grid = b['image_grid_thw'] if b['image_grid_thw'] is not None and len(b['image_grid_thw']) else None
+  positions, _ = rope_index(cfg, ids, attn, grid)
+  loss = np.asarray(b['loss_mask']).astype(bool).copy()
+  loss[:, 0] = False  # the first token has no prediction
+  n_tgt = loss.sum(1)
+  M = pick_bucket(max(1, int(n_tgt.max())), TARGET_LENGTH_BUCKETS, 'target tokens of one example')
+  B = ids.shape[0]
+  pos = np.zeros((B, M), np.int32)
+  tids = np.full((B, M), cfg.pad_token_id, np.int32)
+  tmask = np.zeros((B, M), np.int32)
+  for r in range(B):
+    t = np.nonzero(loss[r])[0]
+    pos[r, :t.size], tids[r, :t.size], tmask[r, :t.size] = t - 1, ids[r, t], 1
+  out = {'input_ids_BT': ids, 'attention_mask_BT': attn, 'positions_3BT': positions, 'loss_mask_BT': b['loss_mask'],
+         'target_pos_BM': pos, 'target_ids_BM': tids, 'target_mask_BM': tmask}
+  if grid is not None:
+    pixels, meta, src = _per_image(cfg, np.asarray(b['pixel_values'], np.float32), np.asarray(grid, np.int64),
+                                   np.asarray(ids), np.asarray(attn), B, patch_buckets or DEFAULT_PATCH_BUCKETS)
+    out.update(pixel_values_ILC=pixels, vision_meta_I=meta, image_src_BT=src)
+  return out
 
 
 def sft_preprocess(processor, answer_format: str = 'letter'):
@@ -258,13 +282,15 @@ def list_batch(elements: Sequence[dict]) -> list[dict]:
   return list(elements)
 
 
-def prompt_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, num_prompts: int | None = None):
+def prompt_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, num_prompts: int | None = None,
+                 patch_buckets: Sequence[int] | None = None):
   """Prompt-only processor outputs -> the sampler's ``PromptBatch`` (padded to ``num_prompts`` rows)."""
-  from medad_jax.sampling.prompts import prepare_prompts
+  from medad_jax.sampling.prompts import DEFAULT_PATCH_BUCKETS, prepare_prompts
   return prepare_prompts(cfg, [ex['input_ids'] for ex in examples],
                          pixel_values=np.concatenate([ex['pixel_values'] for ex in examples]),
                          image_grid_thw=np.concatenate([ex['image_grid_thw'] for ex in examples]),
-                         length_buckets=PROMPT_LENGTH_BUCKETS, num_prompts=num_prompts)
+                         length_buckets=PROMPT_LENGTH_BUCKETS, num_prompts=num_prompts,
+                         patch_buckets=patch_buckets or DEFAULT_PATCH_BUCKETS)
 
 
 def decode_completions(tokenizer, tokens_BN: np.ndarray, lengths_B: np.ndarray) -> list[str]:

@@ -74,7 +74,8 @@ def train(run: pl.Run) -> Result:
   ds = make_dataset(run.data.train, batch_size=config.sft.batch_size, seed=config.seed, num_epochs=None,
                     shard_index=0, shard_count=1,
                     preprocess=pl.sft_preprocess(run.processor, config.data.answer_format),
-                    batch_fn=functools.partial(pl.sft_batch, cfg=run.model_cfg), drop_remainder=True,
+                    batch_fn=functools.partial(pl.sft_batch, cfg=run.model_cfg,
+                                             patch_buckets=pl.patch_buckets(run.config, run.model_cfg)), drop_remainder=True,
                     read_threads=config.data.read_threads)
   it = iter(ds)
 
