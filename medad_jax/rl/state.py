@@ -219,6 +219,12 @@ class JittedStep:
   def lower(self, state, batch):
     return self._get(state, batch).lower(state, batch)
 
+  def export(self, state, batch, platforms: tuple[str, ...]):
+    """``jax.export`` of the step for other platforms (e.g. ``('tpu',)`` or ``('cuda',)`` from a CPU host);
+    ``state`` / ``batch`` may be ``jax.ShapeDtypeStruct`` trees."""
+    from jax import export
+    return export.export(self._get(state, batch), platforms=platforms)(state, batch)
+
 
 def place_state(state: TrainState, mesh: Mesh) -> TrainState:
   """Puts every leaf of ``state`` onto its sharding (:func:`tree_shardings`)."""

@@ -244,34 +244,43 @@ def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple
   return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), optax.tree.norm(updates)
 
 
-def _split_microbatches(tree, k: int, what: str = 'batch'):
-  """``[X, ...] -> [k, X/k, ...]`` for every leaf (X must divide)."""
+def _split_microbatches(tree, k: int, what: str = 'batch', unit: int = 1):
+  """``[X, ...] -> [k, X/k, ...]`` for every leaf, *strided* in units of ``unit`` rows: slice ``i`` takes units
+  ``i, i+k, i+2k, ...``. With the batch axis sharded in contiguous blocks over the devices, every slice then holds
+  an equal share of every device's rows (a contiguous split would put a slice on a few devices only)."""
   def one(x):
-    if x.shape[0] % k:
-      raise ValueError(f'num_microbatches={k} does not divide the {what} axis of size {x.shape[0]}')
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    if x.shape[0] % (k * unit):
+      raise ValueError(f'num_microbatches={k} does not divide the {what} axis of size {x.shape[0]}'
+                       + (f' into groups of {unit}' if unit > 1 else ''))
+    y = x.reshape(x.shape[0] // (k * unit), k, unit, *x.shape[1:])
+    return jnp.moveaxis(y, 1, 0).reshape(k, x.shape[0] // k, *x.shape[1:])
   return jax.tree.map(one, tree)
 
 
-def _microbatches(batch: dict, k: int, row_keys: tuple[str, ...], positions_key: str, ids_key: str,
-                  src_key: str) -> dict:
-  """The batch split into ``k`` slices of whole rows (prompts), images included, for ``lax.scan``.
+def _microbatches(batch: dict, k: int, prompt_keys: tuple[str, ...], row_keys: tuple[str, ...],
+                  positions_key: str, src_key: str, group: int = 1) -> dict:
+  """The batch split into ``k`` strided slices of whole prompts (their ``group`` completion rows and their
+  images with them), for ``lax.scan``.
 
-  Images are laid out per row (``prompts.py``: the images of row ``p`` occupy image slots ``[p*m, (p+1)*m)``), so
-  slice ``i`` of the rows owns slice ``i`` of the images and its vision tower runs inside the scan body; the
-  feature index of its image tokens is made local to the slice with ``mb_offset``.
+  Images are laid out per prompt (``prompts.py``: the images of prompt ``p`` occupy image slots ``[p*m, (p+1)*m)``),
+  so a slice of prompts owns the matching images and its vision tower runs inside the scan body;
+  ``prompt_index`` (each row's index in the whole batch) lets :func:`_embed_rows` make the feature index of its
+  image tokens local to the slice.
   """
-  out = {kk: batch[kk] for kk in row_keys if kk in batch}
+  out = {kk: batch[kk] for kk in prompt_keys if kk in batch}
   out[positions_key] = jnp.moveaxis(batch[positions_key], 1, 0)
+  n_prompts = batch[positions_key].shape[1]
+  out['prompt_index'] = jnp.arange(n_prompts, dtype=jnp.int32)
+  if 'pixel_values_ILC' in batch:
+    out[src_key] = batch[src_key]
   out = _split_microbatches(out, k)
   out[positions_key] = jnp.moveaxis(out[positions_key], 2, 1)
+  rows = {kk: batch[kk] for kk in row_keys if kk in batch}
+  out.update(_split_microbatches(rows, k, unit=group))
   if 'pixel_values_ILC' in batch:
-    I = batch['pixel_values_ILC'].shape[0]
-    out['pixel_values_ILC'] = _split_microbatches(batch['pixel_values_ILC'], k, 'image')
-    out['vision_meta_I'] = _split_microbatches(batch['vision_meta_I'], k, 'image')
-    out[src_key] = _split_microbatches(batch[src_key], k)
-    feats_per_slice = (I // k) * batch['vision_meta_I'].window_index_M.shape[1]  # images x merged tokens
-    out['mb_offset'] = jnp.arange(k, dtype=jnp.int32) * feats_per_slice
+    m = batch['pixel_values_ILC'].shape[0] // n_prompts
+    out['pixel_values_ILC'] = _split_microbatches(batch['pixel_values_ILC'], k, 'image', unit=m)
+    out['vision_meta_I'] = _split_microbatches(batch['vision_meta_I'], k, 'image', unit=m)
   return out
 
 
@@ -281,10 +290,14 @@ def _embed_rows(model: nnx.Module, mb: dict, ids_key: str, src_key: str, frozen_
   if 'pixel_values_ILC' not in mb:
     return model.embed(ids, mb.get('pixel_values_LC'), mb.get('vision_meta'))
   src = mb[src_key]
-  if 'mb_offset' in mb:
-    src = jnp.where(src >= 0, src - mb['mb_offset'], -1)
+  pixels = mb['pixel_values_ILC']
+  if 'prompt_index' in mb:  # a microbatch: prompt p's image slots moved from p*m to its local index j*m
+    P_loc = ids.shape[0]
+    feats_per_prompt = (pixels.shape[0] // P_loc) * mb['vision_meta_I'].window_index_M.shape[-1]
+    shift = (mb['prompt_index'] - jnp.arange(P_loc, dtype=jnp.int32)) * feats_per_prompt
+    src = jnp.where(src >= 0, src - shift[:, None], -1)
   # With nothing trainable in the tower, its features are constants: nothing of it is kept for the backward pass.
-  return model.embed_per_image(ids, mb['pixel_values_ILC'], mb['vision_meta_I'], src, stop_gradient=frozen_vision)
+  return model.embed_per_image(ids, pixels, mb['vision_meta_I'], src, stop_gradient=frozen_vision)
 
 
 def chunked_token_logprobs(model: nnx.Module, h_XD: jax.Array, ids_X: jax.Array, *, temperature: float = 1.0,
@@ -403,7 +416,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg:
       if 'pixel_values_LC' in batch:
         raise ValueError('SFTConfig.num_microbatches > 1 needs per-row images (pixel_values_ILC, image_src_BT; '
                          'train.pipeline.sft_batch), not one packed pixel_values_LC')
-      mbs = _microbatches(batch, K, _SFT_ROW_KEYS, 'positions_3BT', 'input_ids_BT', 'image_src_BT')
+      mbs = _microbatches(batch, K, _SFT_ROW_KEYS, (), 'positions_3BT', 'image_src_BT')
 
       def body(acc, mb):
         g, s = grad_fn(state.params, mb)
@@ -647,7 +660,7 @@ def make_congrpo_update(graphdef: nnx.GraphDef, tx: optax.GradientTransformation
       row_keys = ('completion_ids_BN', 'completion_mask_BN', 'old_logp_BN', 'adv_B', 'loss_mask_BN') + (
           ('ref_logp_BN',) if 'ref_logp_BN' in batch else ()) + (
           ('sampler_logp_BN',) if 'sampler_logp_BN' in batch else ())
-      mbs = _microbatches(full, K, prompt_keys + row_keys, 'prompt_positions_3PT', 'prompt_ids_PT', 'image_src_PT')
+      mbs = _microbatches(full, K, prompt_keys, row_keys, 'prompt_positions_3PT', 'image_src_PT', group=G)
 
       def body(acc, mb):
         g, s = grad_fn(state.params, mb)
