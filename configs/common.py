@@ -300,7 +300,14 @@ def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
 
   The paths are placeholders the launcher checks (naming each missing one) before any work.
   """
-  config.model = model_config('qwen2_5_vl_3b', dtype='bfloat16', tokenizer='qwen2')
+  # Fits one 80 GB accelerator (``python -m medad_jax.bench paper_scale``, WORKSPACE.md "Memory"): the frozen base
+  # in bf16 (LoRA adapters and their AdamW moments stay fp32), rematerialised layers, microbatches of whole prompts.
+  config.model = model_config('qwen2_5_vl_3b', dtype='bfloat16', param_dtype='bfloat16', tokenizer='qwen2')
+  config.model.remat = 'full'
+  if 'sft' in config:
+    config.sft.num_microbatches = 8
+  if 'rl' in config:
+    config.rl.num_microbatches = 4
   config.data = data_config('medad38k', image_size=448)
   config.data.max_prompt_len = 2048
   config.data.max_target_len = 1024

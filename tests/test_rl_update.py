@@ -204,7 +204,11 @@ def test_update_gradients_equal_hand_written_objective(setup):
 def adamw_setup(setup):
   """The policy of ``setup`` with AdamW + clipping, and its 1-device update (compiled once, shared)."""
   _, graphdef, state, _, gcfg, _ = setup
-  tx, _ = U.make_optimizer(1e-2, weight_decay=0.01, max_grad_norm=0.5)
+  # eps = 1e-4, not AdamW's 1e-8: the first AdamW step moves a parameter by lr * g / (|g| + eps), which for the
+  # adapters' near-zero gradients (down to ~1e-8 here) turns fp32 summation-order noise of the sharded program into
+  # parameter differences of up to 2 * lr. With eps above the noise the step is a smooth function of the gradient,
+  # so comparing parameters (and moments) at the mesh tolerance tests the sharded program, not that amplification.
+  tx, _ = U.make_optimizer(1e-2, weight_decay=0.01, max_grad_norm=0.5, eps=1e-4)
   graphdef, st = U.init_train_state(U.merge_model(graphdef, copy_state(state)), tx)
   return tx, graphdef, st, U.make_congrpo_update(graphdef, tx, gcfg)
 

@@ -48,7 +48,7 @@ class Qwen25VL(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.visual = VisionTransformer(cfg.vision, attn_implementation=text_lib.resolve_attention(cfg.attention, dtype),
-                                    **kw)
+                                    remat=cfg.remat, **kw)
     self.model = text_lib.TextModel(cfg.text, attention=cfg.attention, remat=cfg.remat, **kw)
     self.lm_head = None if cfg.text.tie_word_embeddings else Linear(cfg.text.hidden_size, cfg.text.vocab_size,
                                                                     use_bias=False, **kw)
