@@ -4,9 +4,9 @@ evaluation on the tiny model with ``data.policy='skip'``: every record is used o
 run summary, the SFT step sees a bounded set of batch shapes, checkpoints carry the config fingerprint, a
 re-launch with another config is refused, and another run may start Con-GRPO from this run's SFT.
 
-Per-image patch buckets chosen from the dataset's size distribution are not implemented yet: the batch's patches
-are padded to a multiple of ``train.pipeline.PATCH_BUCKET``. At this scale (images resized to at most 56x56 px,
-<= 16 patches each) every batch falls in the first patch bucket; the test asserts that bound as it stands."""
+Images are padded one by one to a patches-per-image bucket (``train.pipeline.patch_buckets``: the largest count
+``data.image_size`` allows, plus the sampler's smaller defaults); at ``image_size=56`` every image (at most 16
+patches) falls in the single bucket of 16, whatever its size."""
 
 import json
 import os
@@ -38,7 +38,7 @@ def test_mixed_sizes_end_to_end_every_record_accounted(tmp_path, monkeypatch):
 
   def recording(examples, cfg, *a, **k):
     b = real(examples, cfg, *a, **k)
-    shapes.append((b['input_ids_BT'].shape, b['pixel_values_LC'].shape))
+    shapes.append((b['input_ids_BT'].shape, b['pixel_values_ILC'].shape[1:]))
     return b
 
   monkeypatch.setattr(pl, 'sft_batch', recording)
@@ -50,7 +50,7 @@ def test_mixed_sizes_end_to_end_every_record_accounted(tmp_path, monkeypatch):
   assert json.load(open(os.path.join(workdir, 'summary.json')))['data'] == d
   # SFT batch shapes = compiled SFT step programs: one patch bucket, the length buckets the batches needed
   assert len(shapes) >= 2
-  assert all(l % pl.PATCH_BUCKET == 0 for (_, _), (l, _) in shapes)
+  assert {l for _, (l, _) in shapes} == {16}
   assert len({s for s in shapes}) <= len({t for (_, t), _ in shapes}) * len({l for _, (l, _) in shapes})
   assert len({l for _, (l, _) in shapes}) == 1
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))

@@ -327,7 +327,8 @@ class TextModel(nnx.Module):
     x_BTD = x_BTD.astype(self.dtype)
     run = _run_layer
     if self.remat != 'none':
-      run = nnx.remat(_run_layer, policy=remat_policy(self.remat))
+      # graph_updates=False: the layer is only read, and the step may run it under jax.vmap / lax.scan traces.
+      run = nnx.remat(_run_layer, policy=remat_policy(self.remat), graph_updates=False)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache['k'][i], cache['v'][i])
