@@ -59,7 +59,8 @@ def matmul_peak_flops(n: int = 2048, dtype: str = 'float32', repeats: int = 5) -
 
 
 def machine_summary() -> str:
-  """One line: CPU model / cores, JAX backend and devices, torch threads when torch is loaded."""
+  """One line: CPU model / cores, JAX backend and devices, torch threads when torch is loaded, the CPU's vector /
+  matrix ISA flags (:func:`cpu_flags`)."""
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
@@ -72,7 +73,35 @@ def machine_summary() -> str:
   if 'torch' in sys.modules:
     torch = sys.modules['torch']
     parts.append(f'torch {torch.__version__} threads={torch.get_num_threads()}')
-  return ', '.join(parts)
+  return ', '.join(parts) + f'; cpu flags: {cpu_flags()}'
+
+
+def cpu_flags() -> str:
+  """The vector / matrix ISA of this CPU that XLA can use, e.g. ``'AVX2 yes, AVX-512 yes (avx512f avx512bw
+  avx512vl avx512_vnni avx512_bf16), AMX no'``, plus ``XLA_FLAGS`` when set (``--xla_cpu_max_isa=AVX2`` emulates an
+  AVX2-only machine)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
+  except OSError:
+    flags = []
+  if not flags:
+    return f'CPU flags unknown ({platform.machine()}, no /proc/cpuinfo flags)'
+  fs = set(flags)
+  avx512 = sorted(f for f in fs if f.startswith('avx512'))
+  amx = sorted(f for f in fs if f.startswith('amx'))
+  keep = [f for f in ('avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16') if f in fs]
+  yes = lambda on, detail='': ('yes' + (f' ({detail})' if detail else '')) if on else 'no'  # noqa: E731
+  out = (f'AVX2 {yes("avx2" in fs)}, FMA {yes("fma" in fs)}, AVX-512 {yes(avx512, " ".join(keep))}, '
+         f'AMX {yes(amx, " ".join(amx))}')
+  if os.environ.get('XLA_FLAGS'):
+    out += f'; XLA_FLAGS={os.environ["XLA_FLAGS"]}'
+  return out
+
+
+def machine_header(peak: float, peak_size: int) -> str:
+  """The lines a benchmark prints first: the machine (CPU flags included) and the measured fp32 matmul peak."""
+  return f'machine: {machine_summary()}\nmeasured fp32 matmul peak (jax, {peak_size}^3): {peak / 1e9:.1f} GFLOP/s'
 
 
 # ----------------------------------------------------------------------------- model FLOPs
