@@ -654,6 +654,51 @@ def bench_config(name: str, cfg: Qwen25VLConfig, args, peak: float) -> dict:
   log.info('%s: %d timed updates each, interleaved', name, args.repeats)
   upd = interleaved({'ours': lambda: ours_upd(dev_batch), 'tunix': lambda: tunix_upd(example)}, args.repeats)
 
+  # ---- FLOPs and the table of the two headline measurements (printed before the long whole-step phase)
+  f_roll_o = rollout_flops(t, P, G, T, N, shared_prompt=True, lora_rank=args.lora_rank)
+  f_roll_t = rollout_flops(t, P, G, T, N, shared_prompt=False, lora_rank=args.lora_rank)
+  w = PL.Workload(stage='congrpo', prompts=P, group_size=G, prompt_len=T, completion_len=N, image_patches=0,
+                  lora_rank=args.lora_rank, needs_reference=False, dtype='float32', param_dtype='float32')
+  f_upd_o = PL.step_flops(cfg, w).update
+  full = PL.Workload(stage='sft', prompts=B, group_size=1, prompt_len=T + N, completion_len=0, image_patches=0,
+                     lora_rank=args.lora_rank, dtype='float32', param_dtype='float32')
+  # Tunix computes logits at every position (T + N per sequence; the sft workload counts T + N - 1): one more
+  # head matmul per sequence, forward and (input gradient) backward.
+  f_upd_t = PL.step_flops(cfg, full).update + B * 2 * (2 * t.hidden_size * t.vocab_size)
+  rb, ub = {k: _best(v) for k, v in roll.items()}, {k: _best(v) for k, v in upd.items()}
+  n_tok = B * N
+  res = dict(config=name, text_params=text_params(t), prompts=P, group=G, prompt_len=T, new_tokens=N,
+             lora_rank=args.lora_rank, repeats=args.repeats, mapping_max_logit_diff=diffs, rollout_s=roll,
+             update_s=upd, compile_and_first_s=dict(ours_rollout=ours_roll_compile, tunix_rollout=tunix_roll_compile,
+                                                    ours_update=ours_upd_compile, tunix_update=tunix_upd_compile),
+             first_loss=dict(ours=first_loss[0], tunix=first_loss[1]),
+             first_grad_norm=dict(ours=first_gnorm[0], tunix=first_gnorm[1]),
+             model_flops=dict(ours_rollout=f_roll_o, tunix_rollout=f_roll_t, ours_update=f_upd_o,
+                              tunix_update=f_upd_t),
+             rollout_ratio=rb['tunix'] / rb['ours'], update_ratio=ub['tunix'] / ub['ours'],
+             matmul_peak_flops_per_s=peak)
+  rows = [
+      common.Row('rollout tokens/s', n_tok / rb['ours'], n_tok / rb['tunix'], 'tok/s'),
+      common.Row('rollout wall time', rb['ours'], rb['tunix'], 's', higher_is_better=False),
+      common.Row('  model FLOPs (fewer is better)', f_roll_o, f_roll_t, 'FLOP', higher_is_better=False),
+      common.Row('  achieved FLOP/s', f_roll_o / rb['ours'], f_roll_t / rb['tunix'], 'FLOP/s'),
+      common.Row('  fraction of matmul peak', f_roll_o / rb['ours'] / peak, f_roll_t / rb['tunix'] / peak, ''),
+      common.Row('  compile + first rollout', ours_roll_compile, tunix_roll_compile, 's', higher_is_better=False),
+      common.Row('update alone (s/step)', ub['ours'], ub['tunix'], 's', higher_is_better=False),
+      common.Row('  first-step loss', first_loss[0], first_loss[1], ''),
+      common.Row('  first-step grad norm', first_gnorm[0], first_gnorm[1], ''),
+      common.Row('  model FLOPs (fewer is better)', f_upd_o, f_upd_t, 'FLOP', higher_is_better=False),
+      common.Row('  achieved FLOP/s', f_upd_o / ub['ours'], f_upd_t / ub['tunix'], 'FLOP/s'),
+      common.Row('  fraction of matmul peak', f_upd_o / ub['ours'] / peak, f_upd_t / ub['tunix'] / peak, ''),
+      common.Row('  compile + first update', ours_upd_compile, tunix_upd_compile, 's', higher_is_better=False),
+  ]
+  title = (f'peers [{name}: {text_params(t) / 1e6:.1f}M text params, LoRA rank {args.lora_rank} on both, fp32] '
+           f'{P} prompts x G={G}, prompt {T} tokens, {N} new tokens; best of {args.repeats}, interleaved; '
+           f'mapping max |logit diff| {max(diffs.values()):.1e}')
+  common.emit(common.format_table(title, rows, peer_name='tunix'))
+  if args.whole_step_repeats == 0:
+    return res
+
   # ---- the whole step: rollout + reference log-probs + update
   tunix_ref = tunix_ref_logps_fn(cfg, ref)
   rng = np.random.default_rng(args.seed + 6)
@@ -678,61 +723,23 @@ def bench_config(name: str, cfg: Qwen25VLConfig, args, peak: float) -> dict:
   log.info('%s: whole-step warm-up', name)
   jax.block_until_ready(ours_step())
   jax.block_until_ready(tunix_step())
-  log.info('%s: %d timed whole steps each, interleaved', name, args.repeats)
-  whole = interleaved({'ours': ours_step, 'tunix': tunix_step}, args.repeats)
-
-  # ---- FLOPs and the table
-  f_roll_o = rollout_flops(t, P, G, T, N, shared_prompt=True, lora_rank=args.lora_rank)
-  f_roll_t = rollout_flops(t, P, G, T, N, shared_prompt=False, lora_rank=args.lora_rank)
-  w = PL.Workload(stage='congrpo', prompts=P, group_size=G, prompt_len=T, completion_len=N, image_patches=0,
-                  lora_rank=args.lora_rank, needs_reference=False, dtype='float32', param_dtype='float32')
-  f_upd_o = PL.step_flops(cfg, w).update
-  full = PL.Workload(stage='sft', prompts=B, group_size=1, prompt_len=T + N, completion_len=0, image_patches=0,
-                     lora_rank=args.lora_rank, dtype='float32', param_dtype='float32')
-  ff = PL.step_flops(cfg, full)
-  # Tunix computes logits at every position (T + N per sequence; the sft workload counts T + N - 1): one more
-  # head matmul per sequence, forward and (input gradient) backward.
-  f_upd_t = ff.update + B * 2 * (2 * t.hidden_size * t.vocab_size)
+  log.info('%s: %d timed whole steps each, interleaved', name, args.whole_step_repeats)
+  whole = interleaved({'ours': ours_step, 'tunix': tunix_step}, args.whole_step_repeats)
   f_ref_o = PL.step_flops(cfg, PL.Workload(**{**w.__dict__, 'needs_reference': True})).reference_forward
   f_ref_t = B * common.text_flops(t, T + N, T + N)   # base model, logits at every position
   f_whole_o, f_whole_t = f_roll_o + f_upd_o + f_ref_o, f_roll_t + f_upd_t + f_ref_t
-  rb, ub, wb = {k: _best(v) for k, v in roll.items()}, {k: _best(v) for k, v in upd.items()}, \
-      {k: _best(v) for k, v in whole.items()}
-  n_tok = B * N
-  res = dict(config=name, text_params=text_params(t), prompts=P, group=G, prompt_len=T, new_tokens=N,
-             lora_rank=args.lora_rank, mapping_max_logit_diff=diffs,
-             rollout_s={k: v for k, v in roll.items()}, update_s=upd, whole_step_s=whole,
-             compile_and_first_s=dict(ours_rollout=ours_roll_compile, tunix_rollout=tunix_roll_compile,
-                                      ours_update=ours_upd_compile, tunix_update=tunix_upd_compile),
-             first_loss=dict(ours=first_loss[0], tunix=first_loss[1]),
-             first_grad_norm=dict(ours=first_gnorm[0], tunix=first_gnorm[1]),
-             model_flops=dict(ours_rollout=f_roll_o, tunix_rollout=f_roll_t, ours_update=f_upd_o,
-                              tunix_update=f_upd_t, ours_whole=f_whole_o, tunix_whole=f_whole_t),
-             rollout_ratio=rb['tunix'] / rb['ours'], update_ratio=ub['tunix'] / ub['ours'],
-             whole_step_ratio=wb['tunix'] / wb['ours'], matmul_peak_flops_per_s=peak)
+  wb = {k: _best(v) for k, v in whole.items()}
+  res.update(whole_step_s=whole, whole_step_ratio=wb['tunix'] / wb['ours'])
+  res['model_flops'].update(ours_whole=f_whole_o, tunix_whole=f_whole_t)
   rows = [
-      common.Row('rollout tokens/s', n_tok / rb['ours'], n_tok / rb['tunix'], 'tok/s'),
-      common.Row('rollout wall time', rb['ours'], rb['tunix'], 's', higher_is_better=False),
-      common.Row('  model FLOPs (fewer is better)', f_roll_o, f_roll_t, 'FLOP', higher_is_better=False),
-      common.Row('  achieved FLOP/s', f_roll_o / rb['ours'], f_roll_t / rb['tunix'], 'FLOP/s'),
-      common.Row('  fraction of matmul peak', f_roll_o / rb['ours'] / peak, f_roll_t / rb['tunix'] / peak, ''),
-      common.Row('  compile + first rollout', ours_roll_compile, tunix_roll_compile, 's', higher_is_better=False),
-      common.Row('update alone (s/step)', ub['ours'], ub['tunix'], 's', higher_is_better=False),
-      common.Row('  first-step loss', first_loss[0], first_loss[1], ''),
-      common.Row('  first-step grad norm', first_gnorm[0], first_gnorm[1], ''),
-      common.Row('  model FLOPs (fewer is better)', f_upd_o, f_upd_t, 'FLOP', higher_is_better=False),
-      common.Row('  achieved FLOP/s', f_upd_o / ub['ours'], f_upd_t / ub['tunix'], 'FLOP/s'),
-      common.Row('  fraction of matmul peak', f_upd_o / ub['ours'] / peak, f_upd_t / ub['tunix'] / peak, ''),
-      common.Row('  compile + first update', ours_upd_compile, tunix_upd_compile, 's', higher_is_better=False),
       common.Row('whole step (s/step)', wb['ours'], wb['tunix'], 's', higher_is_better=False),
       common.Row('  tokens/s (sampled tokens / step time)', n_tok / wb['ours'], n_tok / wb['tunix'], 'tok/s'),
+      common.Row('  model FLOPs (fewer is better)', f_whole_o, f_whole_t, 'FLOP', higher_is_better=False),
       common.Row('  achieved FLOP/s', f_whole_o / wb['ours'], f_whole_t / wb['tunix'], 'FLOP/s'),
       common.Row('  fraction of matmul peak', f_whole_o / wb['ours'] / peak, f_whole_t / wb['tunix'] / peak, ''),
   ]
-  title = (f'peers [{name}: {text_params(t) / 1e6:.1f}M text params, LoRA rank {args.lora_rank} on both, fp32] '
-           f'{P} prompts x G={G}, prompt {T} tokens, {N} new tokens; best of {args.repeats}, interleaved; '
-           f'mapping max |logit diff| {max(diffs.values()):.1e}')
-  common.emit(common.format_table(title, rows, peer_name='tunix'))
+  common.emit(common.format_table(f'peers [{name}] whole step: rollout + reference log-probs + update, best of '
+                                  f'{args.whole_step_repeats}, interleaved', rows, peer_name='tunix'))
   return res
 
 
@@ -750,11 +757,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--lr', type=float, default=1e-4)
   p.add_argument('--beta', type=float, default=0.04)
   p.add_argument('--eps', type=float, default=0.2)
-  p.add_argument('--repeats', type=int, default=3, help='timed calls per side and measurement (best reported)')
+  p.add_argument('--repeats', type=int, default=2,
+                 help='timed rollouts and updates per side (best reported)')
+  p.add_argument('--whole-step-repeats', type=int, default=1,
+                 help='timed whole steps (rollout + reference + update) per side; 0 skips that phase')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--peak-size', type=int, default=2048, help='matrix side of the matmul-peak measurement')
   p.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = p.parse_args(argv)
+  if args.whole_step_repeats < 0:
+    p.error('--whole-step-repeats must be >= 0')
   for k in ('prompts', 'group', 'prompt_len', 'new_tokens', 'lora_rank', 'repeats'):
     if getattr(args, k) < 1:
       p.error(f'--{k.replace("_", "-")} must be >= 1')
