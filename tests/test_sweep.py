@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from medad_jax import launch, sweep
+from medad_jax.judge.evidence import PARTS
+
+CONFIG = 'congrpo:evidence'
 
 # The launcher's smoke set, cut to one SFT and one Con-GRPO step, 2 evaluation questions and the rule judge: the
 # test checks the sweep's plumbing (4 real runs), not learning.
@@ -65,7 +68,8 @@ def test_smoke_sweep_two_variants_two_seeds_resumed(tmp_path):
     return launch.main(argv)
 
   # First call: stops after 3 runs (a half-finished sweep).
-  state = sweep.run_sweep('congrpo', ['sft_only', 'balanced'], [0, 1], str(out), overrides, max_runs=3,
+  # The base variant 'evidence' (evidence-aware R_con, rule judge) rides along: every run of the sweep uses it.
+  state = sweep.run_sweep(CONFIG, ['sft_only', 'balanced'], [0, 1], str(out), overrides, max_runs=3,
                           launch_fn=counting)
   assert launched == [['seed0', 'sft_only'], ['seed0', 'balanced'], ['seed1', 'sft_only']]
   assert state['runs']['seed1/balanced']['status'] == 'pending'
@@ -75,7 +79,7 @@ def test_smoke_sweep_two_variants_two_seeds_resumed(tmp_path):
 
   # Second call: the three finished runs are skipped, only the missing one runs.
   launched.clear()
-  state = sweep.run_sweep('congrpo', ['sft_only', 'balanced'], [0, 1], str(out), overrides, launch_fn=counting)
+  state = sweep.run_sweep(CONFIG, ['sft_only', 'balanced'], [0, 1], str(out), overrides, launch_fn=counting)
   assert launched == [['seed1', 'balanced']]
   assert {k: v['status'] for k, v in state['runs'].items()} == {
       'seed0/sft_only': 'done', 'seed0/balanced': 'done', 'seed1/sft_only': 'done', 'seed1/balanced': 'done'}
@@ -91,6 +95,11 @@ def test_smoke_sweep_two_variants_two_seeds_resumed(tmp_path):
     _, sft_pols = _overall(sft_dir, 'SFT')
     _, rl_pols = _overall(rl_dir, 'SFT + Con-GRPO')
     assert 'SFT' in sft_pols and 'SFT' not in rl_pols and 'SFT + Con-GRPO' in rl_pols
+    # The evidence-aware R_con logs each of its five parts at every Con-GRPO step.
+    recs = [json.loads(line) for line in (rl_dir / 'metrics.jsonl').read_text().splitlines()]
+    rl_recs = [r for r in recs if r.get('stage') == 'congrpo']
+    assert rl_recs and all(f'reward_con_{p}' in r for r in rl_recs for p in PARTS)
+    assert cfg['judge']['con_mode'] == 'evidence'
 
   # Tables: mean ± std over the two seeds, beside the paper's numbers, in JSON and markdown.
   t2 = json.loads((out / 'tables' / 'table2.json').read_text())
@@ -116,4 +125,4 @@ def test_smoke_sweep_two_variants_two_seeds_resumed(tmp_path):
 
   # The same directory with other overrides is refused: runs of different settings must not be averaged.
   with pytest.raises(sweep.SweepError, match='holds a sweep with overrides'):
-    sweep.run_sweep('congrpo', ['balanced'], [0], str(out), [*overrides, 'rl.beta=0.0'], launch_fn=counting)
+    sweep.run_sweep(CONFIG, ['balanced'], [0], str(out), [*overrides, 'rl.beta=0.0'], launch_fn=counting)
