@@ -261,7 +261,8 @@ def table(out: str, rows: Sequence[tuple], seeds: Sequence[int], *, weights: boo
 def table_markdown(tab: dict, title: str) -> str:
   from medad_jax.notebook_utils import markdown_table
   has_w = any('weights' in r for r in tab['rows'])
-  headers = ['Configuration', *(['λ_fmt', 'λ_acc', 'λ_con'] if has_w else []), 'paper overall', *HEADERS, 'training seeds']
+  weights = ['λ_fmt', 'λ_acc', 'λ_con'] if has_w else []
+  headers = ['Configuration', *weights, 'paper overall', *HEADERS, 'training seeds']
   rows = []
   for r in tab['rows']:
     paper = '-' if r['paper'] is None else f'{r["paper"]["mean"]:.2f} ± {r["paper"]["std"]:.2f}'
