@@ -170,6 +170,9 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       # Images above this many pixels are refused at load (decoding one costs seconds and GBs; the processor
       # shrinks it to image_size anyway); <= 0 disables the cap.
       'max_image_pixels': 4096 * 4096,
+      # Patches-per-image buckets for a MedAD directory, chosen from its own image sizes with the least padding
+      # (medad_jax/data/buckets.py): at most this many compiled programs per sequence-length bucket.
+      'patch_buckets': 4,
   })
 
 
@@ -458,6 +461,8 @@ def _validate_data(d) -> None:
     _fail('data.cache_dir', d.cache_dir, 'a directory (relative: under $MEDAD_JAX_CACHE)')
   if 'policy' in d:
     _choice(d, 'policy', ('strict', 'skip'), prefix='data.')  # = medad_jax.data.loader.POLICIES
+  if 'patch_buckets' in d and not (isinstance(d.patch_buckets, int) and d.patch_buckets >= 1):
+    _fail('data.patch_buckets', d.patch_buckets, 'an integer >= 1')
   if 'max_image_pixels' in d and not isinstance(d.max_image_pixels, int):
     _fail('data.max_image_pixels', d.max_image_pixels, 'an integer (<= 0: no cap)')
 

@@ -37,7 +37,7 @@ from medad_jax.checkpointing import Checkpointer, PreemptionGuard
 from medad_jax.data.pipeline import make_dataset
 from medad_jax.rewards import start_scoring
 from medad_jax.rl import update as U
-from medad_jax.sampling.sampler import sample
+from medad_jax.sampling.sampler import sample, trace_counts
 from medad_jax.train import pipeline as pl
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
       examples = next(it)
       metas = [ex['meta'] for ex in examples]
       prompts = pl.prompt_batch(examples, run.model_cfg, num_prompts=rl.prompts_per_step,
-                                patch_buckets=pl.patch_buckets(run.config, run.model_cfg))
+                                patch_buckets=run.patch_buckets)
       key = jax.random.fold_in(state.rng, step)
       t0 = time.time()
       roll = jax.device_get(sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G,
@@ -189,6 +189,8 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
               'reward_con': float(rb.con.mean()), 'judged_frac': float(rb.judged.mean()),
               'group_reward_std': float(r_PG.std(axis=1).mean()), 'sample_seconds': t_sample,
               'finish_stop': float(np.mean([r != 'length' for r in roll.finish_reasons()])),
+              # programs compiled so far: the update's and the sampler's (prefill + decode), one per shape bucket
+              'compiled_programs': update.traces, 'compiled_programs_sampler': sum(trace_counts().values()),
               **rb.con_part_metrics()}
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
         logger.log(STAGE, step + 1, {**metrics, **host})

@@ -67,7 +67,7 @@ def flax_generator(run: pl.Run, model, *, greedy: bool, batch_size: int, adapter
   mesh = run.mesh_or_none()
 
   def gen(examples, seed, index):
-    pb = pl.prompt_batch(examples, cfg, num_prompts=batch_size, patch_buckets=pl.patch_buckets(run.config, cfg))
+    pb = pl.prompt_batch(examples, cfg, num_prompts=batch_size, patch_buckets=run.patch_buckets)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
     roll = jax.device_get(sample(model, pb, key=key, config=scfg, num_samples=1, adapters=adapters, mesh=mesh,
                                  stop_table=table))

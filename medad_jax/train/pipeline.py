@@ -213,12 +213,24 @@ def record_meta(r: MedADRecord) -> dict[str, Any]:
           'task': r.task}
 
 
-def patch_buckets(config, cfg: Qwen25VLConfig) -> tuple[int, ...]:
-  """Patches-per-image buckets: the sampler's defaults below the largest image ``data.image_size`` allows, plus
-  that largest count itself (the processor never exceeds ``max_pixels = image_size**2``), so a fixed-size dataset
-  such as medad-synth pads nothing and a mixed one compiles at most one program per bucket."""
+def patch_buckets(config, cfg: Qwen25VLConfig, data: 'Data | None' = None, processor=None) -> tuple[int, ...]:
+  """Patches-per-image buckets (each image is padded alone to the smallest bucket that holds it, so the number of
+  compiled programs per sequence-length bucket is at most the number of buckets).
+
+  A MedAD directory (``data`` and ``processor`` given): the ``data.patch_buckets`` sizes that waste the least
+  padding on its own images, train and test (``medad_jax.data.buckets``). Otherwise (medad-synth: every image the
+  same size): the largest count ``data.image_size`` allows (the processor never exceeds ``max_pixels =
+  image_size**2``) plus the sampler's smaller defaults.
+  """
   from medad_jax.sampling.prompts import DEFAULT_PATCH_BUCKETS
   unit = cfg.vision.spatial_merge_size ** 2
+  if data is not None and processor is not None and config.data.source != 'synth':
+    from medad_jax.data.buckets import choose_buckets, image_patch_counts
+    counts = np.concatenate([image_patch_counts(data.train, processor), image_patch_counts(data.test, processor)])
+    if len(counts):
+      buckets = tuple(-(-int(b) // unit) * unit for b in choose_buckets(counts, config.data.patch_buckets))
+      log.info('data: %d image sizes -> patch buckets %s', len(np.unique(counts)), buckets)
+      return buckets
   side = cfg.vision.patch_size * cfg.vision.spatial_merge_size
   largest = (config.data.image_size // side) ** 2 * unit
   return tuple(sorted({b for b in DEFAULT_PATCH_BUCKETS if b < largest} | {largest}))
@@ -357,6 +369,7 @@ class Run:
   processor: Any
   logger: Any
   timings: dict = dataclasses.field(default_factory=dict)   # stage -> wall seconds
+  patch_buckets: tuple = ()                                 # patches per image (:func:`patch_buckets`)
 
   def mesh_or_none(self):
     """The mesh when it spans several devices; None on one device (plain ``jax.jit``, no sharding)."""
@@ -382,7 +395,7 @@ def setup(config, workdir: str, *, config_name: str = 'config.json') -> Run:
   from medad_jax.data.lengths import apply_limits
   data = dataclasses.replace(data, **apply_limits(config.data, data, proc))
   logger = MetricsLogger(workdir, tensorboard=config.log.tensorboard)
-  return Run(config, workdir, mesh, data, tok, cfg, proc, logger)
+  return Run(config, workdir, mesh, data, tok, cfg, proc, logger, patch_buckets=patch_buckets(config, cfg, data, proc))
 
 
 @dataclasses.dataclass

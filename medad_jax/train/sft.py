@@ -75,7 +75,7 @@ def train(run: pl.Run) -> Result:
                     shard_index=0, shard_count=1,
                     preprocess=pl.sft_preprocess(run.processor, config.data.answer_format),
                     batch_fn=functools.partial(pl.sft_batch, cfg=run.model_cfg,
-                                             patch_buckets=pl.patch_buckets(run.config, run.model_cfg)), drop_remainder=True,
+                                             patch_buckets=run.patch_buckets), drop_remainder=True,
                     read_threads=config.data.read_threads)
   it = iter(ds)
 
@@ -100,7 +100,8 @@ def train(run: pl.Run) -> Result:
       batch = U.put_batch(next(it), mesh)
       state, metrics = step_fn(state, batch)
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
-        logger.log(STAGE, step + 1, metrics)
+        # compiled_programs: SFT step programs so far (one per batch shape: length bucket x patch buckets)
+        logger.log(STAGE, step + 1, {**metrics, 'compiled_programs': step_fn.traces})
       if guard.should_stop:
         logger.flush()
         ckpt.save(step + 1, state, data_state=it.get_state(), meta={'stage': STAGE}, force=True)
