@@ -38,7 +38,7 @@ def test_mixed_sizes_end_to_end_every_record_accounted(tmp_path, monkeypatch):
 
   def recording(examples, cfg, *a, **k):
     b = real(examples, cfg, *a, **k)
-    shapes.append((b['input_ids_BT'].shape, b['pixel_values_ILC'].shape[1:]))
+    shapes.append((b['input_ids_BT'].shape, b['pixel_values_ILC'].shape[1:], b['target_pos_BM'].shape))
     return b
 
   monkeypatch.setattr(pl, 'sft_batch', recording)
@@ -48,9 +48,9 @@ def test_mixed_sizes_end_to_end_every_record_accounted(tmp_path, monkeypatch):
   assert d['used']['train'] + d['used']['test'] + d['skipped_total'] == manifest['records'] == 103
   assert {e['reason'] for e in d['skipped_examples']} == set(manifest['bad'])
   assert json.load(open(os.path.join(workdir, 'summary.json')))['data'] == d
-  # SFT batch shapes = compiled SFT step programs: at most 4 patch buckets, the length buckets the batches needed
+  # SFT batch shapes (length, patch and target buckets) = compiled SFT step programs: at most 4 patch buckets
   assert len(shapes) >= 2
-  assert 1 <= len({l for _, (l, _) in shapes}) <= 4
+  assert 1 <= len({l for _, (l, _), _ in shapes}) <= 4
   sft_metrics = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))
                  if json.loads(l).get('stage') == 'sft']
   assert 1 <= sft_metrics[-1]['compiled_programs'] <= len(set(shapes))  # one per batch shape that ran

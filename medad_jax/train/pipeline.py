@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = os.path.join('~', '.cache', 'medad_jax')
 SFT_LENGTH_BUCKETS = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 PROMPT_LENGTH_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
-TARGET_LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+# Few and coarse: the answer's length only sets how many positions go through the (chunked) LM head.
+TARGET_LENGTH_BUCKETS = (32, 128, 512, 1024, 2048, 4096)
 
 
 def cache_root(config) -> str:
