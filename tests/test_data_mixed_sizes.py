@@ -54,7 +54,8 @@ def test_mixed_sizes_end_to_end_every_record_accounted(tmp_path, monkeypatch):
   sft_metrics = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))
                  if json.loads(l).get('stage') == 'sft']
   assert 1 <= sft_metrics[-1]['compiled_programs'] <= len(set(shapes))  # one per batch shape that ran
-  assert len({s for s in shapes}) <= len({t for (_, t), _ in shapes}) * len({l for _, (l, _) in shapes})
+  assert len(set(shapes)) <= (len({t for (_, t), _, _ in shapes}) * len({l for _, (l, _), _ in shapes})
+                              * len({m for _, _, (_, m) in shapes}))
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
   assert [p['num_questions'] for p in res['policies']] == [4, 4]
   # every checkpoint carries the run's config fingerprint
