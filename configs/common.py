@@ -190,6 +190,14 @@ def judge_config(backend: str = 'local', url: str = 'http://127.0.0.1:30000') ->
       'con_mode': 'deduce',
       'evidence_weights': {'visual_grounding': 0.2, 'question_relevance': 0.2, 'answer_support': 0.2,
                            'no_hallucination': 0.2, 'no_contradiction': 0.2},
+      # sglang / openai: the launcher checks the server (health, served model, one tiny scoring request) before
+      # any training and stops within check_timeout_s if it is down, slow or serves another model; False skips
+      # the check (a server started later)
+      'check': True,
+      'check_timeout_s': 10.0,
+      # sglang / openai: the device computes the reference log-probs while the judge scores the rollouts over
+      # HTTP (exact: the same values as computing them inside the update; False runs the two one after the other)
+      'overlap': True,
   })
 
 
@@ -298,6 +306,9 @@ def run_config(stage: str) -> ml_collections.ConfigDict:
   })
 
 
+PAPER_MAX_NEW_TOKENS = 1024  # completion budget of rollouts and evaluation at paper scale
+
+
 def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
   """Qwen2.5-VL-3B from a local checkpoint, MedAD-38K, the SGLang judge, bf16 compute (paper §4.1).
 
@@ -317,7 +328,9 @@ def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
   if 'judge' in config:
     config.judge = judge_config('sglang')
   if 'sampling' in config:
-    config.sampling = sampling_config(1024)
+    config.sampling = sampling_config(PAPER_MAX_NEW_TOKENS)
+  if 'eval' in config:
+    config.eval.max_new_tokens = PAPER_MAX_NEW_TOKENS   # evaluation decodes as far as the rollouts do
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'devices': -1})
   config.ckpt.every_steps = 100
 

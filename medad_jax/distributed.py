@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -73,7 +74,7 @@ ENV_PORT = 'MEDAD_COORDINATOR_PORT'
 _SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
 # Sampler-layout index keys: values >= 0 are rows of the flattened per-image features of *this batch*; a process's
 # rows must be shifted by the features held by the processes before it (see host_local_to_global).
-_IMAGE_INDEX_KEY, _IMAGE_META_KEY = 'image_src_PT', 'vision_meta_I'
+_IMAGE_INDEX_KEYS, _IMAGE_META_KEY = ('image_src_PT', 'image_src_BT'), 'vision_meta_I'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,14 +381,15 @@ def host_local_to_global(batch: Mapping[str, Any], mesh: Mesh, batch_dims: Mappi
   shard, n_shards = first // count, total // count
   replicated = NamedSharding(mesh, P())
   batch = dict(batch)
-  if n_shards > 1 and _IMAGE_INDEX_KEY in batch and _IMAGE_META_KEY in batch:
+  index_keys = [k for k in _IMAGE_INDEX_KEYS if k in batch]
+  if n_shards > 1 and index_keys and _IMAGE_META_KEY in batch:
     valid = getattr(batch[_IMAGE_META_KEY], 'valid_M', None)
     if valid is None:
-      raise ValueError(f'host_local_to_global: {_IMAGE_META_KEY} has no valid_M [I, M]; cannot offset '
-                       f'{_IMAGE_INDEX_KEY}')
+      raise ValueError(f'host_local_to_global: {_IMAGE_META_KEY} has no valid_M [I, M]; cannot offset {index_keys}')
     rows = int(np.prod(np.shape(valid)[:2]))  # this shard's I * M feature rows
-    src = np.asarray(batch[_IMAGE_INDEX_KEY])
-    batch[_IMAGE_INDEX_KEY] = np.where(src >= 0, src + shard * rows, src).astype(src.dtype)
+    for key in index_keys:
+      src = np.asarray(batch[key])
+      batch[key] = np.where(src >= 0, src + shard * rows, src).astype(src.dtype)
 
   def one(key, bd, x):
     x = np.asarray(x)
@@ -415,3 +417,163 @@ def gather(tree: Any) -> Any:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# ------------------------------------------------------------------------------------- agreeing across processes
+
+
+def allgather_objects(obj: Any) -> list:
+  """``obj`` (anything JSON can write) of every process, in process order; ``[obj]`` alone.
+
+  Host-side Python values (texts, record metadata, per-row scores, iterator states) travel as UTF-8 JSON bytes
+  through one ``process_allgather`` of the lengths and one of the zero-padded bytes.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:data.size] = data
+  everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [json.loads(bytes(everything[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+
+
+def gather_shards(obj: Any, mesh: Mesh | None) -> list:
+  """``obj`` of every *data shard* (:func:`data_shard`), in shard order: processes that hold the same batch rows (a
+  ``tensor`` axis across hosts) pass the same value and it is kept once."""
+  if jax.process_count() == 1:
+    return [obj]
+  shard, n = data_shard(mesh)
+  got = allgather_objects([shard, obj])
+  out: list = [None] * n
+  seen = [False] * n
+  for s, o in got:
+    if not seen[s]:
+      out[s], seen[s] = o, True
+  return out
+
+
+def agree_max(values: Mapping[str, int]) -> dict[str, int]:
+  """The largest value of each key over all processes (e.g. padded lengths every process must share)."""
+  if jax.process_count() == 1:
+    return {k: int(v) for k, v in values.items()}
+  from jax.experimental import multihost_utils
+  keys = sorted(values)
+  arr = np.asarray([int(values[k]) for k in keys], np.int64)
+  got = np.asarray(multihost_utils.process_allgather(arr)).reshape(-1, len(keys))
+  return {k: int(got[:, i].max()) for i, k in enumerate(keys)}
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when ``flag`` is True on any one (a collective: call it at the same point everywhere)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(agree_max({'flag': int(bool(flag))})['flag'])
+
+
+def broadcast_str(text: str | None) -> str:
+  """Process 0's ``text`` on every process (``text`` is ignored elsewhere)."""
+  if jax.process_count() == 1:
+    return str(text)
+  from jax.experimental import multihost_utils
+  data = np.frombuffer((text or '').encode(), np.uint8) if is_main() else np.zeros(0, np.uint8)
+  n = int(multihost_utils.broadcast_one_to_all(np.array(data.size, np.int64)))
+  buf = np.zeros(n, np.uint8)
+  if is_main():
+    buf[:] = data
+  return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode()
+
+
+def local_rows(tree: Any, mesh: Mesh | None) -> Any:
+  """This process's rows (dimension 0) of every leaf of batch-major device arrays, as host numpy arrays.
+
+  One process: the whole arrays (``jax.device_get``). Several: each leaf is first laid out with its rows split
+  over the mesh's batch axes (a no-op when the sampler already left it so), then this process's addressable
+  shards are concatenated in row order -- exactly the rows of its data shard (:func:`data_shard`).
+  """
+  if jax.process_count() == 1 or mesh is None:
+    return jax.device_get(tree)
+  axes = _batch_axes()
+
+  def one(x):
+    sharding = NamedSharding(mesh, P(axes, *([None] * (x.ndim - 1))))
+    if x.sharding != sharding:
+      x = jax.jit(lambda a: a, out_shardings=sharding)(x)
+    parts = {}
+    for s in x.addressable_shards:
+      parts.setdefault(s.index[0].start or 0, s)
+    return np.concatenate([np.asarray(parts[k].data) for k in sorted(parts)], axis=0)
+
+  return jax.tree.map(one, tree)
+
+
+def to_global(batch: Mapping[str, Any], mesh: Mesh | None, batch_dims: Mapping[str, int | None] | None = None):
+  """Per-process host batches -> global arrays when several processes feed one mesh
+  (:func:`host_local_to_global`); with one process the host batch is returned as is (the trainers' ``put_batch``
+  places it)."""
+  if jax.process_count() == 1 or mesh is None:
+    return dict(batch)
+  return host_local_to_global(batch, mesh, batch_dims)
+
+
+# ------------------------------------------------------------------------------------------ per-process input
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One element of a global batch as this process reads it: the record and whether it is padding (a copy of the
+  split's last record filling the last, undropped batch; its results are dropped)."""
+  record: Any
+  pad: bool
+
+
+def process_dataset(source, *, name: str, global_batch: int, shard_index: int, shard_count: int, preprocess,
+                    seed: int = 0, shuffle: bool = True, num_epochs: int | None = 1, pad_last: bool = False,
+                    read_threads: int = 4):
+  """This process's slice of every *global* batch of ``source``, as a grain ``IterDataset`` of lists.
+
+  The global order does not depend on the process count: the records are shuffled (``seed``) and repeated
+  (``num_epochs``; None = forever) as one sequence, cut into batches of ``global_batch``, and process shard ``i``
+  of ``n`` reads rows ``[i * b, (i + 1) * b)`` of each, ``b = global_batch / n``. Concatenating the shards' lists
+  in shard order gives the batch one process would read alone. (``medad_jax.data.pipeline.make_dataset`` shards
+  the records first and shuffles each shard, which changes the batches with the process count.)
+
+  A last partial batch is dropped, unless ``pad_last``: then it is filled with copies of the last record whose
+  elements carry ``'pad': True`` (every other element ``'pad': False``), so every process runs the same number of
+  batches. The iterator's state (``get_state`` / ``set_state``) is the number of global batches read, the same
+  on every process.
+  """
+  import grain
+  if global_batch % shard_count:
+    raise ValueError(f'{name}: the global batch of {global_batch} does not split into {shard_count} equal '
+                     'per-process parts; make it a multiple of the number of data shards')
+  per = global_batch // shard_count
+  n = len(source)
+  if n == 0:
+    raise ValueError(f'{name}: no records to read')
+  ds = grain.MapDataset.range(n)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  total = len(ds) if num_epochs is not None else None
+  if pad_last and total is not None and total % global_batch:
+    padded = -(-total // global_batch) * global_batch
+    order = ds
+    ds = grain.MapDataset.range(padded).map(lambda i: (order[i], False) if i < total else (order[total - 1], True))
+  else:
+    ds = ds.map(lambda i: (i, False))
+
+  def read(item):
+    index, pad = item
+    out = preprocess(source[int(index)])
+    if pad_last:
+      out = dict(out)
+      out['pad'] = pad
+    return out
+
+  ds = ds.map(read).batch(per, drop_remainder=True, batch_fn=list)[shard_index::shard_count]
+  log.info('%s data: process %d reads shard %d of %d (%d of every %d examples)', name, jax.process_index(),
+           shard_index, shard_count, per, global_batch)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))

@@ -81,6 +81,7 @@ def run_training(config, workdir: str) -> dict:
   """The ``sft`` / ``congrpo`` pipeline in ``workdir``; returns the summary written to ``summary.json``."""
   import jax
 
+  from medad_jax import distributed
   from medad_jax.rl import update as U
   from medad_jax.train import congrpo, evaluate, pipeline as pl, sft
 
@@ -146,21 +147,25 @@ def run_training(config, workdir: str) -> dict:
       judge.close()
     if results:
       _add_prior(run, results, params)
-      _, mpath = evaluate.write_report(workdir, results, params)
-      with open(mpath) as f:
-        summary['table'] = f.read()
+      summary['table'] = evaluate.report_text(results, params)
+      if distributed.is_main():   # process 0 writes the run directory (orbax's checkpoints/ excepted)
+        evaluate.write_report(workdir, results, params)
     run.timings['eval'] = time.time() - t_eval
   if config.export and (rl_res or sft_res) is not None:
     from medad_jax.checkpointing import export_hf
     final_res = rl_res or sft_res
-    path = export_hf(final_res.graphdef, final_res.state, os.path.join(workdir, 'export'))
-    run.tokenizer.save_pretrained(path)  # the directory is then a complete baseline for --config=eval:hf
+    final_state = _host_state(final_res.state)   # every process takes part in the gather
+    path = os.path.join(workdir, 'export')
+    if distributed.is_main():
+      export_hf(final_res.graphdef, final_state, path)
+      run.tokenizer.save_pretrained(path)  # the directory is then a complete baseline for --config=eval:hf
     summary['export'] = path
   run.logger.close()
   run.timings['total'] = time.time() - t0
   from medad_jax.rundir import keep_stage_times
   summary['seconds'] = keep_stage_times(workdir, {k: round(v, 1) for k, v in run.timings.items()})
-  pl.write_json(os.path.join(workdir, 'summary.json'), summary)
+  if distributed.is_main():
+    pl.write_json(os.path.join(workdir, 'summary.json'), summary)
   log.info('done in %.1f s (%s); run directory %s', run.timings['total'],
            ', '.join(f'{k} {v:.0f}s' for k, v in run.timings.items() if k != 'total'), workdir)
   return summary
@@ -205,10 +210,67 @@ def run_eval_stage(config, workdir: str) -> dict:
     params = {name: _policy_params(model)}
   judge.close()
   _add_prior(run, results, params)
-  _, mpath = evaluate.write_report(workdir, results, params)
+  from medad_jax import distributed
+  if distributed.is_main():
+    evaluate.write_report(workdir, results, params)
   run.logger.close()
-  with open(mpath) as f:
-    return {'workdir': workdir, 'table': f.read(), 'seconds': round(time.time() - t0, 1)}
+  return {'workdir': workdir, 'table': evaluate.report_text(results, params),
+          'seconds': round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------- before any work
+
+
+def check_judge(config) -> None:
+  """A served judge (``sglang`` / ``openai``) is checked on every process before any data or model is built
+  (``medad_jax.judge.remote.check_server``: health, served model, one tiny scoring request); a failure on any
+  process stops all of them with its message (:class:`JudgeCheckError`). ``--config.judge.check=False`` skips it."""
+  if 'judge' not in config or config.judge.backend not in ('sglang', 'openai') or not config.judge.check:
+    return
+  if config.stage == 'eval' and not config.eval.enabled:
+    return
+  from medad_jax import distributed
+  from medad_jax.judge.base import JudgeCheckError
+  from medad_jax.judge.remote import check_server
+  from medad_jax.train import pipeline as pl
+  error = ''
+  try:
+    check_server(pl.judge_config(config), timeout_s=config.judge.check_timeout_s)
+  except JudgeCheckError as e:
+    error = str(e)
+  errors = [(i, e) for i, e in enumerate(distributed.allgather_objects(error)) if e]
+  if errors:
+    i, e = errors[0]
+    raise JudgeCheckError(e if distributed.process_count() == 1 else f'process {i}: {e}')
+
+
+def run_directory(config, workdir_flag: str | None) -> str:
+  """The run directory, the same on every process: ``--workdir`` / ``config.workdir``, else a fresh
+  ``runs/<name>-<time>`` named and created by process 0 and broadcast (it must be on a filesystem every host
+  sees)."""
+  from medad_jax import distributed
+  from medad_jax.metrics import make_workdir
+  from medad_jax import rundir
+  if config.stage == 'eval' and config.eval.policy == 'run':
+    return config.workdir  # evaluates that run; results go to <workdir>/eval
+  given = workdir_flag or config.workdir
+  try:  # a run directory holding another config is refused before anything is written (medad_jax/rundir.py)
+    rundir.check(config, given)
+  except rundir.RunDirError as e:
+    raise ConfigError(str(e)) from None
+  path = make_workdir(config.name, workdir=given) if distributed.is_main() else None
+  path = distributed.broadcast_str(path)
+  distributed.sync('run-directory')   # created before any process writes into it
+  return path
+
+
+def _host_state(state):
+  """The policy's weights as host arrays on every process when several hold parts of them (an all-gather every
+  process takes part in); the state itself for one process."""
+  from medad_jax import distributed
+  if distributed.process_count() == 1:
+    return state
+  return state.replace(params=distributed.gather(state.params), frozen=distributed.gather(state.frozen))
 
 
 def _unknown_key(argv: list[str]) -> str | None:
@@ -269,16 +331,8 @@ def main(argv: list[str]) -> dict:
   # Must run before anything touches the JAX backend.
   from medad_jax import distributed
   distributed.initialize()
-  from medad_jax import rundir
-  from medad_jax.metrics import make_workdir
-  if config.stage == 'eval' and config.eval.policy == 'run':
-    workdir = config.workdir  # evaluates that run; results go to <workdir>/eval
-  else:
-    try:  # a run directory holding another config is refused before anything is written (medad_jax/rundir.py)
-      rundir.check(config, workdir_flag or config.workdir)
-    except rundir.RunDirError as e:
-      raise ConfigError(str(e)) from None
-    workdir = make_workdir(config.name, workdir=workdir_flag or config.workdir)
+  check_judge(config)
+  workdir = run_directory(config, workdir_flag)
   log.info('run directory: %s', workdir)
   if config.stage == 'eval':
     return run_eval_stage(config, workdir)
@@ -294,11 +348,15 @@ def cli():
   for noisy in ('absl', 'jax', 'orbax', 'tensorflow_datasets', 'etils', 'grain', 'httpx'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from medad_jax.data.schema import RecordError
+  from medad_jax.judge.base import JudgeCheckError
   try:
     main(sys.argv)
   except (ConfigError, RecordError) as e:  # a bad command line or record: the message says it all, no traceback
     log.error('%s', e)
     sys.exit(2)
+  except JudgeCheckError as e:  # the served judge is down, slow or serves another model: nothing was started
+    log.error('%s', e)
+    sys.exit(3)
 
 
 if __name__ == '__main__':

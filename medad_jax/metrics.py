@@ -121,14 +121,21 @@ class MetricsLogger:
   """
 
   def __init__(self, workdir: str, *, total_steps: Mapping[str, int] | None = None, tensorboard: bool = True,
-               filename: str = 'metrics.jsonl'):
-    os.makedirs(workdir, exist_ok=True)
+               filename: str = 'metrics.jsonl', write: bool | None = None):
+    # write: whether this process writes files (default: process 0 only). The others still pull every value and
+    # run the NaN guard, so a divergence stops every process at the same step.
+    if write is None:
+      import jax
+      write = jax.process_index() == 0
+    self.writes = write
     self.workdir = workdir
     self.total_steps = dict(total_steps or {})
-    # Line-buffered: a crash or kill -9 loses at most the record being written.
-    self._jsonl = open(os.path.join(workdir, filename), 'a', buffering=1)
-    self._tb = None
-    if tensorboard:
+    self._jsonl = self._tb = None
+    if write:
+      os.makedirs(workdir, exist_ok=True)
+      # Line-buffered: a crash or kill -9 loses at most the record being written.
+      self._jsonl = open(os.path.join(workdir, filename), 'a', buffering=1)
+    if tensorboard and write:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'), flush_secs=30)
     self._pending: tuple[str, int, Mapping[str, Any], float] | None = None
@@ -144,7 +151,8 @@ class MetricsLogger:
     """Writes the queued entry (end of a stage, before a checkpoint or exit)."""
     prev, self._pending = self._pending, None
     out = self._write(*prev) if prev is not None else None
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
     return out
@@ -153,16 +161,22 @@ class MetricsLogger:
     """Writes immediately (host-side summaries such as evaluation results); flushes anything queued first."""
     self.flush()
     out = self._write(stage, int(step), dict(metrics), time.time())
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
     return out
 
   def _write(self, stage: str, step: int, metrics: Mapping[str, Any], t: float) -> dict[str, float]:
     scalars = to_host(metrics)
     rec = {'stage': stage, 'step': step, 'time': round(t, 3), **scalars}
-    self._jsonl.write(json.dumps(rec, allow_nan=True) + '\n')
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(rec, allow_nan=True) + '\n')
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(f'{stage}/{k}', v, global_step=step, walltime=t)
+    if not self.writes:   # the progress line too is process 0's
+      self.last_written = scalars
+      check_finite(stage, step, scalars)
+      return scalars
     rate = None
     if stage in self._last:
       s0, t0 = self._last[stage]
@@ -174,13 +188,15 @@ class MetricsLogger:
     try:
       check_finite(stage, step, scalars)
     except NonFiniteMetricError:
-      self._jsonl.flush()
+      if self._jsonl is not None:
+        self._jsonl.flush()
       raise
     return scalars
 
   def close(self):
     self.flush()
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
 
@@ -191,7 +207,8 @@ class MetricsLogger:
     if exc[0] is None:
       self.close()
     else:  # do not pull pending device metrics while an exception unwinds; just close the files
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
@@ -353,6 +354,15 @@ class PendingRewards:
     self._evidence = evidence
     self._idx, self._future = idx, future
     self.fmt, self.acc = fmt, acc
+    # time.monotonic() when the judge call was submitted and when it finished (its wall time, for the overlap
+    # metrics: ``finished`` is set by the future's done-callback, not by whoever waits on it)
+    self.started = self.finished = time.monotonic()
+    if future is not None:
+      self.finished = None
+      future.add_done_callback(self._mark_finished)
+
+  def _mark_finished(self, _future) -> None:
+    self.finished = time.monotonic()
 
   def done(self) -> bool:
     return self._future is None or self._future.done()
@@ -401,9 +411,12 @@ def start_scoring(completions: Sequence[str], *, answers: Sequence[str], questio
   fmt = format_reward(completions, parsed=parsed)
   acc = accuracy_reward(completions, answers=answers, parsed=parsed)
   idx, qs, ts = judge_inputs(parsed, questions)
+  t0 = time.monotonic()
   future = judge.submit(qs, ts) if idx else None
   evidence = getattr(getattr(judge, 'cfg', None), 'con_mode', 'deduce') == 'evidence'
-  return PendingRewards(completions, parsed, fmt, acc, weights, idx, future, evidence)
+  pending = PendingRewards(completions, parsed, fmt, acc, weights, idx, future, evidence)
+  pending.started = t0
+  return pending
 
 
 def score_batch(completions: Sequence[str], **kwargs) -> RewardBreakdown:

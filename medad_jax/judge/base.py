@@ -112,6 +112,11 @@ class JudgeUnavailableError(JudgeError):
   """The judge could not produce verdicts within its retries and deadline (the service is down or broken)."""
 
 
+class JudgeCheckError(JudgeError):
+  """The startup check of a served judge failed (down, slow, unhealthy or serving another model); the message
+  names the URL, what answered and what to do."""
+
+
 class JudgeRequestError(JudgeError):
   """The server rejected the request itself (a 4xx other than 408/429): a configuration or protocol bug that a
   retry or a fallback would only hide, so it is raised whatever ``on_failure`` says."""

@@ -26,6 +26,7 @@ budget spent                           the items are reported failed; :class:`Ju
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,8 @@ from typing import Any
 
 import httpx
 
-from medad_jax.judge.base import Judge, JudgeConfig, JudgeMetrics, JudgeRequestError, _Partial
+from medad_jax.judge.base import (Judge, JudgeCheckError, JudgeConfig, JudgeError, JudgeMetrics, JudgeRequestError,
+                                  _Partial)
 from medad_jax.judge.evidence import (build_evidence_messages, build_evidence_prompt, evidence_json_schema,
                                       openai_response_format, parse_evidence_verdict)
 from medad_jax.judge.prompt import build_judge_messages, build_judge_prompt, letter_regex
@@ -321,3 +323,86 @@ class OpenAIJudge(HTTPJudge):
   def _judge_items(self, questions, thoughts):
     build = build_evidence_messages if self.cfg.con_mode == 'evidence' else build_judge_messages
     return self._judge_with([build(q, t, self.cfg.letters) for q, t in zip(questions, thoughts)])
+
+
+# ------------------------------------------------------------------------------------------- startup check
+
+# A question whose reasoning plainly concludes one option: any working judge model answers with a letter.
+PROBE_QUESTION = 'Which organ is shown in the image?\nA. Liver\nB. Brain\nC. Lung\nD. Kidney'
+PROBE_THOUGHT = 'The image shows two air-filled fields with branching vessels, so the organ is the lung (C).'
+_SKIP_HINT = ' (--config.judge.check=False skips this check when the server is started later)'
+
+
+def served_models(cfg: JudgeConfig, client: httpx.Client) -> list[str]:
+  """The model name(s) the server reports: SGLang's ``/model_info`` (``served_model_name``, ``model_path``) or the
+  OpenAI-compatible ``/v1/models`` ids."""
+  path = '/model_info' if cfg.backend == 'sglang' else '/v1/models'
+  r = client.get(path)
+  if r.status_code != 200:
+    raise JudgeCheckError(f'{cfg.backend} judge at {cfg.url}: GET {path} answered HTTP {r.status_code} '
+                          f'{r.text[:200]!r}; is this an {cfg.backend} server?' + _SKIP_HINT)
+  try:
+    body = r.json()
+    if cfg.backend == 'sglang':
+      names = [body.get('served_model_name'), body.get('model_path')]
+    else:
+      names = [m.get('id') for m in body['data']]
+  except (ValueError, KeyError, TypeError, AttributeError):
+    raise JudgeCheckError(f'{cfg.backend} judge at {cfg.url}: GET {path} did not return the expected JSON '
+                          f'({r.text[:200]!r})' + _SKIP_HINT) from None
+  return [n for n in dict.fromkeys(names) if isinstance(n, str) and n]
+
+
+def check_server(cfg: JudgeConfig, timeout_s: float = 10.0) -> dict:
+  """Startup check of an ``sglang`` / ``openai`` judge, before any training: health (``/health`` or
+  ``/v1/models``), the served model (must equal ``cfg.model`` unless that is ``'default'``) and one tiny scoring
+  request in the configured form (the prompt, constraint and endpoint training will use), each bounded by
+  ``timeout_s``, no retries. Returns ``{'models': [...], 'verdict': letter, 'seconds': s}``; raises
+  :class:`JudgeCheckError` naming the URL, the status and what to do.
+  """
+  if cfg.backend not in ('sglang', 'openai'):
+    raise ValueError(f'check_server: backend {cfg.backend!r} has no server to check')
+  t0 = time.monotonic()
+  url = cfg.url.rstrip('/')
+  health = '/health' if cfg.backend == 'sglang' else '/v1/models'
+  start_hint = ('start it (launch/judge_sglang.sh --model MODEL) or fix --config.judge.url'
+                if cfg.backend == 'sglang' else 'start it or fix --config.judge.url')
+  headers = {}
+  if cfg.api_key_env and os.environ.get(cfg.api_key_env):
+    headers['Authorization'] = f'Bearer {os.environ[cfg.api_key_env]}'
+  with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(timeout_s)) as client:
+    try:
+      r = client.get(health)
+      if r.status_code != 200:
+        raise JudgeCheckError(f'{cfg.backend} judge at {url}: GET {health} answered HTTP {r.status_code} (not '
+                              'ready: still loading the model, or unhealthy); wait until it answers 200 or restart '
+                              'it' + _SKIP_HINT)
+      models = served_models(cfg, client)
+    except httpx.TimeoutException:
+      raise JudgeCheckError(f'{cfg.backend} judge at {url}: no answer to GET {health} within {timeout_s:g} s (the '
+                            'server is overloaded or hung); check it, or raise --config.judge.check_timeout_s'
+                            + _SKIP_HINT) from None
+    except httpx.TransportError as e:
+      raise JudgeCheckError(f'{cfg.backend} judge at {url}: cannot connect ({type(e).__name__}: {e}); '
+                            f'{start_hint}' + _SKIP_HINT) from None
+  if cfg.model != 'default' and cfg.model not in models:
+    raise JudgeCheckError(f'{cfg.backend} judge at {url} serves model {models} but config.judge.model is '
+                          f'{cfg.model!r}: set --config.judge.model={models[0] if models else "NAME"} (or '
+                          "'default'), or point --config.judge.url at the server of that model")
+  probe_cfg = dataclasses.replace(cfg, max_retries=0, timeout_s=timeout_s, deadline_s=timeout_s,
+                                  on_failure='raise')
+  judge = (SGLangJudge if cfg.backend == 'sglang' else OpenAIJudge)(probe_cfg)
+  try:
+    letters = judge.judge([PROBE_QUESTION], [PROBE_THOUGHT]).letters
+  except JudgeRequestError as e:
+    raise JudgeCheckError(f'{cfg.backend} judge at {url}: the scoring request was rejected ({e}); check '
+                          '--config.judge.* (template, model, constraint) against the server') from None
+  except JudgeError as e:
+    raise JudgeCheckError(f'{cfg.backend} judge at {url}: one tiny scoring request got no verdict within '
+                          f'{timeout_s:g} s ({e}); the server is too slow or not generating' + _SKIP_HINT) from None
+  finally:
+    judge.close()
+  out = {'models': models, 'verdict': letters[0], 'seconds': time.monotonic() - t0}
+  log.info('%s judge at %s: healthy, serving %s, scored a probe (%s) in %.2f s', cfg.backend, url, models,
+           letters[0], out['seconds'])
+  return out

@@ -32,13 +32,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from medad_jax import rundir
+from medad_jax import distributed, rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
-from medad_jax.data.pipeline import make_dataset
 from medad_jax.rewards import start_scoring
 from medad_jax.rl import update as U
+from medad_jax.sampling import ops
 from medad_jax.sampling.sampler import sample, trace_counts
-from medad_jax.train import pipeline as pl
+from medad_jax.train import feed, pipeline as pl
 
 log = logging.getLogger(__name__)
 STAGE = 'congrpo'
@@ -109,6 +109,99 @@ def _repeat(xs, g):
   return [x for x in xs for _ in range(g)]
 
 
+class Scoring:
+  """Who scores which rollouts, across processes.
+
+  Each process decodes its own rows (its prompts' G rollouts). A network or rule judge scores each process's rows
+  where they are (the judge's load splits over the hosts; an HTTP judge is a shared server). The ``local`` judge
+  is a jitted forward of the frozen policy on the global mesh, which every process must call with the same
+  inputs, so with several processes every process scores *all* rows (texts and metadata all-gathered first) and
+  keeps its own. Either way the per-row reward parts of every row are then known everywhere, for the metrics.
+  """
+
+  def __init__(self, run: pl.Run, judge, weights, group_size: int):
+    self.run, self.judge, self.weights, self.G = run, judge, weights, group_size
+    self.http = run.config.judge.backend in ('sglang', 'openai')
+    self.all_rows = run.config.judge.backend == 'local' and distributed.process_count() > 1
+    self.mesh = run.mesh_or_none()
+    self._rows = None
+
+  def start(self, texts: list[str], metas: list[dict]):
+    """Submits the judge call (``rewards.start_scoring``) for the rows this process scores; returns at once."""
+    if self.all_rows:
+      got = distributed.gather_shards([texts, metas], self.mesh)
+      shard, _ = distributed.data_shard(self.mesh)
+      before = sum(len(t) for t, _ in got[:shard])
+      self._rows = slice(before, before + len(texts))
+      texts = [t for part, _ in got for t in part]
+      metas = [m for _, part in got for m in part]
+    G = self.G
+    return start_scoring(texts, answers=_repeat([m['answer'] for m in metas], G),
+                         questions=_repeat([m['question'] for m in metas], G),
+                         options=_repeat([m['options'] for m in metas], G), judge=self.judge, weights=self.weights)
+
+  def mine(self, rb) -> dict[str, np.ndarray]:
+    """This process's rows of the reward parts (``fmt``, ``acc``, ``con``, ``judged``, ``total``)."""
+    rows = self._rows or slice(None)
+    return {k: np.asarray(getattr(rb, k))[rows] for k in ('fmt', 'acc', 'con', 'judged', 'total')}
+
+  def everyone(self, mine: dict[str, np.ndarray], finish: np.ndarray) -> dict[str, np.ndarray]:
+    """Every row's reward parts and finish codes, in global row order (the same on every process)."""
+    local = {k: np.asarray(v).astype(float).tolist() for k, v in mine.items()}
+    local['finish'] = np.asarray(finish).astype(int).tolist()
+    got = distributed.gather_shards(local, self.mesh)
+    return {k: np.concatenate([np.asarray(g[k]) for g in got]) for k in local}
+
+
+def _no_rewards(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != 'rewards_B'}
+
+
+def _reference_fn(graphdef, group_size: int, temperature: float, mesh):
+  """The jitted reference pass (adapters off): ``(params, frozen, batch) -> ref_logp_BN``, rows over the mesh's
+  batch axes."""
+  import functools
+  out = None
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    from medad_jax.sharding import BATCH_AXES
+    out = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+  fn = functools.partial(U.rollout_logprobs, graphdef, group_size=group_size, temperature=temperature,
+                         adapters=False)
+  return jax.jit(fn, out_shardings=out)
+
+
+def _overlapped_reference(ref_fn, state, dev_batch: dict, pending) -> tuple[dict, dict]:
+  """Dispatches the reference pass on ``dev_batch`` and times it on a watcher thread (until the device is done)
+  while the caller waits on the judge -> ``(batch with ref_logp_BN, {'device_started', 'device_finished'})``."""
+  import threading
+  t0 = time.monotonic()
+  ref = ref_fn(state.params, state.frozen, dev_batch)
+  timing = {'device_started': t0}
+
+  def watch():
+    jax.block_until_ready(ref)
+    timing['device_finished'] = time.monotonic()
+
+  watcher = threading.Thread(target=watch, name='reference-pass', daemon=True)
+  watcher.start()
+  if pending is not None:
+    pending.result()   # the judge's HTTP call runs while the device computes
+  watcher.join()
+  return {**dev_batch, 'ref_logp_BN': ref}, timing
+
+
+def _overlap_metrics(pending, timing: dict) -> dict[str, float]:
+  """``device_seconds`` (the reference pass, dispatch to done) and ``overlap_frac``: the fraction of the judge's
+  wall time during which the device was computing (0 when the two ran one after the other)."""
+  if not timing:
+    return {'overlap_frac': 0.0}
+  j0, j1 = pending.started, pending.finished or time.monotonic()
+  d0, d1 = timing['device_started'], timing['device_finished']
+  both = max(0.0, min(j1, d1) - max(j0, d0))
+  return {'device_seconds': d1 - d0, 'overlap_frac': both / (j1 - j0) if j1 > j0 else 0.0}
+
+
 def train(run: pl.Run, base_model: nnx.Module) -> Result:
   config, logger = run.config, run.logger
   t_start = time.time()
@@ -135,10 +228,18 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
   weights = pl.reward_weights(config)
 
   # ------------------------------------------------------------------------------------------------ data
-  ds = make_dataset(run.data.train, batch_size=rl.prompts_per_step, seed=config.seed + 1, num_epochs=None,
-                    shard_index=0, shard_count=1, preprocess=pl.prompt_preprocess(run.processor),
-                    batch_fn=pl.list_batch, drop_remainder=True, read_threads=config.data.read_threads)
+  # This process's prompts of every global batch of rl.prompts_per_step (medad_jax/train/feed.py).
+  shard, n_shards = feed.shard(run)
+  per_process = rl.prompts_per_step // n_shards
+  ds = feed.dataset(run, run.data.train, name=STAGE, global_batch=rl.prompts_per_step, seed=config.seed + 1,
+                    preprocess=pl.prompt_preprocess(run.processor))
   it = iter(ds)
+  scoring = Scoring(run, judge, weights, G)
+  overlap = scoring.http and config.judge.overlap
+  # The reference log-probs leave the update when they can overlap the judge's HTTP call (or serve mu > 1
+  # updates); ``update.rollout_logprobs`` is the update's own code path, so the result is the same.
+  ref_outside = gcfg.needs_reference and rl.trainable == 'lora' and (overlap or rl.inner_iterations > 1)
+  ref_fn = _reference_fn(graphdef, G, gcfg.temperature, mesh) if ref_outside else None
 
   # ------------------------------------------------------------------------------------ checkpoint restore
   ckpt = checkpointer(run)
@@ -150,7 +251,7 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
       ckpt.close()
       judge.close()
       return Result(graphdef, state)
-    it.set_state(data_state)
+    feed.restore_iterator(it, data_state, STAGE)
   start = int(meta['rollout_step']) if restored is not None else 0
   if start:
     log.info('congrpo: resuming at rollout step %d of %d', start, total)
@@ -162,50 +263,59 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
     for step in range(start, total):
       examples = next(it)
       metas = [ex['meta'] for ex in examples]
-      prompts = pl.prompt_batch(examples, run.model_cfg, num_prompts=rl.prompts_per_step,
-                                patch_buckets=run.patch_buckets)
+      prompts = feed.prompt_batch(run, examples, per_process)
       key = jax.random.fold_in(state.rng, step)
       t0 = time.time()
-      roll = jax.device_get(sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G,
-                                   mesh=mesh, stop_table=table))
+      roll = sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G, mesh=mesh,
+                    stop_table=table)
+      # This process's rows (its prompts' G rollouts each) come to the host for decoding and scoring.
+      mine = distributed.local_rows({'tokens': roll.tokens_BN, 'lengths': roll.lengths_B,
+                                     'finish': roll.finish_reason_B}, mesh)
       t_sample = time.time() - t0
-      texts = pl.decode_completions(run.tokenizer, np.asarray(roll.tokens_BN), np.asarray(roll.lengths_B))
+      texts = pl.decode_completions(run.tokenizer, np.asarray(mine['tokens']), np.asarray(mine['lengths']))
       holder['state'] = state
-      pending = start_scoring(texts, answers=_repeat([m['answer'] for m in metas], G),
-                              questions=_repeat([m['question'] for m in metas], G),
-                              options=_repeat([m['options'] for m in metas], G), judge=judge, weights=weights)
-      rb = pending.result()
-      batch = U.rollout_batch(prompts, roll, rb.total)
+      pending = scoring.start(texts, metas)
+      batch = _no_rewards(U.rollout_batch(prompts, roll, np.zeros(len(texts), np.float32)))
       _rollout_logprobs_for_variants(batch, roll, gcfg, graphdef, state, mesh)
-      if rl.inner_iterations > 1 and gcfg.needs_reference and rl.trainable == 'lora':
-        batch['ref_logp_BN'] = U.rollout_logprobs(graphdef, state.params, state.frozen, U.put_batch(batch, mesh),
-                                                  group_size=G, temperature=gcfg.temperature, adapters=False)
+      timing = {}
+      if overlap and ref_outside:
+        # While the judge scores this step's rollouts over HTTP, the device computes the reference log-probs.
+        batch, timing = _overlapped_reference(ref_fn, state, U.put_batch(batch, mesh), pending)
+        rb = pending.result()
+      else:
+        rb = pending.result()
+        if ref_outside:
+          batch, timing = _overlapped_reference(ref_fn, state, U.put_batch(batch, mesh), None)
+      judge_s = (pending.finished or time.monotonic()) - pending.started
+      rewards = scoring.mine(rb)
+      batch['rewards_B'] = distributed.to_global({'rewards_B': rewards['total']}, mesh)['rewards_B']
       batch = U.put_batch(batch, mesh)
       for _ in range(rl.inner_iterations):
         state, metrics = update(state, batch)
       holder['state'] = state
-      r_PG = rb.total.reshape(-1, G)
-      host = {'reward_fmt': float(rb.fmt.mean()), 'reward_acc': float(rb.acc.mean()),
-              'reward_con': float(rb.con.mean()), 'judged_frac': float(rb.judged.mean()),
+      parts = scoring.everyone(rewards, np.asarray(mine['finish']))
+      r_PG = parts['total'].reshape(-1, G)
+      host = {'reward_fmt': float(parts['fmt'].mean()), 'reward_acc': float(parts['acc'].mean()),
+              'reward_con': float(parts['con'].mean()), 'judged_frac': float(parts['judged'].mean()),
               'group_reward_std': float(r_PG.std(axis=1).mean()), 'sample_seconds': t_sample,
-              'finish_stop': float(np.mean([r != 'length' for r in roll.finish_reasons()])),
+              'finish_stop': float(np.mean([ops.FINISH_REASONS[int(c)] != 'length' for c in parts['finish']])),
               # programs compiled so far: the update's and the sampler's (prefill + decode), one per shape bucket
               'compiled_programs': update.traces, 'compiled_programs_sampler': sum(trace_counts().values()),
-              **rb.con_part_metrics()}
+              'judge_seconds': judge_s, **_overlap_metrics(pending, timing), **rb.con_part_metrics()}
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
         logger.log(STAGE, step + 1, {**metrics, **host})
       meta = {'stage': STAGE, 'rollout_step': step + 1}
-      if guard.should_stop:
+      if feed.stop_requested(guard):   # SIGTERM on any host stops every process after this same step
         logger.flush()
-        ckpt.save(step + 1, state, data_state=it.get_state(), meta=meta, force=True)
+        ckpt.save(step + 1, state, data_state=feed.iterator_state(it), meta=meta, force=True)
         ckpt.close()
         judge.close()
-        log.warning('congrpo: stopped by signal %s at step %d; checkpoint saved', guard.received, step + 1)
+        log.warning('congrpo: stopped by SIGTERM at step %d; checkpoint saved', step + 1)
         return Result(graphdef, state, preempted=True)
-      if step + 1 < total:
-        ckpt.maybe_save(step + 1, state, data_state=it.get_state(), meta=meta)
+      if step + 1 < total and (step + 1) % ckpt.every_steps == 0:
+        ckpt.save(step + 1, state, data_state=feed.iterator_state(it), meta=meta)
   logger.flush()
-  ckpt.save(total, state, data_state=it.get_state(), meta={'stage': STAGE, 'rollout_step': total, 'done': True},
+  ckpt.save(total, state, data_state=feed.iterator_state(it), meta={'stage': STAGE, 'rollout_step': total, 'done': True},
             force=True)
   ckpt.close()
   judge.close()

@@ -37,7 +37,6 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from medad_jax.data.pipeline import make_dataset
 from medad_jax.data.schema import TASKS, load_image
 from medad_jax.rewards import RewardWeights, score_batch
 from medad_jax.train import pipeline as pl
@@ -59,19 +58,23 @@ Generator = Callable[[Sequence[dict], int, int], list[str]]
 
 
 def flax_generator(run: pl.Run, model, *, greedy: bool, batch_size: int, adapters: bool = True) -> Generator:
-  """Our Flax policy: the sampler with one completion per prompt (rows padded to ``batch_size``)."""
+  """Our Flax policy: the sampler with one completion per prompt. Each process passes its rows of the global
+  batch (``batch_size`` rows in all; the launcher pads the last batch) and gets its rows' completions back."""
+  from medad_jax import distributed
   from medad_jax.sampling.sampler import sample
+  from medad_jax.train import feed
   cfg = run.model_cfg
   scfg = pl.sampling_config(run.config.sampling, cfg, greedy=greedy, max_new_tokens=run.config.eval.max_new_tokens)
   table = pl.stop_table(run.tokenizer, cfg)
   mesh = run.mesh_or_none()
+  per_process = batch_size // feed.shard(run)[1]
 
   def gen(examples, seed, index):
-    pb = pl.prompt_batch(examples, cfg, num_prompts=batch_size, patch_buckets=run.patch_buckets)
+    pb = feed.prompt_batch(run, examples, max(per_process, len(examples)))
     key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-    roll = jax.device_get(sample(model, pb, key=key, config=scfg, num_samples=1, adapters=adapters, mesh=mesh,
-                                 stop_table=table))
-    texts = pl.decode_completions(run.tokenizer, np.asarray(roll.tokens_BN), np.asarray(roll.lengths_B))
+    roll = sample(model, pb, key=key, config=scfg, num_samples=1, adapters=adapters, mesh=mesh, stop_table=table)
+    mine = distributed.local_rows({'tokens': roll.tokens_BN, 'lengths': roll.lengths_B}, mesh)
+    texts = pl.decode_completions(run.tokenizer, np.asarray(mine['tokens']), np.asarray(mine['lengths']))
     return texts[:len(examples)]
 
   return gen
@@ -138,7 +141,8 @@ def endpoint_generator(run: pl.Run, *, url: str, model: str, greedy: bool, api_k
     raise RuntimeError(f'endpoint {url}: question {ex["meta"]["id"]!r} failed after {max_retries} retries: {last}')
 
   def gen(examples, seed, index):
-    return list(pool.map(lambda ex: one(ex, seed), examples))
+    # padding rows of the last batch (dropped from the results) are not sent
+    return list(pool.map(lambda ex: '' if ex.get('pad') else one(ex, seed), examples))
 
   return gen
 
@@ -184,6 +188,15 @@ def score(texts: Sequence[str], metas: Sequence[dict], judge) -> dict[str, np.nd
           'verdicts': list(rb.verdicts)}
 
 
+def _score_rows(texts: Sequence[str], metas: Sequence[dict], pads: Sequence[bool], judge) -> list[dict]:
+  """One row per question (what the per-question dump holds, plus ``rule_agree`` and ``pad``), JSON-ready."""
+  s = score(texts, metas, judge)
+  return [{'id': m['id'], 'task': m['task'], 'answer': m['answer'], 'predicted': s['letters'][j],
+           'judge': s['verdicts'][j], 'acc': float(s['acc'][j]), 'fmt': float(s['fmt'][j]),
+           'con': float(s['con'][j]), 'completion': texts[j], 'rule_agree': float(s['rule_agree'][j]),
+           'pad': bool(pads[j])} for j, m in enumerate(metas)]
+
+
 def summarize(tasks: Sequence[str], acc: np.ndarray, fmt: np.ndarray, con: np.ndarray) -> dict[str, float]:
   tasks = np.asarray(tasks)
   out = {}
@@ -201,37 +214,48 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
   Every question's completion, parsed answer, judge verdict and scores go to
   ``<completions_dir>/<policy>-seed<k>.jsonl`` (default: ``<workdir>/eval/completions``; None: not written).
   """
+  from medad_jax import distributed
+  from medad_jax.train import feed
   if completions_dir == 'default':
     completions_dir = os.path.join(run.workdir, 'eval', 'completions')
   config = run.config
   source = eval_records(run)
   n = len(source)
   bs = config.eval.batch_size
+  mesh = run.mesh_or_none()
+  # The local judge is a jitted forward on the global mesh: every process scores every row (see congrpo.Scoring).
+  all_rows = config.judge.backend == 'local' and distributed.process_count() > 1
   t0 = time.time()
   per_seed = []
   for seed in config.eval.seeds:
-    ds = make_dataset(source, batch_size=bs, shuffle=False, num_epochs=1, shard_index=0, shard_count=1,
-                      preprocess=preprocess or pl.prompt_preprocess(run.processor), batch_fn=pl.list_batch,
-                      read_threads=config.data.read_threads)
-    tasks, parts, samples, rows = [], {'acc': [], 'fmt': [], 'con': [], 'rule_agree': []}, [], []
+    # Each process reads its rows of every global batch; the last batch is padded (copies of the last question,
+    # dropped from the results) so every process runs the same number of batches.
+    ds = feed.dataset(run, source, name=progress_stage, global_batch=bs, shuffle=False, num_epochs=1,
+                      pad_last=True, seed=0, preprocess=preprocess or pl.prompt_preprocess(run.processor))
+    rows, samples = [], []
     n_batches = -(-n // bs)
     for i, examples in enumerate(ds):
       metas = [ex['meta'] for ex in examples]
+      pads = [bool(ex['pad']) for ex in examples]
       texts = generator(examples, int(seed), i)
-      s = score(texts, metas, judge)
-      for k in parts:
-        parts[k].append(s[k])
-      tasks += [m['task'] for m in metas]
-      for j, m in enumerate(metas):
-        rows.append({'id': m['id'], 'task': m['task'], 'answer': m['answer'], 'predicted': s['letters'][j],
-                     'judge': s['verdicts'][j], 'acc': float(s['acc'][j]), 'fmt': float(s['fmt'][j]),
-                     'con': float(s['con'][j]), 'completion': texts[j]})
-      if len(samples) < 5:
-        samples.append({'id': metas[0]['id'], 'completion': texts[0], 'answer': metas[0]['answer']})
+      if all_rows:
+        got = distributed.gather_shards([texts, metas, pads], mesh)
+        texts, metas, pads = ([x for g in got for x in g[j]] for j in range(3))
+        batch_rows = _score_rows(texts, metas, pads, judge)
+      else:
+        batch_rows = [r for part in distributed.gather_shards(_score_rows(texts, metas, pads, judge), mesh)
+                      for r in part]
+      batch_rows = [r for r in batch_rows if not r.pop('pad')]
+      rows += batch_rows
+      if len(samples) < 5 and batch_rows:
+        samples.append({k: batch_rows[0][k] for k in ('id', 'completion', 'answer')})
       log.info('[%s] %s seed %d: batch %d/%d, accuracy so far %.3f', progress_stage, name, seed, i + 1, n_batches,
-               float(np.concatenate(parts['acc']).mean()))
-    res = summarize(tasks, *(np.concatenate(parts[k]) for k in ('acc', 'fmt', 'con')))
-    agree = np.concatenate(parts['rule_agree'])
+               float(np.mean([r['acc'] for r in rows])) if rows else float('nan'))
+    if len(rows) != n:
+      raise RuntimeError(f'[{progress_stage}] {name}: scored {len(rows)} questions, expected {n}')
+    res = summarize([r['task'] for r in rows], *(np.array([r[k] for r in rows], np.float64)
+                                                 for k in ('acc', 'fmt', 'con')))
+    agree = np.array([r.pop('rule_agree') for r in rows], np.float64)
     res['judge_rule_agreement'] = float(np.nanmean(agree)) if np.isfinite(agree).any() else None
     res['judge_rule_compared'] = int(np.isfinite(agree).sum())
     res['seed'] = int(seed)
@@ -239,7 +263,7 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
     per_seed.append(res)
     # A task absent from a truncated split has no accuracy (NaN); it is left out of the log, not invented.
     slug = re.sub(r'[^0-9A-Za-z_.-]+', '_', name).strip('_').lower()
-    if completions_dir:
+    if completions_dir and distributed.is_main():
       os.makedirs(completions_dir, exist_ok=True)
       path = os.path.join(completions_dir, f'{slug}-seed{int(seed)}.jsonl')
       with open(path, 'w') as f:
@@ -321,13 +345,18 @@ def write_report(workdir: str, results: Sequence[Result], params: dict[str, str]
       for r in results], **(extra or {})}
   jpath, mpath = os.path.join(d, 'results.json'), os.path.join(d, 'table.md')
   pl.write_json(jpath, payload)
-  n_seeds = max(len(r.per_seed) for r in results)
-  table = markdown_table(results, params)
   with open(mpath, 'w') as f:
-    f.write(f'Accuracy (%) on the test split, {results[0].num_questions} questions'
-            + (f', mean ± std over {n_seeds} seeds' if n_seeds > 1 else '') + '.\n\n' + table + '\n')
-  log.info('evaluation table (%s):\n%s', mpath, table)
+    f.write(report_text(results, params))
+  log.info('evaluation table (%s):\n%s', mpath, markdown_table(results, params))
   return jpath, mpath
+
+
+def report_text(results: Sequence[Result], params: dict[str, str] | None = None) -> str:
+  """What ``eval/table.md`` holds: a caption line and :func:`markdown_table`."""
+  n_seeds = max(len(r.per_seed) for r in results)
+  return (f'Accuracy (%) on the test split, {results[0].num_questions} questions'
+          + (f', mean ± std over {n_seeds} seeds' if n_seeds > 1 else '') + '.\n\n'
+          + markdown_table(results, params) + '\n')
 
 
 def aggregate(run_dirs: Sequence[str]) -> str:

@@ -385,9 +385,9 @@ def setup(config, workdir: str, *, config_name: str = 'config.json') -> Run:
   """
   from medad_jax.metrics import MetricsLogger
   os.makedirs(workdir, exist_ok=True)
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  with open(os.path.join(workdir, config_name), 'w') as f:
-    f.write(text)
+  if jax.process_index() == 0:   # one writer of the run directory (medad_jax/launch.py)
+    with open(os.path.join(workdir, config_name), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   mesh = make_mesh(config)
   data = build_data(config)
   tok = build_tokenizer(config, data)

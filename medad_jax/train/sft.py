@@ -13,7 +13,6 @@ and the step count decides), capped by ``sft.max_steps`` when that is > 0.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -22,9 +21,8 @@ import jax
 
 from medad_jax import rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
-from medad_jax.data.pipeline import make_dataset
 from medad_jax.rl import update as U
-from medad_jax.train import pipeline as pl
+from medad_jax.train import feed, pipeline as pl
 
 log = logging.getLogger(__name__)
 STAGE = 'sft'
@@ -71,12 +69,9 @@ def train(run: pl.Run) -> Result:
   step_fn = U.make_sft_step(graphdef, tx, U.SFTConfig.from_config(config.sft), mesh=mesh, lr_schedule=sched)
 
   # ---------------------------------------------------------------------------------------------- data
-  ds = make_dataset(run.data.train, batch_size=config.sft.batch_size, seed=config.seed, num_epochs=None,
-                    shard_index=0, shard_count=1,
-                    preprocess=pl.sft_preprocess(run.processor, config.data.answer_format),
-                    batch_fn=functools.partial(pl.sft_batch, cfg=run.model_cfg,
-                                             patch_buckets=run.patch_buckets), drop_remainder=True,
-                    read_threads=config.data.read_threads)
+  # This process's rows of every global batch (the same batches for any process count; medad_jax/train/feed.py).
+  ds = feed.dataset(run, run.data.train, name=STAGE, global_batch=config.sft.batch_size, seed=config.seed,
+                    preprocess=pl.sft_preprocess(run.processor, config.data.answer_format))
   it = iter(ds)
 
   # ------------------------------------------------------------------------------------ checkpoint restore
@@ -88,7 +83,7 @@ def train(run: pl.Run) -> Result:
       log.info('sft: finished checkpoint found (step %d); not training again', int(state.step))
       ckpt.close()
       return Result(graphdef, state)
-    it.set_state(data_state)
+    feed.restore_iterator(it, data_state, STAGE)
     log.info('sft: resuming at step %d of %d', int(state.step), total)
   start = int(jax.device_get(state.step))
   logger.total_steps[STAGE] = total
@@ -97,21 +92,22 @@ def train(run: pl.Run) -> Result:
   preempted = False
   with PreemptionGuard() as guard:
     for step in range(start, total):
-      batch = U.put_batch(next(it), mesh)
+      batch = U.put_batch(feed.sft_batch(run, next(it)), mesh)
       state, metrics = step_fn(state, batch)
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
         # compiled_programs: SFT step programs so far (one per batch shape: length bucket x patch buckets)
         logger.log(STAGE, step + 1, {**metrics, 'compiled_programs': step_fn.traces})
-      if guard.should_stop:
+      if feed.stop_requested(guard):   # SIGTERM on any host stops every process after this same step
         logger.flush()
-        ckpt.save(step + 1, state, data_state=it.get_state(), meta={'stage': STAGE}, force=True)
+        ckpt.save(step + 1, state, data_state=feed.iterator_state(it), meta={'stage': STAGE}, force=True)
         ckpt.close()
         log.warning('sft: stopped by signal %s at step %d; checkpoint saved', guard.received, step + 1)
         return Result(graphdef, state, preempted=True)
       if step + 1 < total:
-        ckpt.maybe_save(step + 1, state, data_state=it.get_state(), meta={'stage': STAGE})
+        if (step + 1) % ckpt.every_steps == 0:
+          ckpt.save(step + 1, state, data_state=feed.iterator_state(it), meta={'stage': STAGE})
   logger.flush()
-  ckpt.save(total, state, data_state=it.get_state(), meta={'stage': STAGE, 'done': True}, force=True)
+  ckpt.save(total, state, data_state=feed.iterator_state(it), meta={'stage': STAGE, 'done': True}, force=True)
   ckpt.close()
   run.timings[STAGE] = time.time() - t_start
   log.info('sft: %d steps in %.1f s', total - start, run.timings[STAGE])
