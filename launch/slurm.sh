@@ -38,8 +38,11 @@ for a in "$@"; do [[ "$a" == --config=* || "$a" == --config ]] && has_config=1; 
 (( has_config )) || { echo "slurm.sh: give the experiment, e.g. --config=congrpo:paper (see the header)" >&2; exit 2; }
 
 python_bin="${PYTHON:-python3}"
-cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$python_bin" -m medad_jax.launch "$@")
+per_host=("$python_bin" -m medad_jax.launch "$@")
+cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${per_host[@]}")
 echo "+ $(quote "${cmd[@]}")"
+# What srun starts on every node (the same command everywhere; each process finds its id in SLURM_PROCID).
+echo "slurm.sh: per-host command: $(quote "${per_host[@]}")" >&2
 [[ "${DRY_RUN:-0}" == 1 ]] && exit 0
 if [[ -z "${SLURM_JOB_ID:-}" ]]; then
   echo "slurm.sh: not inside a Slurm job; submit it with sbatch launch/slurm.sh ... (or set DRY_RUN=1)" >&2

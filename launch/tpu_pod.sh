@@ -56,6 +56,8 @@ ssh=("$gcloud_bin" compute tpus tpu-vm ssh "$tpu" "--zone=$zone" --worker=all)
 
 launch=("$python_bin" -m medad_jax.launch "$@")
 echo "+ $(quote "${launch[@]}")"
+# The same command runs on every worker; jax.distributed finds the coordinator and this worker's id itself.
+echo "tpu_pod.sh: per-host command (every worker): $(quote "${launch[@]}")" >&2
 remote="cd $repo_dir && $(quote "${launch[@]}")"
 steps=()
 if (( setup )); then

@@ -35,16 +35,19 @@ coordinator's key-value store), so the multi-process path runs, and is tested, o
 
 Per-process data
 ----------------
-Every process loads only its part of the global batch: :func:`data_shard` gives the ``(shard_index,
-shard_count)`` for ``medad_jax.data.pipeline.make_dataset`` (= ``(process_index, process_count)`` when the mesh's
+Every process loads only its part of the global batch: :func:`process_dataset` reads this process's rows of every
+*global* batch (shuffled as one sequence, so the batches do not depend on the process count), with
+:func:`data_shard` giving the ``(shard_index, shard_count)`` (= ``(process_index, process_count)`` when the mesh's
 batch axes run over processes in order, the usual case), and :func:`host_local_to_global` turns the per-process
 batches into global ``jax.Array`` s sharded exactly as :func:`medad_jax.rl.state.batch_shardings` expects, so the
 jitted steps take them without a reshard. Processes that hold the same batch rows (a mesh whose ``tensor`` axis
-spans hosts) get the same shard index and must load the same data.
+spans hosts) get the same shard index and load the same data.
 
-Caveat (``medad_jax.checkpointing``): orbax writes JSON items (the data-iterator state, meta) from process 0
-only. That is correct when every process's iterator has consumed the same number of batches (the lock-step loop
-does this), since grain's iterator state is then the same on every process.
+Agreeing across processes: :func:`agree_max` (shapes every process must share), :func:`any_process` (a SIGTERM
+seen by one), :func:`broadcast_str` (process 0's run directory), :func:`allgather_objects` /
+:func:`gather_shards` (host values such as texts and per-row scores), :func:`local_rows` (this process's rows of a
+device array). ``medad_jax/train/feed.py`` uses them to feed the trainers; orbax's JSON items are written by
+process 0, so the trainers store every process's data-iterator state in them.
 """
 
 from __future__ import annotations

@@ -7,10 +7,6 @@ while they run. Children are killed on failure or timeout and their log tails ar
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -21,60 +17,11 @@ from medad_jax.testing import multiprocess as mp
 
 TOL = 1e-5          # multi-process vs single-process (the issue's tolerance; same mesh, same program)
 DEADLINE_S = 240    # whole run of both workers; they normally finish in well under a minute
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def _tail(path: str, n: int = 40) -> str:
-  try:
-    with open(path, errors='replace') as f:
-      lines = [ln for ln in f.read().splitlines() if 'absl:' not in ln]  # orbax's chatter hides the error
-    return '\n'.join(lines[-n:])
-  except OSError as e:
-    return f'(no log: {e})'
 
 
 def _start_workers(tmp_path, n: int = 2):
-  port = _free_port()
-  procs = []
-  for i in range(n):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'MEDAD_', 'JAX_COORDINATOR'))}
-    env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-               MEDAD_COORDINATOR=f'127.0.0.1:{port}', MEDAD_NUM_PROCESSES=str(n), MEDAD_PROCESS_ID=str(i),
-               PYTHONPATH=ROOT + os.pathsep + env.get('PYTHONPATH', ''))
-    log = str(tmp_path / f'worker_{i}.log')
-    with open(log, 'w') as f:
-      p = subprocess.Popen([sys.executable, '-m', 'medad_jax.testing.multiprocess', '--out', str(tmp_path / 'out'),
-                            '--ckpt', str(tmp_path / 'ckpt')], cwd=ROOT, env=env, stdout=f,
-                           stderr=subprocess.STDOUT)
-    procs.append((p, log))
-  return procs
-
-
-def _wait(procs, deadline: float):
-  """Waits for all workers; on a failure or the deadline, kills the others and fails with every log tail."""
-  try:
-    while True:
-      codes = [p.poll() for p, _ in procs]
-      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
-      if failed or time.monotonic() > deadline:
-        why = (f'worker(s) {failed} exited with {[codes[i] for i in failed]}' if failed
-               else f'workers still running after {DEADLINE_S} s (exit codes {codes})')
-        logs = '\n'.join(f'--- worker {i} ({log}) ---\n{_tail(log)}' for i, (_, log) in enumerate(procs))
-        pytest.fail(f'{why}\n{logs}')
-      if all(c == 0 for c in codes):
-        return
-      time.sleep(0.2)
-  finally:
-    for p, _ in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait(10)
+  return mp.start(['-m', 'medad_jax.testing.multiprocess', '--out', str(tmp_path / 'out'), '--ckpt',
+                   str(tmp_path / 'ckpt')], processes=n, devices=2, log_dir=str(tmp_path), tag='worker_')
 
 
 @pytest.fixture(scope='module')
@@ -98,7 +45,7 @@ def two_process_run(tmp_path_factory):
       p.kill()
       p.wait(10)
     raise
-  _wait(procs, start + DEADLINE_S)
+  mp.wait(procs, DEADLINE_S - (time.monotonic() - start))
   results = []
   for i in range(len(procs)):
     with np.load(tmp / 'out' / f'result_{i}.npz') as r:

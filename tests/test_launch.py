@@ -72,6 +72,8 @@ def test_smoke_run_layout_logs_and_table(smoke_run):
             'reward_fmt', 'reward_acc', 'reward_con', 'zero_var_groups'):
     assert k in rl[0], k
   assert rl[0]['ratio_mean'] == pytest.approx(1.0, abs=1e-4)  # mu = 1: the update sees the sampler's policy
+  # the local judge shares the device: it scores synchronously, the reference pass stays inside the update
+  assert all(r['overlap_frac'] == 0 and 'device_seconds' not in r and r['judge_seconds'] >= 0 for r in rl)
   tb = read_tensorboard_scalars(os.path.join(workdir, 'tb'))
   assert len(tb['sft/loss']) == 4 and len(tb['congrpo/kl']) == 4
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))

@@ -119,6 +119,71 @@ def flat_params(tree) -> dict[str, np.ndarray]:
   return out
 
 
+# ----------------------------------------------------------------------- running real processes (the tests)
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def log_tail(path: str, n: int = 40) -> str:
+  """The last ``n`` lines of a process log, without orbax's absl chatter (which hides the error)."""
+  try:
+    with open(path, errors='replace') as f:
+      lines = [ln for ln in f.read().splitlines() if 'absl:' not in ln]
+    return '\n'.join(lines[-n:])
+  except OSError as e:
+    return f'(no log: {e})'
+
+
+def start(argv: list[str], *, processes: int, devices: int, log_dir: str, tag: str = 'p',
+          env: dict | None = None, cwd: str | None = None) -> list[tuple]:
+  """Starts ``python <argv>`` as ``processes`` JAX processes on localhost (``devices`` fake CPU devices each,
+  ``MEDAD_*`` settings for ``distributed.initialize``; one process gets none) -> ``[(Popen, log path)]``."""
+  import subprocess
+  root = cwd or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port = free_port()
+  out = []
+  for i in range(processes):
+    e = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'MEDAD_', 'JAX_COORDINATOR'))}
+    e.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+             JAX_DEFAULT_MATMUL_PRECISION='highest', PYTHONPATH=root + os.pathsep + e.get('PYTHONPATH', ''))
+    if processes > 1:
+      e.update(MEDAD_COORDINATOR=f'127.0.0.1:{port}', MEDAD_NUM_PROCESSES=str(processes), MEDAD_PROCESS_ID=str(i))
+    e.update({k: v.format(i=i) for k, v in (env or {}).items()})
+    log_path = os.path.join(log_dir, f'{tag}{i}.log')
+    with open(log_path, 'w') as f:
+      p = subprocess.Popen([sys.executable, *argv], cwd=root, env=e, stdout=f, stderr=subprocess.STDOUT)
+    out.append((p, log_path))
+  return out
+
+
+def wait(procs: list[tuple], timeout_s: float, *, ok=(0,)) -> list[int]:
+  """Waits for every process; when one exits with a code outside ``ok`` or the time is up, kills the others and
+  raises ``RuntimeError`` with every log's tail. Returns the exit codes."""
+  deadline = time.monotonic() + timeout_s
+  try:
+    while True:
+      codes = [p.poll() for p, _ in procs]
+      failed = [i for i, c in enumerate(codes) if c is not None and c not in ok]
+      if failed or time.monotonic() > deadline:
+        why = (f'process(es) {failed} exited with {[codes[i] for i in failed]}' if failed
+               else f'still running after {timeout_s:.0f} s (exit codes {codes})')
+        logs = '\n'.join(f'--- process {i} ({path}) ---\n{log_tail(path)}' for i, (_, path) in enumerate(procs))
+        raise RuntimeError(f'{why}\n{logs}')
+      if all(c is not None for c in codes):
+        return codes
+      time.sleep(0.2)
+  finally:
+    for p, _ in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait(10)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', required=True, help='directory for result_<process>.npz')

@@ -101,7 +101,7 @@ def train(run: pl.Run) -> Result:
         logger.flush()
         ckpt.save(step + 1, state, data_state=feed.iterator_state(it), meta={'stage': STAGE}, force=True)
         ckpt.close()
-        log.warning('sft: stopped by signal %s at step %d; checkpoint saved', guard.received, step + 1)
+        log.warning('sft: stopped by SIGTERM at step %d; checkpoint saved', step + 1)
         return Result(graphdef, state, preempted=True)
       if step + 1 < total:
         if (step + 1) % ckpt.every_steps == 0:

@@ -1,0 +1,157 @@
+"""The launcher itself as two JAX processes on localhost (2 fake CPU devices each) against one process with 4:
+``python -m medad_jax.launch --config=congrpo`` with tiny overrides through SFT, Con-GRPO and evaluation.
+
+* the metrics (every logged value but wall times) and the evaluation table agree within 1e-5;
+* each process read a disjoint half of every stage's examples, and together exactly what one process read;
+* only process 0 wrote into the run directory outside orbax's ``checkpoints/``;
+* SIGTERM to process 1 alone mid-SFT stops both at the same step with one checkpoint (exit 0); the same command
+  again resumes and ends where the uninterrupted two-process run did.
+
+What each process read and wrote is recorded by ``medad_jax.testing.audit`` (a ``sitecustomize`` put first on
+``PYTHONPATH``), so the launcher runs unchanged.
+"""
+
+import collections
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from medad_jax.metrics import read_jsonl
+from medad_jax.testing import audit, multiprocess as mp
+
+TOL = 1e-5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 900   # one run of the tiny pipeline; normally a few minutes on 2 busy cores
+# Global batches divide over 2 processes x 2 devices: SFT 4, Con-GRPO 4 prompts x G = 2, evaluation 4 (6
+# questions: the second batch is padded).
+TINY = ['model.preset=tiny', 'data.synth_images=20', 'data.image_size=56', 'data.read_threads=1',
+        'sft.batch_size=4', 'sft.max_steps=6', 'sft.optim.warmup_steps=0',
+        'rl.prompts_per_step=4', 'rl.group_size=2', 'rl.max_steps=2',
+        'sampling.max_new_tokens=8', 'eval.max_new_tokens=8', 'eval.max_examples=6', 'eval.batch_size=4',
+        'eval.include_sft=False', 'ckpt.every_steps=2', 'ckpt.async_save=False', 'log.tensorboard=True',
+        'export=True']
+TIMING_KEYS = {'time', 'sample_seconds', 'judge_seconds', 'device_seconds', 'overlap_frac'}
+
+
+def _launch(tmp, name, workdir, cache, *, processes, devices):
+  site = tmp / 'site'
+  site.mkdir(exist_ok=True)
+  (site / 'sitecustomize.py').write_text('from medad_jax.testing import audit\naudit.install()\n')
+  logs = tmp / 'logs'
+  logs.mkdir(exist_ok=True)
+  argv = ['-m', 'medad_jax.launch', '--config=congrpo', f'--workdir={workdir}', f'--config.data.cache_dir={cache}',
+          *[f'--config.{o}' for o in TINY]]
+  env = {'MEDAD_AUDIT_LOG': str(tmp / f'audit-{name}-{{i}}.jsonl'), 'MEDAD_AUDIT_ROOT': str(workdir),
+         'PYTHONPATH': str(site) + os.pathsep + ROOT}
+  return mp.start(argv, processes=processes, devices=devices, log_dir=str(logs), tag=f'{name}-', env=env)
+
+
+def _audit(tmp, name, i):
+  return audit.read(str(tmp / f'audit-{name}-{i}.jsonl'))
+
+
+def _values(workdir):
+  """{(stage, step): {metric: value}} from metrics.jsonl (a resumed step's last record)."""
+  out = {}
+  for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')):
+    out[(r['stage'], r['step'])] = {k: v for k, v in r.items() if k not in TIMING_KEYS | {'stage', 'step'}}
+  return out
+
+
+def _assert_same_run(got_dir, want_dir):
+  got, want = _values(got_dir), _values(want_dir)
+  assert sorted(got) == sorted(want) and len(want) >= 6 + 2 + 1
+  for key in want:
+    assert got[key].keys() == want[key].keys(), key
+    for k, v in want[key].items():
+      assert got[key][k] == pytest.approx(v, rel=TOL, abs=TOL), (key, k, got[key][k], v)
+  res = [json.load(open(os.path.join(d, 'eval', 'results.json'))) for d in (got_dir, want_dir)]
+  assert [p['name'] for p in res[0]['policies']] == [p['name'] for p in res[1]['policies']]
+  for a, b in zip(res[0]['policies'], res[1]['policies']):
+    assert a['num_questions'] == b['num_questions'] == 6
+    for k, v in b['mean'].items():
+      assert a['mean'][k] == pytest.approx(v, rel=TOL, abs=TOL, nan_ok=True), (a['name'], k)
+  assert open(os.path.join(got_dir, 'eval', 'table.md')).read() == open(os.path.join(want_dir, 'eval',
+                                                                                      'table.md')).read()
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('launch_mp')
+  cache = tmp / 'cache'
+  two_dir, one_dir = tmp / 'two', tmp / 'one'
+  # The dataset and tokenizer are built once by the single process, then both runs share the cache.
+  one = _launch(tmp, 'one', one_dir, cache, processes=1, devices=4)
+  mp.wait(one, TIMEOUT_S)
+  two = _launch(tmp, 'two', two_dir, cache, processes=2, devices=2)
+  mp.wait(two, TIMEOUT_S)
+  return tmp, cache, str(two_dir), str(one_dir)
+
+
+def test_two_processes_equal_one_process_of_four_devices(runs):
+  tmp, _, two_dir, one_dir = runs
+  _assert_same_run(two_dir, one_dir)
+  for i in range(2):
+    log = open(tmp / 'logs' / f'two-{i}.log').read()
+    assert f'process {i} of 2' in log and '4 global device(s)' in log
+
+
+def test_each_process_reads_a_disjoint_half(runs):
+  tmp, _, _, _ = runs
+  reads = {name: [[(e['stage'], e['id']) for e in _audit(tmp, name, i) if e['event'] == 'read'] for i in range(n)]
+           for name, n in (('two', 2), ('one', 1))}
+  one = collections.Counter(reads['one'][0])
+  both = collections.Counter(reads['two'][0]) + collections.Counter(reads['two'][1])
+  assert both == one    # together exactly the single process's examples (padding copies included)
+  stages = {s for s, _ in one}
+  assert stages == {'sft', 'congrpo', 'eval'}
+  # the evaluation pads its last batch with copies of the last question (process 1 reads them; results dropped)
+  last_eval = [i for s, i in reads['one'][0] if s == 'eval'][-1]
+  for stage in stages:
+    ids = [{i for s, i in reads['two'][p] if s == stage} for p in range(2)]
+    assert ids[0] and ids[1], stage
+    assert ids[0] & ids[1] <= ({last_eval} if stage == 'eval' else set()), stage
+  # SFT: 6 steps x 4 examples, 2 per process per step
+  assert [len([1 for s, _ in reads['two'][p] if s == 'sft']) for p in range(2)] == [12, 12]
+
+
+def test_only_process_zero_writes_the_run_directory(runs):
+  tmp, _, two_dir, _ = runs
+  writes = [{os.path.relpath(e['path'], two_dir) for e in _audit(tmp, 'two', i) if e['event'] == 'write'}
+            for i in range(2)]
+  outside = sorted(p for p in writes[1] if p != '.' and not p.startswith('checkpoints'))
+  assert outside == [], outside
+  for f in ('config.json', 'metrics.jsonl', 'summary.json', 'eval/results.json', 'eval/table.md',
+            'export/config.json'):
+    assert f in writes[0] or any(w.startswith(f) for w in writes[0]), f
+  assert any(w.startswith('tb') for w in writes[0])
+  assert sorted(os.listdir(os.path.join(two_dir, 'checkpoints'))) == ['congrpo', 'sft']
+
+
+def test_sigterm_on_one_process_stops_both_then_resume_equals_uninterrupted(runs):
+  tmp, cache, two_dir, _ = runs
+  workdir = tmp / 'preempted'
+  procs = _launch(tmp, 'pre', workdir, cache, processes=2, devices=2)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while not (metrics.exists() and any(r['stage'] == 'sft' for r in read_jsonl(str(metrics)))):
+      assert time.monotonic() < deadline and all(p.poll() is None for p, _ in procs), 'no SFT step logged'
+      time.sleep(0.05)
+    procs[1][0].send_signal(signal.SIGTERM)   # one host is preempted
+  except BaseException:
+    for p, _ in procs:
+      p.kill()
+    raise
+  assert mp.wait(procs, TIMEOUT_S) == [0, 0]
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints' / 'sft'))
+  assert steps and steps[-1] < 6, steps   # stopped mid-SFT, with a checkpoint of the stop step
+  assert not (workdir / 'checkpoints' / 'congrpo').exists()
+  for i in range(2):
+    assert f'sft: stopped by SIGTERM at step {steps[-1]}' in open(tmp / 'logs' / f'pre-{i}.log').read()
+  mp.wait(_launch(tmp, 'resume', workdir, cache, processes=2, devices=2), TIMEOUT_S)
+  _assert_same_run(str(workdir), two_dir)
