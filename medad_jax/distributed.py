@@ -436,10 +436,16 @@ def allgather_objects(obj: Any) -> list:
   from jax.experimental import multihost_utils
   data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
-  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf = np.zeros(bucket(int(sizes.max())), np.uint8)
   buf[:data.size] = data
   everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
   return [json.loads(bytes(everything[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+
+
+def bucket(n: int, smallest: int = 64) -> int:
+  """``n`` rounded up to a power of two (at least ``smallest``): every all-gathered shape compiles one small
+  program, so varying sizes are padded to few shapes."""
+  return max(smallest, 1 << max(0, int(n) - 1).bit_length())
 
 
 def gather_shards(obj: Any, mesh: Mesh | None) -> list:
