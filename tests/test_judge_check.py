@@ -12,7 +12,7 @@ import pytest
 from medad_jax import launch
 from medad_jax.judge import JudgeConfig
 from medad_jax.judge.base import JudgeCheckError
-from medad_jax.judge.fake_server import FakeSGLangServer
+from medad_jax.testing.fake_server import FakeSGLangServer
 from medad_jax.judge.remote import check_server
 from medad_jax.testing.multiprocess import free_port
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from medad_jax import launch
-from medad_jax.judge.fake_server import FakeSGLangServer
+from medad_jax.testing.fake_server import FakeSGLangServer
 from medad_jax.metrics import read_jsonl
 from medad_jax.train import pipeline as pl
 
