@@ -15,6 +15,12 @@ interrupted one continues from its last checkpoint (``kill -9`` included). SIGTE
 with status 0. Re-running it with another config is refused before anything is written, listing the differing
 keys (``medad_jax/rundir.py`` lists the fields that may change on resume; ``--config.resume=allow`` overrides).
 
+Several hosts run this same command (WORKSPACE.md "Multi-host"): each process reads its rows of every global batch,
+process 0 names the run directory and alone writes it (orbax's ``checkpoints/`` excepted), and SIGTERM on any
+host stops every process after the same step. A served judge (``judge.backend=sglang|openai``) is checked before
+any work -- health, served model, one tiny scoring request -- and a failure exits with status 3 and a message
+naming the URL (``--config.judge.check=False`` skips it).
+
 Run directory::
 
     <workdir>/
