@@ -74,6 +74,7 @@ ENV_NUM_PROCESSES = 'MEDAD_NUM_PROCESSES'
 ENV_PROCESS_ID = 'MEDAD_PROCESS_ID'
 ENV_MODE = 'MEDAD_DISTRIBUTED'
 ENV_PORT = 'MEDAD_COORDINATOR_PORT'
+ENV_HEARTBEAT = 'MEDAD_HEARTBEAT_TIMEOUT_S'
 _SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID', 'SLURM_LOCALID')
 # Sampler-layout index keys: values >= 0 are rows of the flattened per-image features of *this batch*; a process's
 # rows must be shifted by the features held by the processes before it (see host_local_to_global).
@@ -91,6 +92,9 @@ class DistributedConfig:
     num_processes / process_id: the process count and this process's id (``0 .. num_processes - 1``).
     local_device_ids: restrict this process to these local accelerators (GPU ids).
     initialization_timeout_s: how long to wait for every process to connect.
+    heartbeat_timeout_s: a process silent this long is declared dead and every process stops (JAX's default
+      100 s; ``MEDAD_HEARTBEAT_TIMEOUT_S`` when unset here). Raise it where hosts can stall longer (e.g. a busy
+      or paused VM).
     cpu_collectives: cross-process collectives on CPU: ``'gloo'`` or ``'mpi'``.
   """
 
@@ -100,6 +104,7 @@ class DistributedConfig:
   process_id: int | None = None
   local_device_ids: tuple[int, ...] | None = None
   initialization_timeout_s: int = 300
+  heartbeat_timeout_s: int | None = None
   cpu_collectives: str = 'gloo'
 
   def __post_init__(self):
@@ -151,6 +156,16 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     raise ValueError(f'environment variable {name}={raw!r}: expected an integer') from None
 
 
+def _timeouts(env: Mapping[str, str], cfg: 'DistributedConfig') -> dict[str, Any]:
+  kw: dict[str, Any] = {'initialization_timeout': cfg.initialization_timeout_s}
+  beat = cfg.heartbeat_timeout_s if cfg.heartbeat_timeout_s is not None else _env_int(env, ENV_HEARTBEAT)
+  if beat is not None:
+    if beat <= 0:
+      raise ValueError(f'heartbeat timeout {beat}: expected a positive number of seconds')
+    kw['heartbeat_timeout_seconds'] = beat
+  return kw
+
+
 def _check_address(addr: str, where: str) -> str:
   host, sep, port = addr.rpartition(':')
   if not sep or not host or not port.isdigit():
@@ -180,7 +195,7 @@ def _slurm_plan(env: Mapping[str, str], cfg: DistributedConfig, address: str | N
   if ntasks is None or ntasks <= 1:
     return None
   nodes = _env_int(env, 'SLURM_STEP_NUM_NODES') or _env_int(env, 'SLURM_NNODES')
-  kw: dict[str, Any] = {'initialization_timeout': cfg.initialization_timeout_s}
+  kw: dict[str, Any] = _timeouts(env, cfg)
   if cfg.local_device_ids is not None:
     kw['local_device_ids'] = list(cfg.local_device_ids)
   if nodes == ntasks and cfg.local_device_ids is None:
@@ -229,7 +244,7 @@ def plan(config: DistributedConfig | Mapping | None = None, env: Mapping[str, st
     address = _check_address(address, where)
   num = cfg.num_processes if cfg.num_processes is not None else _env_int(env, ENV_NUM_PROCESSES)
   pid = cfg.process_id if cfg.process_id is not None else _env_int(env, ENV_PROCESS_ID)
-  base: dict[str, Any] = {'initialization_timeout': cfg.initialization_timeout_s}
+  base: dict[str, Any] = _timeouts(env, cfg)
   if cfg.local_device_ids is not None:
     base['local_device_ids'] = list(cfg.local_device_ids)
 
@@ -282,7 +297,7 @@ def initialize(config: DistributedConfig | Mapping | None = None) -> Plan:
     else:
       # Only the CPU client reads this; harmless on GPU / TPU. gloo is JAX's default, set for clarity.
       jax.config.update('jax_cpu_collectives_implementation', cfg.cpu_collectives)
-      shown = {k: v for k, v in p.kwargs.items() if k != 'initialization_timeout'}
+      shown = {k: v for k, v in p.kwargs.items() if not k.endswith('timeout') and k != 'heartbeat_timeout_seconds'}
       log.info('starting jax.distributed (%s): %s', p.source, shown or 'auto-detected settings')
       try:
         jax.distributed.initialize(**p.kwargs)

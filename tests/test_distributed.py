@@ -34,6 +34,15 @@ def test_env_vars_give_explicit_settings():
                       'cluster_detection_method': 'deactivate', 'initialization_timeout': 300}
 
 
+def test_heartbeat_timeout_from_env_or_config():
+  env = {'MEDAD_COORDINATOR': 'h:1', 'MEDAD_NUM_PROCESSES': '2', 'MEDAD_PROCESS_ID': '1',
+         'MEDAD_HEARTBEAT_TIMEOUT_S': '900'}
+  assert plan(env).kwargs['heartbeat_timeout_seconds'] == 900
+  assert plan(env, config={'heartbeat_timeout_s': 60}).kwargs['heartbeat_timeout_seconds'] == 60
+  with pytest.raises(ValueError, match='heartbeat timeout -1'):
+    plan({**env, 'MEDAD_HEARTBEAT_TIMEOUT_S': '-1'})
+
+
 def test_jax_coordinator_address_is_read_and_config_fields_win_over_env():
   env = {'JAX_COORDINATOR_ADDRESS': 'head:99', 'MEDAD_NUM_PROCESSES': '2', 'MEDAD_PROCESS_ID': '0'}
   assert plan(env).kwargs['coordinator_address'] == 'head:99'

@@ -85,10 +85,19 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('launch_mp')
   cache = tmp / 'cache'
   two_dir, one_dir = tmp / 'two', tmp / 'one'
-  # The dataset and tokenizer are built once by the single process, then both runs share the cache.
+  # The dataset and tokenizer are built here once; then both runs, side by side, share the cache.
+  from configs import common
+  from medad_jax.train import pipeline as pl
+  config = common.load('congrpo', [*TINY, f'data.cache_dir={cache}'])
+  pl.build_tokenizer(config, pl.build_data(config))
   one = _launch(tmp, 'one', one_dir, cache, processes=1, devices=4)
-  mp.wait(one, TIMEOUT_S)
   two = _launch(tmp, 'two', two_dir, cache, processes=2, devices=2)
+  try:
+    mp.wait(one, TIMEOUT_S)
+  except BaseException:
+    for p, _ in two:
+      p.kill()
+    raise
   mp.wait(two, TIMEOUT_S)
   return tmp, cache, str(two_dir), str(one_dir)
 

@@ -152,7 +152,9 @@ def start(argv: list[str], *, processes: int, devices: int, log_dir: str, tag: s
     e.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
              JAX_DEFAULT_MATMUL_PRECISION='highest', PYTHONPATH=root + os.pathsep + e.get('PYTHONPATH', ''))
     if processes > 1:
-      e.update(MEDAD_COORDINATOR=f'127.0.0.1:{port}', MEDAD_NUM_PROCESSES=str(processes), MEDAD_PROCESS_ID=str(i))
+      # a busy CI machine can stall the processes longer than JAX's 100 s heartbeat timeout
+      e.update(MEDAD_COORDINATOR=f'127.0.0.1:{port}', MEDAD_NUM_PROCESSES=str(processes), MEDAD_PROCESS_ID=str(i),
+               MEDAD_HEARTBEAT_TIMEOUT_S='900')
     e.update({k: v.format(i=i) for k, v in (env or {}).items()})
     log_path = os.path.join(log_dir, f'{tag}{i}.log')
     with open(log_path, 'w') as f:
