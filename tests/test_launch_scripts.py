@@ -29,6 +29,12 @@ def printed(proc) -> list[list[str]]:
   return [shlex.split(l[2:]) for l in proc.stdout.splitlines() if l.startswith('+ ')]
 
 
+def per_host(proc) -> list[str]:
+  """The per-host command a multi-host script printed on stderr, split back into an argv list."""
+  (line,) = [l for l in proc.stderr.splitlines() if 'per-host command' in l]
+  return shlex.split(line.split('per-host command', 1)[1].split(': ', 1)[1])
+
+
 @pytest.fixture()
 def recorder(tmp_path):
   """An executable that writes its argv (as JSON) to a file: stands in for python3 / srun / gcloud."""
@@ -56,6 +62,7 @@ def test_tpu_pod_runs_the_same_command_on_every_worker(recorder):
   proc = run('tpu_pod.sh', args, env={'DRY_RUN': '1', 'GCLOUD': str(exe)})
   launch, setup, remote = printed(proc)
   assert launch == ['python3', *LAUNCH, '--config=congrpo:paper', *EXTRA]
+  assert per_host(proc) == launch   # what every worker runs, printed for the researcher
   ssh = [str(exe), 'compute', 'tpus', 'tpu-vm', 'ssh', 'medad-v5e', '--zone=us-west4-a', '--worker=all',
          '--project=proj']
   assert setup[:-1] == ssh and 'pip install -r requirements.txt' in setup[-1]
@@ -72,6 +79,7 @@ def test_slurm_runs_one_task_per_node_under_srun(recorder, tmp_path):
   args = ['--config=congrpo:paper', *EXTRA]
   proc = run('slurm.sh', args, env={'DRY_RUN': '1'})
   assert printed(proc) == [['srun', '--ntasks-per-node=1', '--kill-on-bad-exit=1', 'python3', *LAUNCH, *args]]
+  assert per_host(proc) == ['python3', *LAUNCH, *args]
   (tmp_path / 'srun').symlink_to(exe)
   env = {'PATH': f'{tmp_path}:{os.environ["PATH"]}', 'SLURM_JOB_ID': '42', 'SLURM_JOB_NUM_NODES': '2'}
   run('slurm.sh', args, env=env)
