@@ -10,6 +10,7 @@ import pytest
 from medad_jax import launch
 from medad_jax.testing.fake_server import FakeSGLangServer
 from medad_jax.metrics import read_jsonl
+from medad_jax.testing.audit import well_formed
 from medad_jax.train import pipeline as pl
 
 TOL = 1e-5
@@ -17,19 +18,6 @@ TOL = 1e-5
 TINY = ['model.preset=tiny', 'data.synth_images=20', 'data.image_size=56', 'data.read_threads=1',
         'rl.prompts_per_step=2', 'rl.group_size=2', 'rl.max_steps=2', 'sampling.max_new_tokens=8',
         'eval.enabled=False', 'ckpt.async_save=False', 'mesh.devices=1', 'log.tensorboard=False']
-
-
-def _well_formed(real):
-  """The untrained model writes no think/answer tags, so no rollout would reach the judge: each completion's
-  decoded text is wrapped into a deterministic well-formed one (the tokens, which the update trains on, are
-  untouched), concluding the option its first character picks."""
-  def decode(tokenizer, tokens_BN, lengths_B):
-    out = []
-    for text in real(tokenizer, tokens_BN, lengths_B):
-      letter = 'ABCD'[sum(map(ord, text)) % 4]
-      out.append(f'<think>{text!r} so the answer is ({letter}).</think><answer>{letter}</answer>')
-    return out
-  return decode
 
 
 def _run(tmp_path, cache, server, name, overlap):
@@ -41,7 +29,8 @@ def _run(tmp_path, cache, server, name, overlap):
 
 
 def test_overlapped_reference_pass_equals_the_sequential_loop(tmp_path, monkeypatch):
-  monkeypatch.setattr(pl, 'decode_completions', _well_formed(pl.decode_completions))
+  # the untrained model's rollouts made well formed, so that they earn rewards and reach the judge
+  monkeypatch.setattr(pl, 'decode_completions', well_formed(pl.decode_completions))
   cache = str(tmp_path / 'cache')
   with FakeSGLangServer(delay_s=1.0) as server:   # every judge request takes a second
     seq = _run(tmp_path, cache, server, 'sequential', False)

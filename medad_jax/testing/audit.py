@@ -12,6 +12,9 @@ With ``MEDAD_AUDIT_LOG=<path>`` set, every event becomes one JSON line of ``<pat
   tensorstore's checkpoint shards are not seen, which is fine for files outside ``checkpoints/``);
 * ``{"event": "read", "stage": ..., "id": ...}`` -- a record read through ``distributed.process_dataset`` (the
   ``preprocess`` of every stage's input pipeline is wrapped).
+
+With ``MEDAD_AUDIT_WELL_FORMED=1`` the completions are also decoded through :func:`well_formed`, so an untrained
+model's rollouts carry rewards (and reach the judge).
 """
 
 from __future__ import annotations
@@ -87,6 +90,22 @@ def install() -> None:
     return real(source, name=name, preprocess=recording, **kw)
 
   distributed.process_dataset = spied
+  if os.environ.get('MEDAD_AUDIT_WELL_FORMED') == '1':
+    from medad_jax.train import pipeline
+    pipeline.decode_completions = well_formed(pipeline.decode_completions)
+
+
+def well_formed(real):
+  """Wraps ``pipeline.decode_completions``: an untrained model writes no think/answer tags, so no rollout would
+  earn a reward or reach the judge; each completion's decoded text becomes a deterministic well-formed one (the
+  tokens, which the update trains on, are untouched) concluding the option its characters pick."""
+  def decode(tokenizer, tokens_BN, lengths_B):
+    out = []
+    for text in real(tokenizer, tokens_BN, lengths_B):
+      letter = 'ABCD'[sum(map(ord, text)) % 4]
+      out.append(f'<think>{text!r} so the answer is ({letter}).</think><answer>{letter}</answer>')
+    return out
+  return decode
 
 
 def read(log_path: str) -> list[dict]:
