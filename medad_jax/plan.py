@@ -14,11 +14,11 @@ Axis legend:
 
 What is counted, per device (every term is a small pure function below)
 -----------------------------------------------------------------------
-State (resident for the whole run): frozen parameters in ``param_dtype``, trainable ones in fp32 (LoRA adapters)
-or ``param_dtype`` (every parameter, full fine-tuning), sharded by ``medad_jax.sharding.PARAM_RULES`` as the
-trainer places them (the parameter list is enumerated from the architecture: :func:`param_shapes`, checked
-against the real module tree in the tests); AdamW's two moments of the trainable parameters (optax keeps them in
-the parameters' dtype); the reference copy of the trainable parameters for full-fine-tuning Con-GRPO.
+State (resident for the whole run): frozen parameters and trainable ones (LoRA adapters, or every parameter for
+full fine-tuning) in ``param_dtype``, sharded by ``medad_jax.sharding.PARAM_RULES`` exactly as the trainer places
+them (the parameter list is enumerated from the architecture: :func:`param_shapes`, checked against the real
+module tree in the tests); AdamW's two moments of the trainable parameters (optax keeps them in the parameters'
+dtype: fp32 here); the reference copy of the trainable parameters for full-fine-tuning Con-GRPO.
 
 Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of the backward pass):
 
@@ -87,17 +87,22 @@ log = logging.getLogger(__name__)
 
 GiB = 2.0**30
 
-# Saved tensors per decoder layer and token row, in units of the widths (see the module docstring).
+# Saved tensors per decoder layer and token row without remat, in units of the widths (see the module docstring).
 SAVED_D = 6
 SAVED_F = 7
 SAVED_KV = 2
 SAVED_PROBS = 2          # rows attending their own keys (SFT sequences, prompts)
-SAVED_PROBS_CACHED = 3   # completion rows attending the repeated prompt cache
+SAVED_PROBS_PREFIX = 3   # completion rows attending the shared prompt prefix + their own keys
+# What XLA:CPU keeps per decoder layer under Qwen25VLConfig.remat, as a fraction of the no-remat set: measured as
+# the temp-byte difference between the compiled update with L+1 and L decoder layers (``--measure-layer``).
+REMAT_KEPT = {'none': 1.0, 'full': 1.0, 'dots': 1.0}
+# fp32 [chunk, V] buffers of the chunked LM head alive at once (measured the same way, varying the chunk).
+LOGITS_CHUNK_BUFFERS = 3
 # Decode-step [B, V] fp32 buffers of the sampler (logits, log-softmax, CDF).
 DECODE_VOCAB_BUFFERS = 3
-# XLA's [N, L, L] attention buffers alive at once in the vision tower (model/vision.py, measured on CPU).
-VISION_ATTN_BUFFERS = 3
 
+REMAT = ('none', 'full', 'dots')
+FIT_REMAT_ORDER = ('none', 'dots', 'full')
 
 # ------------------------------------------------------------------------------------------- inputs
 
@@ -181,7 +186,10 @@ class Workload:
   needs_reference: bool = True
   inner_iterations: int = 1    # mu
   dtype: str = 'bfloat16'      # compute
-  param_dtype: str = 'float32'
+  param_dtype: str = 'float32'  # the frozen base (LoRA adapters and their AdamW moments are float32 always)
+  remat: str = 'none'          # 'none' | 'full' | 'dots' (Qwen25VLConfig.remat: per decoder layer / vision block)
+  logits_chunk: int = 1024     # positions whose LM-head logits exist at once (rl/update.py chunked_token_logprobs)
+  target_len: int = 0          # SFT: answer tokens scored per example (0: half the sequence, as sft_batch's default)
 
   def __post_init__(self):
     if self.stage not in ('congrpo', 'sft'):
@@ -190,6 +198,8 @@ class Workload:
       raise ValueError(f'Workload.trainable={self.trainable!r}: expected "lora" or "all"')
     if self.prompts % self.num_microbatches:
       raise ValueError(f'Workload: num_microbatches={self.num_microbatches} does not divide prompts={self.prompts}')
+    if self.remat not in REMAT:
+      raise ValueError(f'Workload.remat={self.remat!r}: expected one of {REMAT}')
 
   @property
   def rollouts(self) -> int:
@@ -301,36 +311,32 @@ def count_params(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> ParamCoun
 
 def decoder_row_bytes(t: TextConfig, *, act_bytes: int, lora_widths: Sequence[int], own_keys: bool,
                       tp: int = 1) -> float:
-  """Bytes one decoder layer saves per token row (without the attention probabilities):
+  """Bytes one decoder layer saves per token row without remat (without the attention probabilities):
   ``(6 D + 7 F + sum(R) + 2 K*H (own_keys)) / tp`` in the compute dtype."""
   kv = SAVED_KV * t.num_kv_heads * t.head_dim if own_keys else 0
   return act_bytes * (SAVED_D * t.hidden_size + SAVED_F * t.intermediate_size + sum(lora_widths) + kv) / tp
 
 
-def attention_probs_bytes(t: TextConfig, rows: int, keys: int, tp: int = 1, *, cached: bool = False) -> float:
+def attention_probs_bytes(t: TextConfig, rows: float, keys: int, tp: int = 1, *, prefix: bool = False) -> float:
   """fp32 attention probabilities one layer saves: ``c * rows * Nq/tp * keys * 4`` with ``c`` = 2 for rows that
-  attend their own keys and 3 for completion rows over the repeated cache."""
-  return (SAVED_PROBS_CACHED if cached else SAVED_PROBS) * rows * (t.num_heads / tp) * keys * 4
+  attend their own keys and 3 for completion rows over the shared prompt prefix + their own keys."""
+  return (SAVED_PROBS_PREFIX if prefix else SAVED_PROBS) * rows * (t.num_heads / tp) * keys * 4
 
 
-def repeated_cache_bytes(t: TextConfig, rows: int, keys: int, act_bytes: int, tp: int = 1) -> float:
-  """The prompt cache repeated to the completion rows, as one completion layer reads (and saves) it: k and v."""
-  return 2 * rows * keys * t.num_kv_heads * t.head_dim / tp * act_bytes
+def logits_chunk_bytes(rows: float, chunk: int, vocab: int, tp: int = 1) -> float:
+  """The LM head's working set: ``c * min(chunk, rows) * V * 4`` (fp32 logits of one chunk, their softmax and
+  gradient; ``rl/update.py`` ``chunked_token_logprobs`` recomputes a chunk in the backward)."""
+  return LOGITS_CHUNK_BUFFERS * min(chunk, max(rows, 1)) * vocab / tp * 4
 
 
-def logits_bytes(rows: int, vocab: int, tp: int = 1) -> float:
-  """fp32 logits of ``rows`` scored positions and their gradient."""
-  return 2 * rows * vocab / tp * 4
-
-
-def vision_transient_bytes(v: VisionConfig, images: int, patches: int, *, packed: bool = False) -> float:
-  """The vision tower's peak working set: XLA's fp32 ``[N, L, L]`` attention logits, about three alive at once
-  (``model/vision.py``). Vmapped per image (the sampler's and the Con-GRPO update's layout) ``L`` is one image's
-  patches; packed (the SFT batches' ``pixel_values_LC``: every image of the batch in one call with a
-  block-diagonal mask) ``L`` is all of them, so the term grows with the square of the batch."""
-  if packed:
-    return VISION_ATTN_BUFFERS * v.num_heads * (images * patches)**2 * 4
-  return VISION_ATTN_BUFFERS * images * v.num_heads * patches**2 * 4
+def vision_transient_bytes(v: VisionConfig, images: float, patches: int) -> float:
+  """The frozen vision tower's forward working set, vmapped per image (``model/vision.py``): per image two fp32
+  ``[Nq_v, 4*Wl, Lp]`` logits of a query-chunked full-attention block, two ``[Lp, F_v]`` and four ``[Lp, D_v]``
+  fp32 buffers (0.077 GiB for a 448-px 3B image; ``model/vision.py`` measured 0.076 GiB)."""
+  wl = (v.window_size // v.patch_size)**2
+  per_image = 4 * (2 * v.num_heads * min(4 * wl, patches) * patches + 2 * patches * v.intermediate_size
+                   + 4 * patches * v.hidden_size)
+  return images * per_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,18 +344,19 @@ class Activations:
   """Per-device bytes of the update step's saved activations (one microbatch)."""
 
   prompt: float          # rows that hold their own keys: SFT sequences, or the P prompts of Con-GRPO
-  completion: float      # the B completion rows (Con-GRPO)
-  cache: float           # the repeated prompt cache saved by the completion layers
+  completion: float      # the B completion rows (Con-GRPO), reading the prompt's keys/values as a shared prefix
   probs: float           # fp32 attention probabilities
-  remat: bool
+  remat: str
 
   @property
   def total(self) -> float:
-    return self.prompt + self.completion + self.cache + self.probs
+    return self.prompt + self.completion + self.probs
 
 
-def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = False) -> Activations:
-  """Saved decoder activations of one (micro)batch on one device, without or with per-layer remat."""
+def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, remat: str | None = None) -> Activations:
+  """Saved decoder activations of one (micro)batch on one device under ``remat`` (default ``w.remat``): the
+  no-remat set, scaled by :data:`REMAT_KEPT` (what XLA:CPU keeps under ``'full'`` / ``'dots'``, measured)."""
+  remat = w.remat if remat is None else remat
   t = cfg.text
   ab, tp, L = dtype_bytes(w.dtype), mesh.tensor, t.num_layers
   P = w.prompts / mesh.dp / w.num_microbatches
@@ -363,16 +370,10 @@ def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, rem
   else:
     rows_p, keys_p, rows_c, keys_c = P * T, T, B * N, T + N
   probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp)
-                 + attention_probs_bytes(t, rows_c, keys_c, tp, cached=True))
-  cache_layer = repeated_cache_bytes(t, B, T + N, ab, tp) if rows_c else 0.0
-  if not remat:
-    return Activations(prompt=L * rows_p * prompt_row, completion=L * rows_c * comp_row, cache=L * cache_layer,
-                       probs=L * probs_layer, remat=False)
-  # Per-layer checkpointing: every layer keeps its inputs (the residual stream, and the repeated cache a completion
-  # layer reads); the layer being recomputed holds its full set once.
-  inputs = L * ((rows_p + rows_c) * t.hidden_size * ab + cache_layer)
-  one_layer = rows_p * prompt_row + rows_c * comp_row + probs_layer
-  return Activations(prompt=inputs, completion=one_layer, cache=0.0, probs=0.0, remat=True)
+                 + attention_probs_bytes(t, rows_c, keys_c, tp, prefix=True))
+  f = REMAT_KEPT[remat]
+  return Activations(prompt=f * L * rows_p * prompt_row, completion=f * L * rows_c * comp_row,
+                     probs=f * L * probs_layer, remat=remat)
 
 
 def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
@@ -385,9 +386,12 @@ def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) ->
 
 
 def scored_rows(w: Workload, mesh: MeshShape) -> float:
-  """Positions whose logits the update computes, per device and microbatch."""
+  """Positions whose LM-head log-prob the update computes, per device and microbatch (SFT: the target tokens
+  only, ``target_len`` per example; Con-GRPO: every completion position)."""
   P = w.prompts / mesh.dp / w.num_microbatches
-  return P * (w.prompt_len - 1) if w.stage == 'sft' else P * w.group_size * w.completion_len
+  if w.stage == 'sft':
+    return P * (w.target_len or w.prompt_len // 2)
+  return P * w.group_size * w.completion_len
 
 
 def rollout_cache_bytes(t: TextConfig, prompts: float, group: int, prompt_len: int, new_tokens: int,
@@ -478,7 +482,7 @@ class Plan:
   cfg: Qwen25VLConfig
   workload: Workload
   mesh: MeshShape
-  remat: bool
+  remat: str
   terms: tuple[Term, ...]
   activations_no_remat: float
   activations_remat: float
@@ -494,77 +498,76 @@ class Plan:
     return max(self.total('update'), self.total('rollout'), self.total('vision'))
 
 
-def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: bool = False) -> Plan:
-  """Every memory term (bytes per device) and the step FLOPs for ``w`` on ``mesh``."""
+def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None = None) -> Plan:
+  """Every memory term (bytes per device) and the step FLOPs for ``w`` on ``mesh`` (``remat`` overrides
+  ``w.remat``)."""
+  if remat is not None:
+    w = dataclasses.replace(w, remat=remat)
   t = cfg.text
   pb, ab, tp = dtype_bytes(w.param_dtype), dtype_bytes(w.dtype), mesh.tensor
+  # LoRA adapters are float32 whatever the base (model/layers.py LORA_DTYPE); full fine-tuning keeps param_dtype.
+  tb = 4 if w.trainable == 'lora' else pb
   pc = count_params(cfg, w, mesh)
-  # LoRA adapters are float32 whatever param_dtype is (model/layers.py LORA_DTYPE); so are their grads and moments.
-  trb, tr_dtype = (4, 'float32') if w.trainable == 'lora' else (pb, w.param_dtype)
-  acts = update_activations(cfg, w, mesh, remat=remat)
-  acts_other = update_activations(cfg, w, mesh, remat=not remat)
+  acts = update_activations(cfg, w, mesh)
   P_dev = w.prompts / mesh.dp
   terms = [
       Term('parameters, frozen', pc.frozen_device * pb, 'state', f'{pc.frozen / 1e6:,.1f}M in {w.param_dtype}'),
       Term('parameters, trainable' + (' (LoRA adapters)' if w.trainable == 'lora' else ''),
-           pc.trainable_device * trb, 'state', f'{pc.trainable / 1e6:,.2f}M in {tr_dtype}'),
-      Term('AdamW moments (mu, nu)', 2 * pc.trainable_device * trb, 'state', 'optax keeps them in the params dtype'),
+           pc.trainable_device * tb, 'state', f'{pc.trainable / 1e6:,.2f}M in '
+           f'{"float32" if w.trainable == "lora" else w.param_dtype}'),
+      Term('AdamW moments (mu, nu)', 2 * pc.trainable_device * tb, 'state', 'in the trainable parameters\' dtype'),
   ]
   if w.stage == 'congrpo' and w.trainable == 'all' and w.needs_reference:
     terms.append(Term('reference copy of the parameters', pc.trainable_device * pb, 'state', 'full fine-tuning'))
   terms += [
-      Term('gradients', pc.trainable_device * trb, 'update'),
-      Term('AdamW moment copies (XLA, skip-step select)', 2 * pc.trainable_device * trb, 'update'),
+      Term('gradients', pc.trainable_device * tb, 'update'),
+      Term('AdamW moment copies (XLA, skip-step select)', 2 * pc.trainable_device * tb, 'update'),
   ]
+  if w.num_microbatches > 1:
+    terms.append(Term('gradient accumulator (microbatch scan)', pc.trainable_device * tb, 'update'))
   if mesh.fsdp > 1:
     terms.append(Term('fsdp: gathered weights kept for the backward', gathered_weights_bytes(cfg, w, mesh),
                       'update', 'upper bound: every decoder matrix + embedding, compute dtype'))
   elif w.param_dtype != w.dtype:
     terms.append(Term('weight cast to the compute dtype (1 layer)', pc.decoder_layer_matrices / tp * ab, 'update'))
-  mb = f', microbatch 1/{w.num_microbatches}' if w.num_microbatches > 1 else ''
-  if acts.remat:
-    terms += [Term('activations: layer inputs (remat)', acts.prompt, 'update', 'analytic only' + mb),
-              Term('activations: one layer recomputed (remat)', acts.completion, 'update', 'analytic only' + mb)]
-  else:
-    terms.append(Term('activations: prompt rows' if w.stage == 'congrpo' else 'activations: sequence rows',
-                      acts.prompt, 'update', mb.lstrip(', ')))
-    if w.stage == 'congrpo':
-      terms += [Term('activations: completion rows', acts.completion, 'update'),
-                Term('activations: repeated prompt cache', acts.cache, 'update')]
-    terms.append(Term('activations: attention probabilities (fp32)', acts.probs, 'update'))
-  terms.append(Term('logits + their gradient (fp32)', logits_bytes(scored_rows(w, mesh), t.vocab_size, tp), 'update',
-                    f'{scored_rows(w, mesh):,.0f} positions x V={t.vocab_size:,}'))
-  if w.num_microbatches > 1:
-    terms.append(Term('prompt embeddings for all microbatches', P_dev * w.prompt_len * t.hidden_size * ab, 'update'))
+  mb = f'microbatch 1/{w.num_microbatches}, ' if w.num_microbatches > 1 else ''
+  kept = f'remat={w.remat}: x{REMAT_KEPT[w.remat]:.2f} of the no-remat set (measured)'
+  terms.append(Term('activations: prompt rows' if w.stage == 'congrpo' else 'activations: sequence rows',
+                    acts.prompt, 'update', mb + kept))
+  if w.stage == 'congrpo':
+    terms.append(Term('activations: completion rows (shared prompt prefix)', acts.completion, 'update'))
+  terms.append(Term('activations: attention probabilities (fp32)', acts.probs, 'update'))
+  rows = scored_rows(w, mesh)
+  terms.append(Term('LM head: one chunk of fp32 logits', logits_chunk_bytes(rows, w.logits_chunk, t.vocab_size, tp),
+                    'update', f'{min(w.logits_chunk, rows):,.0f} of {rows:,.0f} positions x V={t.vocab_size:,}'))
   if w.stage == 'congrpo':
     grouped = rollout_cache_bytes(t, P_dev, w.group_size, w.prompt_len, w.completion_len, ab, tp=tp)
-    naive = rollout_cache_bytes(t, P_dev, w.group_size, w.prompt_len, w.completion_len, ab, grouped=False, tp=tp)
     B_dev = P_dev * w.group_size
     terms += [
-        Term('rollout KV cache (group layout)', grouped, 'rollout', f'naive repeated layout: {naive / GiB:.2f} GiB'),
+        Term('rollout KV cache (group layout)', grouped, 'rollout', 'the prompt once, shared by its G samples'),
         Term('rollout decode buffers [B, V] fp32', DECODE_VOCAB_BUFFERS * B_dev * t.vocab_size / tp * 4, 'rollout'),
         Term('rollout prefill (one layer + fp32 probabilities)',
              P_dev * w.prompt_len * decoder_row_bytes(t, act_bytes=ab, lora_widths=(), own_keys=True, tp=tp)
              + attention_probs_bytes(t, P_dev * w.prompt_len, w.prompt_len, tp), 'rollout'),
     ]
   if w.image_patches:
-    # Transient and before the decoder runs: it competes with the update's peak instead of adding to it. Every
-    # image of the device's batch goes through the tower at once (microbatching embeds all prompts up front).
-    images, packed = math.ceil(P_dev), w.stage == 'sft'
-    terms.append(Term('vision tower transient (peak before the decoder)',
-                      vision_transient_bytes(cfg.vision, images, w.image_patches, packed=packed), 'vision',
-                      f'{images} image(s) of {w.image_patches} patches, '
-                      f'{"packed in one call (SFT batches)" if packed else "vmapped per image"}'))
-  return Plan(cfg=cfg, workload=w, mesh=mesh, remat=remat, terms=tuple(terms),
-              activations_no_remat=(acts_other if remat else acts).total,
-              activations_remat=(acts if remat else acts_other).total, flops=step_flops(cfg, w), params=pc)
+    # Frozen and under stop_gradient: its forward runs before the decoder (per microbatch) and keeps nothing, so
+    # it competes with the update's peak instead of adding to it.
+    images = P_dev / w.num_microbatches
+    terms.append(Term('vision tower transient (before the decoder)',
+                      vision_transient_bytes(cfg.vision, images, w.image_patches), 'vision',
+                      f'{images:g} image(s) of {w.image_patches} patches, vmapped per image'))
+  return Plan(cfg=cfg, workload=w, mesh=mesh, remat=w.remat, terms=tuple(terms),
+              activations_no_remat=update_activations(cfg, w, mesh, 'none').total,
+              activations_remat=update_activations(cfg, w, mesh, 'full').total, flops=step_flops(cfg, w), params=pc)
 
 
 def xla_predicted(p: Plan, batch_bytes: float) -> dict[str, float]:
   """What ``compiled.memory_analysis()`` should report for the update step on one device: ``argument`` (state +
-  batch), ``output`` (the new state) and ``temp`` (the update phase's transient terms)."""
+  batch), ``output`` (the new state) and ``temp`` (the larger of the update phase's transient terms and the vision
+  tower's forward, which runs first and keeps nothing)."""
   state = sum(t.bytes for t in p.terms if t.phase == 'state')
-  temp = sum(t.bytes for t in p.terms if t.phase == 'update')
+  temp = max(sum(t.bytes for t in p.terms if t.phase == 'update'), sum(t.bytes for t in p.terms if t.phase == 'vision'))
   return {'argument': state + batch_bytes, 'output': state, 'temp': temp}
 
 
@@ -580,7 +583,7 @@ def format_plan(p: Plan, device: Device | None = None) -> str:
   lines = [f'plan: {w.stage}, {w.trainable} ({"rank " + str(w.lora_rank) if w.trainable == "lora" else "all"}), '
            f'P={w.prompts} G={w.group_size} (B={w.rollouts}), T={w.prompt_len} N={w.completion_len} '
            f'image patches={w.image_patches}, dtype={w.dtype} params={w.param_dtype}, microbatches='
-           f'{w.num_microbatches}, mesh {m} ({m.devices} devices){", remat" if p.remat else ""}']
+           f'{w.num_microbatches}, mesh {m} ({m.devices} devices), remat={p.remat}, logits chunk {w.logits_chunk}']
   width = max(len(t.name) for t in p.terms) + 2
   for phase, title in (('state', 'resident state'), ('update', 'update step (jitted SFT / Con-GRPO update)'),
                        ('vision', 'vision tower'), ('rollout', 'rollout (compiled sampler)')):
@@ -593,8 +596,8 @@ def format_plan(p: Plan, device: Device | None = None) -> str:
   lines.append(f'  {"state + update step":<{width}}{_gib(p.total("update"))}')
   if w.stage == 'congrpo':
     lines.append(f'  {"state + rollout":<{width}}{_gib(p.total("rollout"))}')
-  lines.append(f'  {"activations without / with remat":<{width}}{_gib(p.activations_no_remat)} / '
-               f'{p.activations_remat / GiB:.2f} GiB (remat: analytic only)')
+  lines.append(f'  {"activations without / with remat=full":<{width}}{_gib(p.activations_no_remat)} / '
+               f'{p.activations_remat / GiB:.2f} GiB (what XLA:CPU keeps, measured: --measure-layer)')
   f = p.flops
   lines.append('-- FLOPs per optimizer step (whole mesh)')
   lines.append(f'  rollout {f.rollout:.3e}   update {f.update:.3e} (forward {f.update_forward:.3e}, backward '
@@ -626,23 +629,24 @@ def mesh_shapes(devices: int, kv_heads: int) -> list[MeshShape]:
 class Fit:
   mesh: MeshShape
   num_microbatches: int
-  remat: bool
+  remat: str
   peak: float
 
 
 def fit_search(cfg: Qwen25VLConfig, w: Workload, meshes: Sequence[MeshShape]) -> list[Fit]:
   """Peak bytes for every mesh, every microbatch count that splits each device's prompts into whole groups, and
-  remat off / on; ordered by (remat, microbatches, peak), so the first one that fits is the smallest change."""
+  every remat mode; ordered by (remat none < dots < full, microbatches, peak), so the first one that fits is the
+  smallest change (remat costs a recomputed forward; dots recomputes less than full)."""
   out = []
   for mesh in meshes:
     if w.prompts % mesh.dp:
       continue
     per_dev = w.prompts // mesh.dp
-    for remat in (False, True):
+    for remat in FIT_REMAT_ORDER:
       for k in [k for k in range(1, per_dev + 1) if per_dev % k == 0]:
         p = plan(cfg, dataclasses.replace(w, num_microbatches=k), mesh, remat=remat)
         out.append(Fit(mesh, k, remat, p.peak))
-  return sorted(out, key=lambda f: (f.remat, f.num_microbatches, f.peak))
+  return sorted(out, key=lambda f: (FIT_REMAT_ORDER.index(f.remat), f.num_microbatches, f.peak))
 
 
 def format_fit(fits: Sequence[Fit], device: Device, stage: str, headroom: float = 0.9) -> str:
@@ -651,7 +655,7 @@ def format_fit(fits: Sequence[Fit], device: Device, stage: str, headroom: float 
   lines = [f'-- fit search on {device.name} (budget {headroom:.0%} of {device.hbm_bytes / GiB:.0f} GiB): '
            f'{len(ok)} of {len(fits)} settings fit']
   for f in (ok or sorted(fits, key=lambda f: f.peak))[:6]:
-    lines.append(f'  mesh {str(f.mesh):<26} microbatches={f.num_microbatches:<3} remat={"yes" if f.remat else "no":<3} '
+    lines.append(f'  mesh {str(f.mesh):<26} microbatches={f.num_microbatches:<3} remat={f.remat:<4} '
                  f'peak {f.peak / GiB:8.2f} GiB{"" if f.peak <= budget else "  (does not fit)"}')
   if ok:
     f = ok[0]
@@ -659,7 +663,7 @@ def format_fit(fits: Sequence[Fit], device: Device, stage: str, headroom: float 
     m = f.mesh
     lines.append(f'  smallest change that fits: --config.mesh.data={m.data} --config.mesh.fsdp={m.fsdp} '
                  f'--config.mesh.tensor={m.tensor} --config.{key}.num_microbatches={f.num_microbatches}'
-                 f'{" + per-layer remat (not in the model yet)" if f.remat else ""}')
+                 f' --config.model.remat={f.remat}')
   else:
     lines.append('  nothing fits: more devices, shorter completions, bf16 parameters or a memory-lean attention / '
                  'log-prob path are needed')
@@ -691,19 +695,20 @@ def workload_from_config(config, *, prompt_len: int | None = None, text_tokens: 
   prompt = prompt_len or image_tokens(patches, cfg.vision) + 2 + text_tokens
   lora = config.get('lora')
   common = dict(lora_rank=lora.rank if lora else 0, lora_pattern=lora.pattern if lora else '',
-                dtype=mc.dtype, param_dtype=mc.param_dtype, image_patches=patches)
+                dtype=mc.dtype, param_dtype=mc.param_dtype, image_patches=patches, remat=mc.get('remat', 'none'))
   if config.stage == 'congrpo' and config.rl.enabled:
     rl = config.rl
     n = completion_len or config.sampling.max_new_tokens
     w = Workload(stage='congrpo', prompts=rl.prompts_per_step, group_size=rl.group_size, prompt_len=prompt,
                  completion_len=n, trainable=rl.trainable, num_microbatches=rl.num_microbatches,
                  needs_reference=rl.beta > 0 or rl.ratio_to == 'sft', inner_iterations=rl.inner_iterations,
-                 **common)
+                 logits_chunk=rl.get('logits_chunk', 1024), **common)
   else:
     s = config.sft
     w = Workload(stage='sft', prompts=s.batch_size, group_size=1, prompt_len=prompt + config.data.max_target_len
                  if prompt_len is None else prompt, completion_len=0, trainable=s.trainable,
-                 num_microbatches=s.num_microbatches, **common)
+                 num_microbatches=s.num_microbatches, logits_chunk=s.get('logits_chunk', 1024),
+                 target_len=config.data.max_target_len if prompt_len is None else 0, **common)
   return cfg, w
 
 
@@ -718,16 +723,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument('--mesh', default='data=1,fsdp=1,tensor=1', help='data=N,fsdp=N,tensor=N (one may be -1)')
   p.add_argument('--devices', type=int, default=None, help='device count (needed for a -1 mesh axis)')
   p.add_argument('--device', choices=sorted(DEVICES), default=None, help='device to give a verdict for')
-  p.add_argument('--remat', action='store_true', help='plan with per-layer rematerialisation (analytic only)')
+  p.add_argument('--remat', choices=REMAT, default=None, help='override model.remat (none | full | dots)')
   p.add_argument('--prompt-len', type=int, default=None, help='T (default: image tokens + 2 + --text-tokens)')
   p.add_argument('--text-tokens', type=int, default=128, help='text tokens per prompt besides the image')
   p.add_argument('--completion-len', type=int, default=None, help='N (default: sampling.max_new_tokens)')
   p.add_argument('--fit', action='store_true',
-                 help='with --device: try microbatch counts and remat on --mesh, report the smallest change that fits')
+                 help='with --device: try microbatch counts and remat modes on --mesh, report the smallest change '
+                 'that fits')
   p.add_argument('--fit-meshes', action='store_true',
                  help='with --fit: also try every (data, fsdp, tensor) factorisation of the device count')
   p.add_argument('--check-xla', action='store_true',
-                 help='also compile the step on CPU (fp32, 1 device) and compare with XLA memory analysis')
+                 help='also compile the step on CPU (abstract weights, --mesh) and compare with XLA memory analysis')
+  p.add_argument('--measure-layer', action='store_true',
+                 help='compile the step with L and L+1 decoder layers: what XLA keeps per layer vs the plan')
   return p.parse_args(argv)
 
 
@@ -739,7 +747,9 @@ def main(argv: list[str]) -> int:
   mesh = parse_mesh(args.mesh, args.devices)
   cfg, w = workload_from_config(config, prompt_len=args.prompt_len, text_tokens=args.text_tokens,
                                 completion_len=args.completion_len)
-  p = plan(cfg, w, mesh, remat=args.remat)
+  if args.remat:
+    w = dataclasses.replace(w, remat=args.remat)
+  p = plan(cfg, w, mesh)
   sys.stdout.write(f'config {args.config} {" ".join(args.set)}\n')
   sys.stdout.write(format_plan(p, DEVICES[args.device] if args.device else None) + '\n')
   if args.fit:
@@ -748,8 +758,13 @@ def main(argv: list[str]) -> int:
     meshes = mesh_shapes(mesh.devices, cfg.text.num_kv_heads) if args.fit_meshes else [mesh]
     sys.stdout.write(format_fit(fit_search(cfg, w, meshes), DEVICES[args.device], w.stage) + '\n')
   if args.check_xla:
-    rows = check_against_xla(cfg, dataclasses.replace(w, dtype='float32', param_dtype='float32'))
+    rows = check_against_xla(cfg, w, mesh)
     sys.stdout.write(format_xla_check(rows) + '\n')
+  if args.measure_layer:
+    m = measure_layer(cfg, w, mesh)
+    sys.stdout.write(f'-- one decoder layer, remat={w.remat}: XLA keeps {m["xla"] / 2**20:.3f} MiB, planned '
+                     f'{m["planned"] / 2**20:.3f} MiB ({100 * (m["planned"] - m["xla"]) / m["xla"]:+.1f}%); '
+                     f'without remat planned {m["no_remat_planned"] / 2**20:.3f} MiB\n')
   return 0
 
 
@@ -758,51 +773,96 @@ def main(argv: list[str]) -> int:
 
 def check_against_xla(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape = MeshShape(), *, seed: int = 0
                       ) -> dict[str, tuple[float, float]]:
-  """Compiles the real step for ``w`` on ``mesh`` (CPU devices) -> ``{quantity: (planned, XLA)}`` for the per-device
-  argument, output and temp bytes of ``compiled.memory_analysis()``. Use small configs: this builds the model."""
+  """Compiles the real step for ``w`` on ``mesh`` (CPU devices, abstract weights: :func:`compiled_memory`) ->
+  ``{quantity: (planned, XLA)}`` for the per-device argument, output and temp bytes of ``memory_analysis()``."""
+  cfg = cfg.replace(dtype=w.dtype, param_dtype=w.param_dtype)
+  m = compiled_memory(cfg, w, mesh, seed=seed)
+  pred = xla_predicted(plan(cfg, w, mesh), m['batch'])
+  # Scalars of the state (step, rng, optimizer count) and the metrics are a few bytes: not modelled.
+  return {'argument': (pred['argument'], m['argument']), 'output': (pred['output'], m['output']),
+          'temp': (pred['temp'], m['temp'])}
+
+
+def measure_layer(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape = MeshShape()) -> dict[str, float]:
+  """What XLA keeps per decoder layer: the compiled update's temp bytes with ``L + 1`` minus with ``L`` layers
+  (everything else equal) -> ``{'xla': bytes, 'planned': bytes, 'no_remat_planned': bytes}`` per layer. This is
+  how :data:`REMAT_KEPT` and the ``SAVED_*`` widths were measured (``--measure-layer``)."""
+  L = cfg.text.num_layers
+  temps = []
+  for n in (L, L + 1):
+    c = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=n))
+    temps.append(compiled_memory(c, w, mesh)['temp'])
+  one = cfg.replace(text=dataclasses.replace(cfg.text, num_layers=1))
+  return {'xla': temps[1] - temps[0], 'planned': update_activations(one, w, mesh).total,
+          'no_remat_planned': update_activations(one, w, mesh, 'none').total}
+
+
+def compiled_memory(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape = MeshShape(), *, seed: int = 0) -> dict:
+  """Lowers and compiles the real SFT step / Con-GRPO update for ``w`` on ``mesh`` (CPU devices) with *abstract*
+  weights (``nnx.eval_shape``: nothing of the model is allocated) -> XLA's ``memory_analysis()`` per device:
+  ``{'argument', 'output', 'alias', 'temp', 'total', 'batch', 'compile_s'}`` in bytes (``total`` = argument +
+  output - alias + temp: what XLA allocates for the program). Any dtype, any size (the paper's 3B included)."""
+  import time
   import jax
   from flax import nnx
   from medad_jax.model.lora import LoraConfig, apply_lora
   from medad_jax.model.qwen25vl import Qwen25VL
   from medad_jax.rl import update as U
   from medad_jax.sharding import make_mesh
-  if w.dtype != 'float32' or w.param_dtype != 'float32':
-    raise ValueError('check_against_xla: the CPU check runs in float32 (Workload.dtype / param_dtype)')
   if jax.device_count() < mesh.devices:
-    raise ValueError(f'check_against_xla: mesh {mesh} needs {mesh.devices} devices, JAX has {jax.device_count()} '
+    raise ValueError(f'compiled_memory: mesh {mesh} needs {mesh.devices} devices, JAX has {jax.device_count()} '
                      '(set XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax)')
   jmesh = (make_mesh(mesh.data, mesh.fsdp, mesh.tensor, devices=jax.devices()[:mesh.devices])
            if mesh.devices > 1 else None)
-  cfg = cfg.replace(dtype='float32', param_dtype='float32')
-  model = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
-  if w.trainable == 'lora':
-    apply_lora(model, LoraConfig(rank=w.lora_rank, alpha=2.0 * w.lora_rank, pattern=w.lora_pattern))
+  cfg = cfg.replace(dtype=w.dtype, param_dtype=w.param_dtype, remat=w.remat, attention='xla')
+
+  def make_model():
+    m = Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+    if w.trainable == 'lora':
+      apply_lora(m, LoraConfig(rank=w.lora_rank, alpha=2.0 * w.lora_rank, pattern=w.lora_pattern))
+    return m
+
   tx, _ = U.make_optimizer(1e-4)
   keep_ref = w.stage == 'congrpo' and w.trainable == 'all' and w.needs_reference
-  graphdef, state = U.init_train_state(model, tx, trainable=w.trainable, keep_reference=keep_ref)
+  from medad_jax.rl.state import TRAINABLE
+  graphdef = nnx.split(nnx.eval_shape(make_model), TRAINABLE[w.trainable], ...)[0]
+  state = jax.eval_shape(lambda: U.init_train_state(make_model(), tx, trainable=w.trainable,
+                                                    keep_reference=keep_ref)[1])
   side = int(round(math.sqrt(w.image_patches)))
   if w.stage == 'sft':
-    batch = sft_batch(cfg, w.prompts, w.prompt_len, side, seed=seed)
-    step = U.make_sft_step(graphdef, tx, U.SFTConfig(num_microbatches=w.num_microbatches), mesh=jmesh)
+    batch = sft_batch(cfg, w.prompts, w.prompt_len, side, seed=seed, answer_len=w.target_len or None)
+    step = U.make_sft_step(graphdef, tx, U.SFTConfig(num_microbatches=w.num_microbatches,
+                                                     logits_chunk=w.logits_chunk), mesh=jmesh)
   else:
     batch = rollout_batch(cfg, w.prompts, w.group_size, w.prompt_len, w.completion_len, side, seed=seed)
     gcfg = U.GRPOConfig(group_size=w.group_size, beta=0.04 if w.needs_reference else 0.0,
-                        num_microbatches=w.num_microbatches)
+                        num_microbatches=w.num_microbatches, logits_chunk=w.logits_chunk)
     step = U.make_congrpo_update(graphdef, tx, gcfg, mesh=jmesh)
-  if jmesh is not None:
-    state = U.place_state(state, jmesh)
-  dev_batch = U.put_batch(batch, jmesh)
-  ma = step.lower(state, dev_batch).compile().memory_analysis()
-  batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(dev_batch))
-  pred = xla_predicted(plan(cfg, w, mesh), batch_bytes)
-  # Scalars of the state (step, rng, optimizer count) and the metrics are a few bytes: not modelled.
-  return {'argument': (pred['argument'], float(ma.argument_size_in_bytes)),
-          'output': (pred['output'], float(ma.output_size_in_bytes)),
-          'temp': (pred['temp'], float(ma.temp_size_in_bytes))}
+
+  def abstract(tree, shardings=None):
+    if shardings is None:
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+  if jmesh is None:
+    state_abs, batch_abs = abstract(state), abstract(batch)
+    batch_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(batch))
+  else:
+    state_abs = abstract(state, U.tree_shardings(state, jmesh))
+    bsh = U.batch_shardings(batch, jmesh)
+    batch_abs = abstract(batch, bsh)
+    batch_bytes = sum(np.asarray(x).nbytes * math.prod(s.shard_shape(np.shape(x))) / max(np.size(x), 1)
+                      for x, s in zip(jax.tree.leaves(batch), jax.tree.leaves(bsh)))
+  t0 = time.perf_counter()
+  ma = step.lower(state_abs, batch_abs).compile().memory_analysis()
+  arg, out, alias, temp = (float(ma.argument_size_in_bytes), float(ma.output_size_in_bytes),
+                           float(ma.alias_size_in_bytes), float(ma.temp_size_in_bytes))
+  return {'argument': arg, 'output': out, 'alias': alias, 'temp': temp, 'total': arg + out - alias + temp,
+          'batch': float(batch_bytes), 'compile_s': time.perf_counter() - t0}
 
 
 def format_xla_check(rows: dict[str, tuple[float, float]]) -> str:
-  out = ['-- planned vs XLA compiled memory analysis (CPU, fp32, 1 device)']
+  out = ['-- planned vs XLA compiled memory analysis (CPU, per device)']
   for k, (pl, xla) in rows.items():
     out.append(f'  {k:<9} planned {pl / 2**20:10.3f} MiB   XLA {xla / 2**20:10.3f} MiB   '
                f'{100 * (pl - xla) / xla:+6.1f}%')

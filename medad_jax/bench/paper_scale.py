@@ -28,6 +28,7 @@ The last line is machine-readable::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,14 +100,7 @@ def run_worker(args) -> dict:
     apply_lora(m, lora)
     return m
 
-  abstract_model = nnx.eval_shape(make_model)
-  graphdef_model, model_state = nnx.split(abstract_model)
-  opt_cfg = config.rl.optim
-  tx, _ = U.make_optimizer(opt_cfg.lr)
-  graphdef = nnx.split(abstract_model, nnx.LoRAParam, ...)[0]  # = init_train_state's, without the arrays
-  state = jax.eval_shape(lambda: U.init_train_state(make_model(), tx, trainable='lora')[1])
-  state_sh = None if jmesh is None else U.tree_shardings(state, jmesh)
-  state_abs = _abstract(state, state_sh)
+  graphdef_model, model_state = nnx.split(nnx.eval_shape(make_model))  # the sampler's model, no arrays
   _, w_rl = PL.workload_from_config(config)
   sft_config = configs_common.load(args.config.replace('congrpo', 'sft'), args.set)
   _, w_sft = PL.workload_from_config(sft_config)
@@ -118,31 +112,17 @@ def run_worker(args) -> dict:
                     'image_patches': w_rl.image_patches, 'remat': mc.remat, 'dtype': mc.dtype,
                     'param_dtype': mc.param_dtype}}
 
-  def batch_abs(batch):
-    if jmesh is None:
-      return _abstract(batch)
-    return _abstract(batch, U.batch_shardings(batch, jmesh))
-
-  def compile_step(name, step, batch, plan_w):
-    t0 = time.perf_counter()
-    compiled = step.lower(state_abs, batch_abs(batch)).compile()
-    res = _memory(compiled)
-    res['compile_s'] = time.perf_counter() - t0
-    p = PL.plan(cfg, plan_w, mesh_shape, remat=mc.remat != 'none')
-    res['planned'] = float(p.total('update'))
+  def compile_step(name, w):
+    w = dataclasses.replace(w, remat=mc.remat)
+    res = PL.compiled_memory(cfg, w, mesh_shape)   # the real step, abstract weights (medad_jax/plan.py)
+    res['planned'] = float(PL.plan(cfg, w, mesh_shape).total('update'))
     out['programs'][name] = res
 
   programs = args.programs.split(',')
   if 'sft' in programs:
-    batch = PL.sft_batch(cfg, w_sft.prompts, w_sft.prompt_len, side, answer_len=w_sft.prompt_len - w_rl.prompt_len)
-    sc = config.sft
-    step = U.make_sft_step(graphdef, tx, U.SFTConfig(aggregation=sc.aggregation, num_microbatches=sc.num_microbatches,
-                                                     logits_chunk=sc.logits_chunk), mesh=jmesh)
-    compile_step('sft', step, batch, w_sft)
+    compile_step('sft', w_sft)
   if 'congrpo' in programs:
-    batch = PL.rollout_batch(cfg, w_rl.prompts, w_rl.group_size, w_rl.prompt_len, w_rl.completion_len, side)
-    step = U.make_congrpo_update(graphdef, tx, U.GRPOConfig.from_config(config.rl), mesh=jmesh)
-    compile_step('congrpo', step, batch, w_rl)
+    compile_step('congrpo', w_rl)
   if 'sampler' in programs:
     from medad_jax.train import pipeline as pipe
     pb = PL.prompt_batch(cfg, w_rl.prompts, w_rl.prompt_len, side)
