@@ -93,11 +93,16 @@ SAVED_F = 7
 SAVED_KV = 2
 SAVED_PROBS = 2          # rows attending their own keys (SFT sequences, prompts)
 SAVED_PROBS_PREFIX = 3   # completion rows attending the shared prompt prefix + their own keys
+# Compute dtype below fp32 (bf16): the two RMSNorms and the residual keep fp32 copies (3 D per row, fp32), and the
+# probabilities are saved once more in the compute dtype (the softmax output cast for the AV product).
+SAVED_D_FP32_LOW_PRECISION = 3
+SAVED_PROBS_LOW_PRECISION = 1
 # What XLA:CPU keeps per decoder layer under Qwen25VLConfig.remat, as a fraction of the no-remat set: measured as
 # the temp-byte difference between the compiled update with L+1 and L decoder layers (``--measure-layer``).
-REMAT_KEPT = {'none': 1.0, 'full': 1.0, 'dots': 1.0}
-# fp32 [chunk, V] buffers of the chunked LM head alive at once (measured the same way, varying the chunk).
-LOGITS_CHUNK_BUFFERS = 3
+REMAT_KEPT = {'none': 1.0, 'full': 0.96, 'dots': 0.87}
+# fp32 [chunk, V] buffers of the chunked LM head alive at once (fitted to the layer-independent part of XLA's temp
+# bytes: 2.2 on the tiny SFT and Con-GRPO steps, 2.4 on the 3B Con-GRPO update).
+LOGITS_CHUNK_BUFFERS = 2.3
 # Decode-step [B, V] fp32 buffers of the sampler (logits, log-softmax, CDF).
 DECODE_VOCAB_BUFFERS = 3
 
@@ -314,13 +319,19 @@ def decoder_row_bytes(t: TextConfig, *, act_bytes: int, lora_widths: Sequence[in
   """Bytes one decoder layer saves per token row without remat (without the attention probabilities):
   ``(6 D + 7 F + sum(R) + 2 K*H (own_keys)) / tp`` in the compute dtype."""
   kv = SAVED_KV * t.num_kv_heads * t.head_dim if own_keys else 0
-  return act_bytes * (SAVED_D * t.hidden_size + SAVED_F * t.intermediate_size + sum(lora_widths) + kv) / tp
+  fp32_copies = SAVED_D_FP32_LOW_PRECISION * t.hidden_size * 4 if act_bytes < 4 else 0
+  return (act_bytes * (SAVED_D * t.hidden_size + SAVED_F * t.intermediate_size + sum(lora_widths) + kv)
+          + fp32_copies) / tp
 
 
-def attention_probs_bytes(t: TextConfig, rows: float, keys: int, tp: int = 1, *, prefix: bool = False) -> float:
-  """fp32 attention probabilities one layer saves: ``c * rows * Nq/tp * keys * 4`` with ``c`` = 2 for rows that
-  attend their own keys and 3 for completion rows over the shared prompt prefix + their own keys."""
-  return (SAVED_PROBS_PREFIX if prefix else SAVED_PROBS) * rows * (t.num_heads / tp) * keys * 4
+def attention_probs_bytes(t: TextConfig, rows: float, keys: int, tp: int = 1, *, prefix: bool = False,
+                          act_bytes: int = 4, copies: int | None = None) -> float:
+  """Attention probabilities one layer saves: ``c`` fp32 copies of ``rows * Nq/tp * keys`` (``c`` = 2 for rows
+  that attend their own keys, 3 for completion rows over the shared prompt prefix + their own keys) and, below
+  fp32, one more in the compute dtype."""
+  c = (SAVED_PROBS_PREFIX if prefix else SAVED_PROBS) if copies is None else copies
+  low = SAVED_PROBS_LOW_PRECISION * act_bytes if act_bytes < 4 and copies is None else 0
+  return rows * (t.num_heads / tp) * keys * (4 * c + low)
 
 
 def logits_chunk_bytes(rows: float, chunk: int, vocab: int, tp: int = 1) -> float:
@@ -369,8 +380,8 @@ def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, remat:
     rows_p, keys_p, rows_c, keys_c = P * T, T, 0, 0
   else:
     rows_p, keys_p, rows_c, keys_c = P * T, T, B * N, T + N
-  probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp)
-                 + attention_probs_bytes(t, rows_c, keys_c, tp, prefix=True))
+  probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp, act_bytes=ab)
+                 + attention_probs_bytes(t, rows_c, keys_c, tp, prefix=True, act_bytes=ab))
   f = REMAT_KEPT[remat]
   return Activations(prompt=f * L * rows_p * prompt_row, completion=f * L * rows_c * comp_row,
                      probs=f * L * probs_layer, remat=remat)
@@ -383,6 +394,17 @@ def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) ->
   mats = sum(math.prod(s) for p, s, lo in param_shapes(cfg) if len(s) == 2 and
              (p.startswith('model/') or p.startswith('lm_head')))
   return mats / mesh.tensor * dtype_bytes(w.dtype)
+
+
+def attention_scores_in_flight(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
+  """One layer's fp32 attention scores beyond the saved ones, alive while a layer's backward (or the reference
+  forward) runs: ``rows * Nq/tp * keys * 4`` for the prompt (or SFT) rows and the completion rows."""
+  P = w.prompts / mesh.dp / w.num_microbatches
+  t, T, N = cfg.text, w.prompt_len, w.completion_len
+  own = attention_probs_bytes(t, P * T, T, mesh.tensor, copies=1)
+  if w.stage == 'sft':
+    return own
+  return own + attention_probs_bytes(t, P * w.group_size * N, T + N, mesh.tensor, copies=1)
 
 
 def scored_rows(w: Workload, mesh: MeshShape) -> float:
@@ -536,7 +558,9 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
                     acts.prompt, 'update', mb + kept))
   if w.stage == 'congrpo':
     terms.append(Term('activations: completion rows (shared prompt prefix)', acts.completion, 'update'))
-  terms.append(Term('activations: attention probabilities (fp32)', acts.probs, 'update'))
+  terms.append(Term('activations: attention probabilities', acts.probs, 'update'))
+  terms.append(Term('attention scores of the layer in flight (fp32)', attention_scores_in_flight(cfg, w, mesh),
+                    'update', 'the backward\'s (or the reference forward\'s) current layer'))
   rows = scored_rows(w, mesh)
   terms.append(Term('LM head: one chunk of fp32 logits', logits_chunk_bytes(rows, w.logits_chunk, t.vocab_size, tp),
                     'update', f'{min(w.logits_chunk, rows):,.0f} of {rows:,.0f} positions x V={t.vocab_size:,}'))

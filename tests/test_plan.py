@@ -74,20 +74,23 @@ def test_flops_split_lora_vs_full_fine_tuning():
   assert sft.rollout == 0 and sft.reference_forward == 0
 
 
-# (stage, mesh, microbatches, prompts, group, prompt_len, completion_len): LoRA on the tiny preset, fp32, one
-# image of 4x4 patches per prompt. The conftest gives 8 CPU devices.
+# (stage, mesh, microbatches, prompts, group, prompt_len, completion_len, dtype): LoRA on the tiny preset, one
+# image of 4x4 patches per prompt; dtype is the compute and frozen-base dtype (bf16: as the paper runs). The
+# conftest gives 8 CPU devices.
 XLA_CASES = [
-    ('congrpo', 'data=1', 1, 4, 4, 32, 16),
-    ('sft', 'data=1', 1, 4, 1, 48, 0),
-    ('congrpo', 'data=1', 2, 4, 4, 32, 16),
-    ('congrpo', 'data=2,tensor=2', 1, 4, 4, 32, 16),
+    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'float32'),
+    ('sft', 'data=1', 1, 4, 1, 48, 0, 'float32'),
+    ('congrpo', 'data=1', 2, 4, 4, 32, 16, 'float32'),
+    ('congrpo', 'data=2,tensor=2', 1, 4, 4, 32, 16, 'float32'),
+    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16'),
+    ('sft', 'data=1', 2, 4, 1, 48, 0, 'bfloat16'),
 ]
 
 
-@pytest.mark.parametrize('stage,mesh,k,P,G,T,N', XLA_CASES)
-def test_plan_matches_xla_memory_analysis(stage, mesh, k, P, G, T, N):
+@pytest.mark.parametrize('stage,mesh,k,P,G,T,N,dtype', XLA_CASES)
+def test_plan_matches_xla_memory_analysis(stage, mesh, k, P, G, T, N, dtype):
   w = PL.Workload(stage=stage, prompts=P, group_size=G, prompt_len=T, completion_len=N, image_patches=16,
-                  lora_rank=8, num_microbatches=k, dtype='float32', param_dtype='float32')
+                  lora_rank=8, num_microbatches=k, dtype=dtype, param_dtype=dtype, target_len=16 if stage == 'sft' else 0)
   rows = PL.check_against_xla(Qwen25VLConfig.tiny(), w, PL.parse_mesh(mesh))
   for key, tol in (('argument', STATE_TOL), ('output', STATE_TOL), ('temp', XLA_TOL)):
     planned, xla = rows[key]
@@ -131,13 +134,18 @@ def test_cli_prints_the_plan_and_a_verdict(capsys):
 def test_peak_is_the_largest_phase():
   cfg = Qwen25VLConfig.qwen2_5_vl_3b()
   w = PL.Workload(stage='congrpo', prompts=8, group_size=8, prompt_len=386, completion_len=1024,
-                  image_patches=1024, lora_rank=16, num_microbatches=8)
-  p = PL.plan(cfg, w, PL.MeshShape(), remat=True)
+                  image_patches=1024, lora_rank=16, num_microbatches=8, remat='full')
+  p = PL.plan(cfg, w, PL.MeshShape())
   assert p.peak == max(p.total('update'), p.total('rollout'), p.total('vision'))
   assert p.activations_remat < p.activations_no_remat
-  # The logits of a microbatch: 8 rollouts x 1024 positions x V fp32, with their gradient.
-  logits = [t.bytes for t in p.terms if t.name.startswith('logits')][0]
-  assert logits == 2 * 8 * 1024 * 151936 * 4
+  # The LM head: one chunk of 1024 positions x V fp32 logits, LOGITS_CHUNK_BUFFERS alive (no [rows, V] array).
+  head = [t.bytes for t in p.terms if t.name.startswith('LM head')][0]
+  assert head == PL.LOGITS_CHUNK_BUFFERS * 1024 * 151936 * 4
+  # The frozen base in bf16 (param_dtype), the LoRA adapters and their moments in fp32.
+  pb = PL.plan(cfg, PL.Workload(**{**w.__dict__, 'param_dtype': 'bfloat16'}), PL.MeshShape())
+  frozen, lora = ([t.bytes for t in pb.terms if t.name.startswith(n)][0] for n in ('parameters, frozen',
+                                                                                   'parameters, trainable'))
+  assert frozen == 2 * pb.params.frozen and lora == 4 * pb.params.trainable
   assert np.isfinite(p.flops.total) and jax.device_count() == 8
 
 
@@ -149,8 +157,8 @@ def test_fit_search_orders_by_the_smallest_change():
   w = PL.Workload(stage='congrpo', prompts=8, group_size=8, prompt_len=386, completion_len=1024,
                   image_patches=1024, lora_rank=16)
   fits = PL.fit_search(cfg, w, [PL.MeshShape()])
-  assert [(f.remat, f.num_microbatches) for f in fits] == [(r, k) for r in (False, True) for k in (1, 2, 4, 8)]
+  assert [(f.remat, f.num_microbatches) for f in fits] == [(r, k) for r in PL.FIT_REMAT_ORDER for k in (1, 2, 4, 8)]
   # More microbatches never need more memory; remat never needs more than no remat at the same split.
   peaks = {(f.remat, f.num_microbatches): f.peak for f in fits}
-  assert all(peaks[(r, k)] >= peaks[(r, 2 * k)] for r in (False, True) for k in (1, 2, 4))
-  assert all(peaks[(True, k)] < peaks[(False, k)] for k in (1, 2, 4, 8))
+  assert all(peaks[(r, k)] >= peaks[(r, 2 * k)] for r in PL.REMAT for k in (1, 2, 4))
+  assert all(peaks[('full', k)] <= peaks[('none', k)] for k in (1, 2, 4, 8))
