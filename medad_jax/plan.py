@@ -1,10 +1,11 @@
 r"""Memory and FLOPs planner for one SFT step or one Con-GRPO step (rollout + update), per device.
 
   python -m medad_jax.plan --config=congrpo:paper --mesh=data=1,fsdp=8,tensor=1 --device h100-80g
-  python -m medad_jax.plan --config=congrpo:paper --mesh=data=1 --device h100-80g --remat --set rl.num_microbatches=4
+  python -m medad_jax.plan --config=congrpo:paper --mesh=data=1 --device h100-80g --remat=full --set rl.num_microbatches=4
   python -m medad_jax.plan --config=congrpo:paper --mesh=fsdp=8 --device v5e --fit --fit-meshes  # what fits
   python -m medad_jax.plan --config=sft:paper --mesh=data=-1 --devices 8 --device v5p
   python -m medad_jax.plan --config=congrpo --check-xla        # also compile the step on CPU and compare
+  python -m medad_jax.plan --config=congrpo --remat=full --measure-layer   # what XLA keeps per decoder layer
 
 Axis legend:
   P prompts per optimizer step   G rollouts per prompt   B = P*G rollouts   T prompt length (SFT: whole sequence)
@@ -14,54 +15,56 @@ Axis legend:
 
 What is counted, per device (every term is a small pure function below)
 -----------------------------------------------------------------------
-State (resident for the whole run): frozen parameters and trainable ones (LoRA adapters, or every parameter for
-full fine-tuning) in ``param_dtype``, sharded by ``medad_jax.sharding.PARAM_RULES`` exactly as the trainer places
+State (resident for the whole run): the frozen base in ``param_dtype`` (bf16 for the paper) and the trainable
+parameters -- LoRA adapters always in float32 (``model/layers.py`` ``LORA_DTYPE``), or every parameter in
+``param_dtype`` for full fine-tuning -- sharded by ``medad_jax.sharding.PARAM_RULES`` exactly as the trainer places
 them (the parameter list is enumerated from the architecture: :func:`param_shapes`, checked against the real
-module tree in the tests); AdamW's two moments of the trainable parameters (optax keeps them in the parameters'
-dtype: fp32 here); the reference copy of the trainable parameters for full-fine-tuning Con-GRPO.
+module tree in the tests); AdamW's two moments in the trainable parameters' dtype (fp32 for LoRA); the reference
+copy of the trainable parameters for full-fine-tuning Con-GRPO.
 
 Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of the backward pass):
 
 * decoder activations saved for the backward pass, per layer and token row, as XLA keeps them for *our* layer
-  (counted in the buffer assignment of the compiled step on CPU, fp32, LoRA on the 7 projections):
-  ``6 D`` (layer input, the two norm outputs, roped q, attention output, mid residual) + ``7 F`` (the SwiGLU
-  projections with their LoRA terms, the activation, the product) + ``R`` per adapted projection (``x @ A``) +
-  ``2 K*H`` (roped k and v, for rows that hold their own keys), and fp32 attention probabilities ``Nq*S`` per row:
-  2 copies (two layouts) for rows attending their own keys, 3 for completion rows over the cache (XLA's fusion
-  sometimes drops one; the counts are the ones seen most). In the Con-GRPO update the prompt runs once per prompt
-  (``P`` rows of ``T``) and the completions (``B`` rows of ``N``) attend to the prompt cache repeated G times,
-  which is saved too: ``2 * B * S * K * H`` per layer. Activations are in the compute dtype, probabilities and
-  logits in fp32. Batch axes are divided by ``dp``; with tensor parallelism GSPMD (the model sets no activation
-  shardings) ends up splitting every activation ``tp`` ways, which is what the plan assumes (checked on CPU).
-* with rematerialisation (``--remat``; analytic only: the model has no remat option yet) each layer keeps only its
-  inputs (``D`` per row, plus the repeated cache a completion layer reads) and one layer's full set is live while
-  it is recomputed.
-* logits: the fp32 logits of every scored position and their gradient, ``2 * rows * V * 4`` bytes (SFT scores
-  ``B*(T-1)`` positions, Con-GRPO ``B*N``); with V = 151,936 this is often the largest single term.
-* gradients of the trainable parameters, and 2 more copies of the AdamW moments: XLA copies the donated moments
-  that the update's skip-step select (``where(has_tokens, new, old)``) reads and schedules the copies early, so
-  they live through the step (seen in the CPU buffer assignment).
+  (LoRA on the 7 projections): ``6 D`` (layer input, the two norm outputs, roped q, attention output, mid
+  residual) + ``7 F`` (the SwiGLU projections with their LoRA terms, the activation, the product) + ``R`` per
+  adapted projection (``x @ A``) + ``2 K*H`` (roped k and v, for rows that hold their own keys) in the compute
+  dtype, and below fp32 three more fp32 ``D`` (the RMSNorms' and residual's fp32 copies); fp32 attention
+  probabilities ``Nq*S`` per row: 2 copies for rows attending their own keys, 3 for completion rows, which read
+  the prompt's keys/values as a shared prefix (``model/text.py``: never copied G times) over ``S = T + N`` keys,
+  and below fp32 one more copy in the compute dtype. In the Con-GRPO update the prompt runs once per prompt
+  (``P`` rows of ``T``) and the completions are ``B`` rows of ``N``. Batch axes are divided by ``dp``; with tensor
+  parallelism GSPMD splits every activation ``tp`` ways, which is what the plan assumes (checked on CPU).
+* rematerialisation (``model.remat``): XLA:CPU keeps :data:`REMAT_KEPT` of that set per layer -- measured, not
+  analytic: ``--measure-layer`` compiles the update with ``L`` and ``L + 1`` decoder layers and takes the
+  difference of the temp bytes. Measured: ``full`` 0.93 (tiny SFT), 0.94 (tiny Con-GRPO), 0.99 (3B Con-GRPO at
+  the paper's shapes, bf16); ``dots`` 0.87 (tiny Con-GRPO). With the decoder layers unrolled in the HLO, XLA's
+  scheduler places the recomputed forward of every layer early (its inputs are all available), so almost
+  everything stays alive; a ``lax.scan`` over the layers would bound it (a toy stack of 8 layers on XLA:CPU:
+  293 MiB without remat, 260 MiB with remat unrolled, 82 MiB with remat under ``scan``).
+* one layer's fp32 attention scores in flight while a layer's backward (or the reference forward) runs.
+* the LM head: only ``logits_chunk`` positions' fp32 logits exist at a time (``rl/update.py``
+  ``chunked_token_logprobs``, rematerialised): :data:`LOGITS_CHUNK_BUFFERS` ``[chunk, V]`` fp32 buffers, fitted to
+  the layer-independent part of XLA's temp. SFT scores only the target positions (``target_len``).
+* gradients of the trainable parameters, 2 more copies of the AdamW moments (XLA copies the donated moments that
+  the update's skip-step select ``where(has_tokens, new, old)`` reads), and with microbatching the scan's gradient
+  accumulator.
 * FSDP: the all-gathered weights XLA keeps from the forward for the backward; counted as every decoder matrix and
-  the embedding in the compute dtype, an upper bound (an 8-device CPU mesh kept about half of them). Without FSDP
-  but with ``param_dtype != dtype``: one layer's weights cast to the compute dtype.
-* vision tower: frozen under LoRA, so nothing is saved; its transient peak (XLA's fp32 [N, L, L] attention
-  logits, about 3 alive, see ``model/vision.py``) is its own phase, before the decoder runs. The Con-GRPO update
-  (sampler layout) runs it per image, ``3 * Nq_v * Lp^2 * 4`` bytes per image; the SFT batches pack every image of
-  the batch into one call, so there ``L`` is the batch's total patch count and the term grows quadratically.
+  the embedding in the compute dtype, an upper bound. Without FSDP but with ``param_dtype != dtype``: one layer's
+  weights cast to the compute dtype.
+* vision tower: frozen under LoRA and run under ``stop_gradient``, so nothing is saved; its forward (vmapped per
+  image, blockwise window attention, ``model/vision.py``) is its own phase before the decoder, per microbatch.
 
-Validation (``tests/test_plan.py``, :func:`check_against_xla`): XLA's ``memory_analysis()`` of the compiled step on
-CPU in fp32. Argument and output bytes (parameters, adapters, optimizer state, batch) match to 0.1% on every mesh;
-temp bytes match within 10% for LoRA SFT / Con-GRPO on the tiny and small presets, with microbatching, on pure
-data-parallel and on tensor-parallel meshes (tensor <= key/value heads). Not validated: FSDP meshes (XLA:CPU's temp
-was 16% below to 37% above the plan on the checks), full fine-tuning (the plan counts gradients, moment copies and
-activations as live together; XLA:CPU's temp was 23-68% lower), bf16 compute (the CPU checks run in fp32), and
-remat (the model has no option; wrapping each decoder layer in ``jax.checkpoint`` made JAX save only the layer
-inputs, yet XLA:CPU's temp fell by only ~10%, far less than the analytic figure: check it on an accelerator).
+Validation: ``tests/test_plan.py`` (:func:`check_against_xla`: XLA's ``memory_analysis()`` of the real step
+compiled on CPU with abstract weights) checks argument and output bytes to 1% and temp bytes to 10% for LoRA SFT
+and Con-GRPO on the tiny preset in fp32 and bf16, with microbatching, and on a data x tensor mesh;
+``tests/test_bench_paper_scale.py`` runs ``python -m medad_jax.bench paper_scale`` on the small preset; the 3B at
+the paper's shapes is in WORKSPACE.md ("Memory and FLOPs plan"). Not validated: FSDP meshes (XLA:CPU's temp was
+16% below to 37% above the plan), full fine-tuning (the plan counts gradients, moment copies and activations as
+live together; XLA:CPU's temp was 23-68% lower).
 
 Rollout (the compiled sampler): the KV cache in the group layout the sampler uses, ``2 * layers * (P*T + B*N) * K
-* H`` bytes in the compute dtype (the naive layout that repeats the prompt G times, ``2 * layers * B * S * K * H``,
-is printed for comparison), the decode step's fp32 ``[B, V]`` buffers (logits, log-softmax, CDF) and the prefill's
-one-layer working set.
+* H`` bytes in the compute dtype, the decode step's fp32 ``[B, V]`` buffers (logits, log-softmax, CDF) and the
+prefill's one-layer working set.
 
 FLOPs per optimizer step (``medad_jax.bench.common`` model FLOPs: 2 per multiply-add, causal attention over the
 visible keys): rollout = vision + prefill of the P prompts + ``N - 1`` decode steps of the B rows; update =

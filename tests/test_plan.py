@@ -125,7 +125,12 @@ def test_cli_prints_the_plan_and_a_verdict(capsys):
   assert PL.main(['--config=congrpo:paper', '--mesh=data=1,fsdp=1,tensor=1', '--device', 'h100-80g', '--fit']) == 0
   out = capsys.readouterr().out
   assert 'DOES NOT FIT' in out and 'rollout KV cache (group layout)' in out and 'FLOPs per optimizer step' in out
-  assert 'smallest change that fits' in out
+  # With the decoder's remat as XLA:CPU keeps it (REMAT_KEPT), 1,024-token completions fit no setting of 1 device;
+  # 256-token ones do with microbatching, and the search names the config keys.
+  assert 'nothing fits' in out
+  assert PL.main(['--config=congrpo:paper', '--set=sampling.max_new_tokens=256', '--device', 'h100-80g', '--fit']) == 0
+  out = capsys.readouterr().out
+  assert 'smallest change that fits' in out and '--config.rl.num_microbatches=' in out
   assert PL.main(['--config=congrpo', '--mesh=data=-1', '--devices', '8', '--device', 'v5e']) == 0
   out = capsys.readouterr().out
   assert 'mesh data=8,fsdp=1,tensor=1' in out and ': FITS' in out

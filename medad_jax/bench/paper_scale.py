@@ -46,6 +46,7 @@ def _parse(argv):
   p.add_argument('--meshes', default='data=1;fsdp=4,tensor=2',
                  help='semicolon-separated meshes, e.g. "data=1;fsdp=4,tensor=2" (default: 1 device, 8 devices)')
   p.add_argument('--programs', default='sft,congrpo,sampler', help='which programs to compile')
+  p.add_argument('--json', default=None, metavar='PATH', help='also write every figure (bytes, seconds) as JSON')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -185,10 +186,12 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(f"\n-- mesh {r['mesh']} ({r['devices']} device(s)); remat={sh['remat']}, compute {sh['dtype']}, "
                      f"params {sh['param_dtype']}; {sh['image_patches']} patches per image\n")
     sys.stdout.write(f"   sft: {sh['sft']}\n   congrpo: {sh['congrpo']}\n")
-    sys.stdout.write(f"   {'program':<9} {'XLA GiB/device':>15} {'planned':>9} {'args':>8} {'temp':>8} {'compile s':>10}\n")
+    sys.stdout.write(f"   {'program':<9} {'XLA GiB/device':>15} {'planned':>9} {'plan-XLA':>9} {'args':>8} {'temp':>8} "
+                     f"{'compile s':>10}\n")
     for name, p in r['programs'].items():
       parts = p if name != 'sampler' else p['decode']
       sys.stdout.write(f"   {name:<9} {p['total'] / GiB:15.2f} {p['planned'] / GiB:9.2f} "
+                       f"{100 * (p['planned'] - p['total']) / p['total']:+8.1f}% "
                        f"{parts['argument'] / GiB:8.2f} {parts['temp'] / GiB:8.2f} {p['compile_s']:10.1f}\n")
   label = _label(args.preset)
   per = []
@@ -196,5 +199,8 @@ def main(argv: list[str]) -> int:
     g = lambda k: r['programs'].get(k, {}).get('total', float('nan')) / GiB  # noqa: E731
     per.append(f"sft {g('sft'):.2f} GiB, congrpo {g('congrpo'):.2f} GiB ({r['devices']} "
                f"device{'s' if r['devices'] > 1 else ''})")
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'config': args.config, 'set': args.set, 'preset': args.preset, 'results': results}, f, indent=1)
   sys.stdout.write(f'{label} per device: ' + '; '.join(per) + '\n')
   return 0
