@@ -595,6 +595,8 @@ def xla_predicted(p: Plan, batch_bytes: float) -> dict[str, float]:
   tower's forward, which runs first and keeps nothing)."""
   state = sum(t.bytes for t in p.terms if t.phase == 'state')
   temp = max(sum(t.bytes for t in p.terms if t.phase == 'update'), sum(t.bytes for t in p.terms if t.phase == 'vision'))
+  if p.workload.num_microbatches > 1:
+    temp += batch_bytes   # the strided microbatch split (rl/update.py _microbatches) is a copy of the batch
   return {'argument': state + batch_bytes, 'output': state, 'temp': temp}
 
 

@@ -83,7 +83,8 @@ XLA_CASES = [
     ('congrpo', 'data=1', 2, 4, 4, 32, 16, 'float32'),
     ('congrpo', 'data=2,tensor=2', 1, 4, 4, 32, 16, 'float32'),
     ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16'),
-    ('sft', 'data=1', 2, 4, 1, 48, 0, 'bfloat16'),
+    ('sft', 'data=1', 2, 4, 1, 48, 0, 'float32'),
+    ('sft', 'data=1', 1, 4, 1, 48, 0, 'bfloat16'),
 ]
 
 
