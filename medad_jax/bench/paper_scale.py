@@ -103,7 +103,9 @@ def run_worker(args) -> dict:
 
   graphdef_model, model_state = nnx.split(nnx.eval_shape(make_model))  # the sampler's model, no arrays
   _, w_rl = PL.workload_from_config(config)
-  sft_config = configs_common.load(args.config.replace('congrpo', 'sft'), args.set)
+  sft_spec = args.config.replace('congrpo', 'sft')
+  sft_keys = set(configs_common.load(sft_spec, []).keys())   # the SFT config has no rl / sampling blocks
+  sft_config = configs_common.load(sft_spec, [s for s in args.set if s.partition('.')[0] in sft_keys])
   _, w_sft = PL.workload_from_config(sft_config)
   side = int(round(np.sqrt(w_rl.image_patches)))
   out = {'mesh': str(mesh_shape), 'devices': mesh_shape.devices, 'preset': args.preset, 'programs': {},
