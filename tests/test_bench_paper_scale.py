@@ -14,8 +14,8 @@ def test_paper_scale_bench_on_the_small_preset(tmp_path):
   out_json = tmp_path / 'paper_scale.json'
   cmd = [sys.executable, '-m', 'medad_jax.bench', 'paper_scale', '--preset=small', '--meshes=data=1',
          f'--json={out_json}', '--set=data.image_size=112', '--set=data.max_target_len=32',
-         '--set=sampling.max_new_tokens=32', '--set=sft.batch_size=4', '--set=rl.prompts_per_step=2',
-         '--set=rl.group_size=4']
+         '--set=sampling.max_new_tokens=32', '--set=sft.batch_size=8', '--set=rl.prompts_per_step=4',
+         '--set=rl.group_size=2']
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   last = proc.stdout.strip().splitlines()[-1]
