@@ -74,24 +74,26 @@ def test_flops_split_lora_vs_full_fine_tuning():
   assert sft.rollout == 0 and sft.reference_forward == 0
 
 
-# (stage, mesh, microbatches, prompts, group, prompt_len, completion_len, dtype): LoRA on the tiny preset, one
-# image of 4x4 patches per prompt; dtype is the compute and frozen-base dtype (bf16: as the paper runs). The
+# (stage, mesh, microbatches, prompts, group, prompt_len, completion_len, dtype, remat): LoRA on the tiny preset,
+# one image of 4x4 patches per prompt; dtype is the compute and frozen-base dtype (bf16: as the paper runs). The
 # conftest gives 8 CPU devices.
 XLA_CASES = [
-    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'float32'),
-    ('sft', 'data=1', 1, 4, 1, 48, 0, 'float32'),
-    ('congrpo', 'data=1', 2, 4, 4, 32, 16, 'float32'),
-    ('congrpo', 'data=2,tensor=2', 1, 4, 4, 32, 16, 'float32'),
-    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16'),
-    ('sft', 'data=1', 2, 4, 1, 48, 0, 'float32'),
-    ('sft', 'data=1', 1, 4, 1, 48, 0, 'bfloat16'),
+    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'float32', 'none'),
+    ('sft', 'data=1', 1, 4, 1, 48, 0, 'float32', 'none'),
+    ('congrpo', 'data=1', 2, 4, 4, 32, 16, 'float32', 'none'),
+    ('congrpo', 'data=2,tensor=2', 1, 4, 4, 32, 16, 'float32', 'none'),
+    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16', 'none'),
+    ('sft', 'data=1', 2, 4, 1, 48, 0, 'float32', 'none'),
+    ('sft', 'data=1', 1, 4, 1, 48, 0, 'bfloat16', 'none'),
+    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16', 'full'),
 ]
 
 
-@pytest.mark.parametrize('stage,mesh,k,P,G,T,N,dtype', XLA_CASES)
-def test_plan_matches_xla_memory_analysis(stage, mesh, k, P, G, T, N, dtype):
+@pytest.mark.parametrize('stage,mesh,k,P,G,T,N,dtype,remat', XLA_CASES)
+def test_plan_matches_xla_memory_analysis(stage, mesh, k, P, G, T, N, dtype, remat):
   w = PL.Workload(stage=stage, prompts=P, group_size=G, prompt_len=T, completion_len=N, image_patches=16,
-                  lora_rank=8, num_microbatches=k, dtype=dtype, param_dtype=dtype, target_len=16 if stage == 'sft' else 0)
+                  lora_rank=8, num_microbatches=k, dtype=dtype, param_dtype=dtype, remat=remat,
+                  target_len=16 if stage == 'sft' else 0)
   rows = PL.check_against_xla(Qwen25VLConfig.tiny(), w, PL.parse_mesh(mesh))
   for key, tol in (('argument', STATE_TOL), ('output', STATE_TOL), ('temp', XLA_TOL)):
     planned, xla = rows[key]
