@@ -412,11 +412,14 @@ def attention_scores_in_flight(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape
 
 
 def scored_rows(w: Workload, mesh: MeshShape) -> float:
-  """Positions whose LM-head log-prob the update computes, per device and microbatch (SFT: the target tokens
-  only, ``target_len`` per example; Con-GRPO: every completion position)."""
+  """Positions whose LM-head log-prob the update computes, per device and microbatch (SFT: the target slots only,
+  ``target_len`` per example rounded up to its bucket; Con-GRPO: every completion position)."""
   P = w.prompts / mesh.dp / w.num_microbatches
   if w.stage == 'sft':
-    return P * (w.target_len or w.prompt_len // 2)
+    # train.pipeline.sft_batch pads the target slots to a bucket of the longest answer.
+    from medad_jax.train.pipeline import TARGET_LENGTH_BUCKETS
+    n = w.target_len or w.prompt_len // 2
+    return P * min([b for b in TARGET_LENGTH_BUCKETS if b >= n] or [n])
   return P * w.group_size * w.completion_len
 
 
