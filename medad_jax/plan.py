@@ -57,10 +57,11 @@ Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of
 
 Validation: ``tests/test_plan.py`` (:func:`check_against_xla`: XLA's ``memory_analysis()`` of the real step
 compiled on CPU with abstract weights) checks argument and output bytes to 1% and temp bytes to 10% for LoRA SFT
-and Con-GRPO on the tiny preset in fp32 and bf16, with microbatching, and on a data x tensor mesh;
-``tests/test_bench_paper_scale.py`` runs ``python -m medad_jax.bench paper_scale`` on the small preset; the 3B at
-the paper's shapes is in WORKSPACE.md ("Memory and FLOPs plan"). Not validated: FSDP meshes (XLA:CPU's temp was
-16% below to 37% above the plan), full fine-tuning (the plan counts gradients, moment copies and activations as
+and Con-GRPO on the tiny preset in fp32 and bf16, with remat, with microbatching (fp32), and on a data x tensor
+mesh; the 3B at the paper's shapes is in WORKSPACE.md ("Memory and FLOPs plan"). Not validated: microbatched SFT
+in bf16 (XLA:CPU's temp does not fall with the microbatch count there: tiny 2.68 MiB at 1 microbatch, 2.67 MiB at
+2; on the small preset at 8 microbatches XLA's total was 0.37 GiB against 0.15 GiB planned), FSDP meshes (XLA:CPU's
+temp was 16% below to 37% above the plan), full fine-tuning (the plan counts gradients, moment copies and activations as
 live together; XLA:CPU's temp was 23-68% lower).
 
 Rollout (the compiled sampler): the KV cache in the group layout the sampler uses, ``2 * layers * (P*T + B*N) * K

@@ -17,8 +17,7 @@ and compiles on CPU the three programs a Con-GRPO run executes at the shapes of 
 
 Reported per device, from ``compiled.memory_analysis()``: arguments + outputs - donated aliases + temporaries
 (what XLA allocates for the program), beside the planner's figure (``medad_jax.plan``: state + update step), their
-difference in percent, and the compile time. ``tests/test_bench_paper_scale.py`` runs it on the small preset at
-small shapes and checks the planner within 10 % of XLA on 1 device.
+difference in percent, and the compile time.
 
 XLA:CPU's figure is not a GPU's or a TPU's: the accelerator compilers fuse differently, may rematerialise more or
 less, and (GPU) keep a workspace for cuDNN; this is the shapes' and the program's memory as one XLA backend
