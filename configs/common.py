@@ -314,8 +314,9 @@ def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
 
   The paths are placeholders the launcher checks (naming each missing one) before any work.
   """
-  # Fits one 80 GB accelerator (``python -m medad_jax.bench paper_scale``, WORKSPACE.md "Memory"): the frozen base
-  # in bf16 (LoRA adapters and their AdamW moments stay fp32), rematerialised layers, microbatches of whole prompts.
+  # Memory settings for one accelerator: the frozen base in bf16 (LoRA adapters and their AdamW moments stay fp32),
+  # rematerialised layers, microbatches of whole prompts. Whether this fits 80 GB is measured by
+  # ``python -m medad_jax.bench paper_scale`` (WORKSPACE.md "The model at paper scale": not yet, on XLA:CPU).
   config.model = model_config('qwen2_5_vl_3b', dtype='bfloat16', param_dtype='bfloat16', tokenizer='qwen2')
   config.model.remat = 'full'
   if 'sft' in config:
