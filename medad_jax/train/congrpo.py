@@ -141,9 +141,12 @@ class Scoring:
                          options=_repeat([m['options'] for m in metas], G), judge=self.judge, weights=self.weights)
 
   def mine(self, rb) -> dict[str, np.ndarray]:
-    """This process's rows of the reward parts (``fmt``, ``acc``, ``con``, ``judged``, ``total``)."""
+    """This process's rows of the reward parts (``fmt``, ``acc``, ``con``, ``judged``, ``total``; in the evidence
+    mode also ``con_<part>`` for each rubric part)."""
     rows = self._rows or slice(None)
-    return {k: np.asarray(getattr(rb, k))[rows] for k in ('fmt', 'acc', 'con', 'judged', 'total')}
+    out = {k: np.asarray(getattr(rb, k))[rows] for k in ('fmt', 'acc', 'con', 'judged', 'total')}
+    out.update({f'con_{p}': np.asarray(v)[rows] for p, v in (rb.con_parts or {}).items()})
+    return out
 
   def everyone(self, mine: dict[str, np.ndarray], finish: np.ndarray) -> dict[str, np.ndarray]:
     """Every row's reward parts and finish codes, in global row order (the same on every process)."""
@@ -301,7 +304,8 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
               'finish_stop': float(np.mean([ops.FINISH_REASONS[int(c)] != 'length' for c in parts['finish']])),
               # programs compiled so far: the update's and the sampler's (prefill + decode), one per shape bucket
               'compiled_programs': update.traces, 'compiled_programs_sampler': sum(trace_counts().values()),
-              'judge_seconds': judge_s, **_overlap_metrics(pending, timing), **rb.con_part_metrics()}
+              'judge_seconds': judge_s, **_overlap_metrics(pending, timing),
+              **{f'reward_{k}': float(v.mean()) for k, v in parts.items() if k.startswith('con_')}}
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
         logger.log(STAGE, step + 1, {**metrics, **host})
       meta = {'stage': STAGE, 'rollout_step': step + 1}
