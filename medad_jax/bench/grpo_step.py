@@ -120,8 +120,8 @@ def torch_inputs(cfg, batch: dict, group: int) -> dict:
   P, T = batch['prompt_ids_PT'].shape
   ids = np.concatenate([np.repeat(batch['prompt_ids_PT'], group, 0), batch['completion_ids_BN']], 1)
   mask = np.concatenate([np.repeat(batch['prompt_mask_PT'], group, 0), batch['completion_mask_BN']], 1)
-  L = batch['pixel_values_LC'].shape[0] // P
-  pix = np.repeat(batch['pixel_values_LC'].reshape(P, L, -1), group, 0).reshape(P * group * L, -1)
+  L = batch['pixel_values_ILC'].shape[1]   # one image per prompt, its patch bucket = its patch count
+  pix = np.repeat(batch['pixel_values_ILC'], group, 0).reshape(P * group * L, -1)
   side = int(round(np.sqrt(L)))
   return dict(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64)),
               pixel_values=torch.from_numpy(pix), image_grid_thw=torch.tensor([[1, side, side]] * (P * group)),
