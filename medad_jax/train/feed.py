@@ -66,18 +66,7 @@ def sft_batch(run: pl.Run, examples: list[dict]) -> dict:
     x = local[key]
     if x.shape[1] < M:   # this process's longest answer fell in a smaller bucket than another's
       local[key] = np.concatenate([x, np.full((x.shape[0], M - x.shape[1]), fill, x.dtype)], axis=1)
-  if 'image_src_BT' in local:
-    local['image_src_BT'] = _global_image_src(local['image_src_BT'], local['pixel_values_ILC'], cfg)
   return distributed.to_global(local, run.mesh_or_none())
-
-
-def _global_image_src(src: np.ndarray, pixels_ILC: np.ndarray, cfg) -> np.ndarray:
-  """A process's image-token feature rows (local to its own images) -> rows of the global batch's features:
-  the global image axis is the processes' image blocks in process order, each ``I_local * L / merge**2``
-  features long (every process has the same rows, buckets and images per row)."""
-  I, L = pixels_ILC.shape[:2]
-  offset = distributed.process_index() * I * (L // cfg.vision.spatial_merge_size ** 2)
-  return np.where(src >= 0, src + offset, -1).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------- sampler prompts
@@ -101,8 +90,6 @@ def prompt_batch(run: pl.Run, examples: list[dict], num_prompts: int):
                        image_grid_thw=np.concatenate(grids), length_buckets=(T,), patch_buckets=(L,),
                        num_prompts=num_prompts)
   fields = {f.name: getattr(pb, f.name) for f in dataclasses.fields(pb)}
-  if fields['pixel_values_ILC'] is not None:
-    fields['image_src_PT'] = _global_image_src(fields['image_src_PT'], fields['pixel_values_ILC'], cfg)
   return dataclasses.replace(pb, **distributed.to_global(fields, run.mesh_or_none(), PROMPT_DIMS))
 
 
