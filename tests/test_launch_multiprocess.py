@@ -34,7 +34,9 @@ TINY = ['model.preset=tiny', 'data.synth_images=20', 'data.image_size=56', 'data
         'sampling.max_new_tokens=8', 'eval.max_new_tokens=8', 'eval.max_examples=6', 'eval.batch_size=4',
         'eval.include_sft=False', 'ckpt.every_steps=2', 'ckpt.async_save=False', 'log.tensorboard=True',
         'export=True']
-TIMING_KEYS = {'time', 'sample_seconds', 'judge_seconds', 'device_seconds', 'overlap_frac'}
+# Wall times, and per-process bookkeeping (programs compiled by this process: a resumed process compiles anew).
+TIMING_KEYS = {'time', 'sample_seconds', 'judge_seconds', 'device_seconds', 'overlap_frac', 'compiled_programs',
+               'compiled_programs_sampler'}
 
 
 def _launch(tmp, name, workdir, cache, *, processes, devices, extra=()):
