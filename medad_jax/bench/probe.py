@@ -1,0 +1,354 @@
+r"""Pixel ceilings: how much of each task a small CNN reads off the images a run's model sees.
+
+    python -m medad_jax.bench probe                                        # the embedded default (congrpo)
+    python -m medad_jax.bench probe --config.data.image_size=112 --config.data.synth_images=1000
+    python -m medad_jax.bench probe --config=congrpo --epochs 40 --json probe.json
+
+What it measures: the data of a run config (``--config=<name>[:variants]`` and ``--config.<key>=<value>``
+overrides, parsed and checked as ``python -m medad_jax.launch`` does; default ``--config=congrpo``), built exactly
+as the run builds it (``train.pipeline.build_data``, the tokenizer and processor, the length limits of
+``data.lengths.apply_limits``: the same train / test questions). Each image is taken as the model sees it: the
+processor's resized, normalised patches put back into an ``[H, W, 3]`` picture (:func:`model_view`).
+
+Per task, one :class:`PixelCNN` (three stride-2 convolutions, a dense layer, a linear head) is trained from scratch
+on the task's *train* questions to predict the correct answer's text among the task's answer texts (every option
+text of its train questions), and scored on the task's *test* questions: its answer is the question's option whose
+text gets the highest logit. That is the question a policy answers (pick one of the four options from the image),
+with no language to learn, so its accuracy is a floor on what the pixels allow -- the ceiling a VLM trained on
+the same data can hope to approach. It is printed beside the blind answer prior of the run's evaluation
+(``train.evaluate.prior_baseline``, the ``Answer prior (no image)`` row: the most frequent correct text per task in
+train) and the embedded run's targets: every task >= prior + 15 points, anomaly detection >= 77 %, lesion
+localisation >= 60 %, overall (all test questions) >= 80 %.
+
+Deterministic: fixed seeds (``--seed``) for the initialisation and the batch order; no early stopping and no
+choice made on the test questions (the training settings are fixed before the test split is read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from medad_jax.model.layers import Linear
+
+log = logging.getLogger(__name__)
+
+# The embedded run's targets (fractions): per task at least prior + MARGIN, and these floors; overall at least
+# OVERALL_TARGET.
+MARGIN = 0.15
+TASK_FLOORS = {'anomaly_detection': 0.77, 'lesion_localization': 0.60}
+OVERALL_TARGET = 0.80
+
+
+class PixelCNN(nnx.Module):
+  """Stride-2 3x3 convolutions (ReLU), an optional max-pool of the last feature map onto a ``grid x grid`` array
+  of cells, a dense layer (ReLU) and one linear head per entry of ``num_classes``.
+
+  ``x_BHWC`` float images of side ``size``; returns a tuple of logits, one ``[B, n]`` array per head.
+  """
+
+  def __init__(self, size: int, num_classes: Sequence[int], rngs: nnx.Rngs, *,
+               channels: Sequence[int] = (16, 32, 32), hidden: int = 64, grid: int | None = None):
+    widths = (3, *channels)
+    self.convs = nnx.List([nnx.Conv(c_in, c_out, (3, 3), strides=2, rngs=rngs)
+                           for c_in, c_out in zip(widths[:-1], widths[1:])])
+    side = size
+    for _ in channels:
+      side = -(-side // 2)   # 'SAME' padding, stride 2
+    self.grid = grid
+    cells = side if grid is None else grid
+    self.fc = Linear(cells * cells * channels[-1], hidden, use_bias=True, rngs=rngs, init_std=0.02)
+    self.heads = nnx.List([Linear(hidden, n, use_bias=True, rngs=rngs) for n in num_classes])
+
+  def __call__(self, x_BHWC):
+    for c in self.convs:
+      x_BHWC = jax.nn.relu(c(x_BHWC))
+    if self.grid is not None:
+      B, H, W, C = x_BHWC.shape
+      g = self.grid
+      ch, cw = -(-H // g), -(-W // g)
+      x_BHWC = jnp.pad(x_BHWC, ((0, 0), (0, ch * g - H), (0, cw * g - W), (0, 0)))  # zeros: below any ReLU max
+      x_BHWC = x_BHWC.reshape(B, g, ch, g, cw, C).max((2, 4))
+    h = jax.nn.relu(self.fc(x_BHWC.reshape(x_BHWC.shape[0], -1)))
+    return tuple(head(h) for head in self.heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """How the probe trains (fixed before any test question is read)."""
+  epochs: int = 60
+  batch_size: int = 32
+  lr: float = 2e-3
+  weight_decay: float = 1e-4
+  seed: int = 0
+  channels: tuple[int, ...] = (16, 32, 64)
+  hidden: int = 64
+  grid: int | None = 4   # max-pool the last feature map onto 4 x 4 cells (the lesion regions are quadrants + centre)
+
+
+def _loss(model, x_BHWC, y_BK):
+  """Sum over heads of the mean cross-entropy over the rows labelled for that head (label -1: none)."""
+  total = 0.0
+  for k, logits in enumerate(model(x_BHWC)):
+    y = y_BK[:, k]
+    m = (y >= 0).astype(logits.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+    total += (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
+  return total
+
+
+@nnx.jit
+def _step(model, opt, x, y):
+  loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+  opt.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def _logits(model, x):
+  return model(x)
+
+
+def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence[int], s: TrainSettings
+                     ) -> PixelCNN:
+  """A :class:`PixelCNN` with a head per entry of ``num_classes``, trained by AdamW on images ``x`` and labels
+  ``y[:, k]`` (class of head k, -1 where the row has none) for ``s.epochs`` shuffled passes (the last partial
+  batch of each pass is dropped, a different one each pass)."""
+  model = PixelCNN(x_NHWC.shape[1], tuple(num_classes), nnx.Rngs(s.seed), channels=s.channels, hidden=s.hidden,
+                   grid=s.grid)
+  opt = nnx.Optimizer(model, optax.adamw(s.lr, weight_decay=s.weight_decay), wrt=nnx.Param)
+  rng = np.random.default_rng(s.seed)
+  bs = min(s.batch_size, len(x_NHWC))
+  for _ in range(s.epochs):
+    perm = rng.permutation(len(x_NHWC))
+    for i in range(0, len(perm) - bs + 1, bs):
+      b = perm[i:i + bs]
+      _step(model, opt, jnp.asarray(x_NHWC[b]), jnp.asarray(y_NK[b]))
+  return model
+
+
+def predict_logits(model: PixelCNN, x_NHWC: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+  """Every head's logits ``[N, n_k]`` on ``x``."""
+  parts = [_logits(model, jnp.asarray(x_NHWC[i:i + batch_size])) for i in range(0, len(x_NHWC), batch_size)]
+  return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
+
+
+# ----------------------------------------------------------------------------------------------- the data
+
+
+def model_view(processor, image) -> np.ndarray:
+  """``[H, W, 3]`` float32: the image as the model sees it -- the processor's patches (resized to its pixel
+  bounds, normalised) put back in place (first temporal frame of each patch)."""
+  pv_LP, (t, gh, gw) = processor.process_image(image)
+  v = processor.vision_cfg
+  m, p = v.spatial_merge_size, v.patch_size
+  # transformers' Qwen2-VL patch order: (t, h/m, w/m, m, m) patches of (C, temporal, p, p) values.
+  x = pv_LP.reshape(t, gh // m, gw // m, m, m, v.in_channels, v.temporal_patch_size, p, p)[0, ..., 0, :, :]
+  return np.ascontiguousarray(x.transpose(0, 2, 5, 1, 3, 6, 4).reshape(gh * p, gw * p, v.in_channels)
+                              .astype(np.float32))
+
+
+def _records(source) -> list:
+  it = source.iter_records() if hasattr(source, 'iter_records') else (source[i] for i in range(len(source)))
+  return list(it)
+
+
+def load_run_data(config):
+  """``(train records, test records, images by image id)`` of the run ``config`` describes, built as
+  ``train.pipeline.setup`` builds them (dataset, tokenizer, processor, length limits)."""
+  from medad_jax.data.lengths import apply_limits
+  from medad_jax.data.schema import load_image
+  from medad_jax.train import pipeline as pl
+  data = pl.build_data(config)
+  tok = pl.build_tokenizer(config, data)
+  proc = pl.build_processor(config, tok, pl.model_config(config, tok))
+  data = dataclasses.replace(data, **apply_limits(config.data, data, proc))
+  train, test = _records(data.train), _records(data.test)
+  images: dict[str, np.ndarray] = {}
+  for r in train + test:
+    if r.image_id not in images:
+      images[r.image_id] = model_view(proc, load_image(r))
+  shapes = {x.shape for x in images.values()}
+  if len(shapes) != 1:
+    raise ValueError(f'the probe needs one image size after the processor\'s resize; this dataset has {len(shapes)} '
+                     f'({sorted(shapes)[:5]}...)')
+  return train, test, images
+
+
+def _norm(text: str) -> str:
+  return text.strip().lower()   # the answer prior's key (train.evaluate.prior_baseline)
+
+
+@dataclasses.dataclass
+class TaskResult:
+  task: str
+  n_train: int
+  n_test: int
+  classes: int
+  prior: float
+  probe: float        # mean over the probe seeds
+  probe_std: float    # population std over the probe seeds
+  target: float
+
+  @property
+  def meets(self) -> bool:
+    return self.probe >= self.target
+
+
+def _rows(records: Sequence, tasks: Sequence[str]) -> tuple[list[str], list[tuple[int, int]]]:
+  """Rows of the probe's label matrix: one per image and occurrence (an image with two questions of one task gets
+  two rows). Returns the rows' image ids and, per record, its ``(row, task column)``."""
+  row_of: dict[tuple[str, int], int] = {}
+  seen: dict[tuple[str, str], int] = {}
+  ids, where = [], []
+  for r in records:
+    occ = seen.get((r.image_id, r.task), 0)
+    seen[(r.image_id, r.task)] = occ + 1
+    if (r.image_id, occ) not in row_of:
+      row_of[(r.image_id, occ)] = len(ids)
+      ids.append(r.image_id)
+    where.append((row_of[(r.image_id, occ)], list(tasks).index(r.task)))
+  return ids, where
+
+
+def probe(train: Sequence, test: Sequence, images: dict, tasks: Sequence[str], s: TrainSettings
+          ) -> dict[str, np.ndarray]:
+  """Trains one :class:`PixelCNN` with a head per task on the train questions and answers every test question:
+  ``{task: correctness (1 / 0) of each of its test questions, in test order}``."""
+  tasks = list(tasks)
+  train = [r for r in train if r.task in tasks]
+  test = [r for r in test if r.task in tasks]
+  labels = [sorted({_norm(o) for r in train if r.task == t for o in r.options}) for t in tasks]
+  index = [{t: i for i, t in enumerate(ls)} for ls in labels]
+  ids, where = _rows(train, tasks)
+  y = np.full((len(ids), len(tasks)), -1, np.int32)
+  for r, (row, k) in zip(train, where):
+    y[row, k] = index[k][_norm(r.answer_text)]
+  model = train_classifier(np.stack([images[i] for i in ids]), y, [len(ls) for ls in labels], s)
+  test_ids = sorted({r.image_id for r in test})
+  pos = {t: i for i, t in enumerate(test_ids)}
+  logits = predict_logits(model, np.stack([images[i] for i in test_ids]))
+  out: dict[str, list[float]] = {t: [] for t in tasks}
+  for r in test:
+    k = tasks.index(r.task)
+    # The option whose text scores highest; texts never seen in train cannot be chosen (ties: the earlier letter).
+    scores = [logits[k][pos[r.image_id], index[k][_norm(o)]] if _norm(o) in index[k] else -np.inf
+              for o in r.options]
+    out[r.task].append(float(int(np.argmax(scores)) == r.answer_index))
+  return {t: np.asarray(v) for t, v in out.items()}
+
+
+def run_probe(config, s: TrainSettings, data=None, seeds: Sequence[int] = (0,)) -> tuple[list[TaskResult], dict]:
+  """The probe on the run's data (``data``: a :func:`load_run_data` result, loaded when None), once per probe seed
+  in ``seeds`` (``s.seed`` is replaced); returns the per-task results (Table 1's order, mean and std over the
+  seeds) and the overall figures."""
+  from medad_jax.train.evaluate import TABLE1, prior_baseline
+  t0 = time.perf_counter()
+  train, test, images = data if data is not None else load_run_data(config)
+  data_s = time.perf_counter() - t0
+  tasks = [t for t, _ in TABLE1]
+  missing = [t for t in tasks if not any(r.task == t for r in train) or not any(r.task == t for r in test)]
+  if missing:
+    raise ValueError(f'tasks {missing} have no train or no test questions; the probe needs both for every task')
+  prior = prior_baseline(train, test).per_seed[0]
+  t0 = time.perf_counter()
+  runs = []
+  for seed in seeds:
+    runs.append(probe(train, test, images, tasks, dataclasses.replace(s, seed=int(seed))))
+    log.info('probe seed %d: %s', seed, ', '.join(f'{t} {100 * runs[-1][t].mean():.1f} %' for t in tasks))
+  train_s = time.perf_counter() - t0
+  acc = {t: np.array([c[t].mean() for c in runs]) for t in tasks}
+  acc_all = np.array([np.concatenate([c[t] for t in tasks]).mean() for c in runs])
+  results = [TaskResult(t, sum(r.task == t for r in train), len(runs[0][t]),
+                        len({_norm(o) for r in train if r.task == t for o in r.options}), prior[t],
+                        float(acc[t].mean()), float(acc[t].std()), max(prior[t] + MARGIN, TASK_FLOORS.get(t, 0.0)))
+             for t in tasks]
+  overall = {'n_train': len(train), 'n_test': len(test), 'prior': prior['overall'], 'probe': float(acc_all.mean()),
+             'probe_std': float(acc_all.std()), 'seeds': [int(x) for x in seeds],
+             'per_seed': {t: acc[t].tolist() for t in tasks} | {'overall': acc_all.tolist()}, 'target': OVERALL_TARGET,
+             'images': len(images), 'image_shape': list(next(iter(images.values())).shape), 'data_s': data_s,
+             'train_s': train_s}
+  return results, overall
+
+
+def format_report(results: Sequence[TaskResult], overall: dict) -> str:
+  """The per-task table (accuracies in %, the probe's as mean ± std over its seeds) and an overall row."""
+  n = len(overall['seeds'])
+  pm = lambda m, sd: f'{100 * m:.2f}' + (f' ± {100 * sd:.2f}' if n > 1 else '')  # noqa: E731
+  header = ('task', 'n_train', 'n_test', 'classes', 'prior %', 'probe %', 'target %', 'meets')
+  rows = [(r.task, r.n_train, r.n_test, r.classes, f'{100 * r.prior:.2f}', pm(r.probe, r.probe_std),
+           f'{100 * r.target:.2f}', 'yes' if r.meets else 'no') for r in results]
+  rows.append(('overall', overall['n_train'], overall['n_test'], '-', f'{100 * overall["prior"]:.2f}',
+               pm(overall['probe'], overall['probe_std']), f'{100 * overall["target"]:.2f}',
+               'yes' if overall['probe'] >= overall['target'] else 'no'))
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  line = lambda cells: '  '.join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                 for i, (c, w) in enumerate(zip(cells, widths)))
+  sep = '-' * len(line(header))
+  h, w, _ = overall['image_shape']
+  title = (f'pixel ceilings: a PixelCNN (one head per task) on {overall["images"]} images of {h}x{w} px as the '
+           f'model sees them, {n} probe seed(s)\n(targets: prior + {100 * MARGIN:.0f} points, anomaly detection >= '
+           f'{100 * TASK_FLOORS["anomaly_detection"]:.0f} %, lesion localisation >= '
+           f'{100 * TASK_FLOORS["lesion_localization"]:.0f} %, overall >= {100 * OVERALL_TARGET:.0f} %)')
+  return '\n'.join([title, sep, line(header), sep, *map(line, rows), sep,
+                    f'data {overall["data_s"]:.1f} s, training + scoring {overall["train_s"]:.1f} s'])
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Probe flags and the run-config flags (``--config=...``, ``--config.<key>=<value>``), kept apart."""
+  p = argparse.ArgumentParser(prog='python -m medad_jax.bench probe', description=__doc__.split('\n')[0],
+                              epilog='Run-config flags: --config=<name>[:variants] (default congrpo) and '
+                                     '--config.<key>=<value>, as for python -m medad_jax.launch.')
+  d = TrainSettings()
+  p.add_argument('--epochs', type=int, default=d.epochs, help='passes over the training images')
+  p.add_argument('--batch-size', type=int, default=d.batch_size)
+  p.add_argument('--lr', type=float, default=d.lr, help='AdamW learning rate')
+  p.add_argument('--weight-decay', type=float, default=d.weight_decay)
+  p.add_argument('--seeds', default='0,1,2', help='probe seeds (initialisation and batch order), comma-separated')
+  p.add_argument('--json', default=None, help='also write the results to this JSON file')
+  config_argv = [a for a in argv if a.startswith('--config=') or a.startswith('--config.')]
+  args = p.parse_args([a for a in argv if a not in config_argv])
+  try:
+    args.seeds = [int(x) for x in args.seeds.split(',') if x.strip()]
+  except ValueError:
+    p.error(f'--seeds: expected comma-separated integers, got {args.seeds!r}')
+  if not args.seeds:
+    p.error('--seeds: give at least one seed')
+  if not any(a.startswith('--config=') for a in config_argv):
+    config_argv = ['--config=congrpo', *config_argv]
+  return args, config_argv
+
+
+def main(argv: list[str]) -> int:
+  from medad_jax import launch
+  from medad_jax.bench import common
+  common.setup_logging()
+  for noisy in ('absl', 'tensorflow_datasets', 'etils', 'grain'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  args, config_argv = parse_args(argv)
+  try:
+    config, _ = launch.parse(['probe', *config_argv])
+  except launch.ConfigError as e:
+    raise SystemExit(f'python -m medad_jax.bench probe: {e}') from None
+  s = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay)
+  common.emit(f'machine: {common.machine_summary()}')
+  common.emit(f'config: {" ".join(config_argv)}; probe: {s}, seeds {args.seeds}')
+  results, overall = run_probe(config, s, seeds=args.seeds)
+  common.emit(format_report(results, overall))
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(common.to_jsonable({'argv': argv, 'config': config_argv, 'machine': common.machine_summary(),
+                                    'settings': dataclasses.asdict(s),
+                                    'tasks': [dict(dataclasses.asdict(r), meets=r.meets) for r in results],
+                                    'overall': overall}), f, indent=2)
+  return 0
