@@ -3,16 +3,15 @@ region off medad-synth images far above chance."""
 
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from medad_jax.bench.probe import PixelCNN
 from medad_jax.data import regions, synth
 from medad_jax.data.schema import MODALITIES
-from medad_jax.model.layers import Linear
 
 POOL = 4  # 224 -> 56: the classifier sees a 4x4 mean-pooled image
 NO_LESION = len(regions.REGIONS)  # region class 5 = "no lesion"
@@ -26,24 +25,6 @@ def _dataset(cfg):
     mods.append(MODALITIES.index(img.modality))
     locs.append(regions.REGIONS.index(img.region) if img.region else NO_LESION)
   return np.stack(xs).astype(np.float32), np.array(mods), np.array(locs)
-
-
-class TinyNet(nnx.Module):
-  """Three stride-2 convolutions, then a dense layer and two heads (modality, region-or-none)."""
-
-  def __init__(self, size: int, rngs: nnx.Rngs):
-    self.convs = nnx.List([nnx.Conv(c_in, c_out, (3, 3), strides=2, rngs=rngs)
-                           for c_in, c_out in ((3, 16), (16, 32), (32, 32))])
-    side = size // 8
-    self.fc = Linear(side * side * 32, 64, use_bias=True, rngs=rngs, init_std=0.02)
-    self.modality = Linear(64, len(MODALITIES), use_bias=True, rngs=rngs)
-    self.region = Linear(64, len(regions.REGIONS) + 1, use_bias=True, rngs=rngs)
-
-  def __call__(self, x_BHWC):
-    for c in self.convs:
-      x_BHWC = jax.nn.relu(c(x_BHWC))
-    h = jax.nn.relu(self.fc(x_BHWC.reshape(x_BHWC.shape[0], -1)))
-    return self.modality(h), self.region(h)
 
 
 def _loss(model, x, mod, loc):
@@ -70,7 +51,8 @@ def test_tiny_classifier_reads_modality_and_lesion_region_from_pixels():
   base = dict(image_size=224, pairs='realistic')
   x_tr, m_tr, l_tr = _dataset(synth.SynthConfig(num_images=640, seed=100, **base))
   x_te, m_te, l_te = _dataset(synth.SynthConfig(num_images=240, seed=200, **base))
-  model = TinyNet(x_tr.shape[1], nnx.Rngs(0))
+  # Three stride-2 convolutions, a dense layer and two heads (modality, region-or-none).
+  model = PixelCNN(x_tr.shape[1], (len(MODALITIES), len(regions.REGIONS) + 1), nnx.Rngs(0))
   opt = nnx.Optimizer(model, optax.adam(2e-3), wrt=nnx.Param)
   rng = np.random.default_rng(0)
   t0 = time.perf_counter()
