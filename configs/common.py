@@ -153,6 +153,7 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       'cache_dir': 'data',
       'synth_images': synth_images,
       'synth_seed': 0,
+      'synth_lesion_scale': 1.0,  # lesion conspicuity: every lesion's size x this (medad_jax.data.synth.SynthConfig)
       'image_size': image_size,
       'test_fraction': 0.3,  # paper §4.1
       # What the SFT target's answer block holds: 'letter' (the paper, <answer>C</answer>) or 'option' (the

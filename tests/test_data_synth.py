@@ -222,6 +222,26 @@ def test_builder_names_tell_configs_apart():
   base = synth.SynthConfig(num_images=10, image_size=56)
   names = {tfds_builders.synth_builder_config(c).name for c in (
       base, dataclasses.replace(base, cot_letters=False), dataclasses.replace(base, test_fraction=0.2),
-      dataclasses.replace(base, abnormal_fraction=0.5))}
-  assert len(names) == 4
+      dataclasses.replace(base, abnormal_fraction=0.5), dataclasses.replace(base, lesion_scale=1.5))}
+  assert len(names) == 5
   assert tfds_builders.synth_builder_config(base).name == 'n10_s0_px56_realistic'  # earlier builds stay valid
+
+
+def test_lesion_scale_enlarges_lesions_and_changes_nothing_else():
+  """The conspicuity knob: the same labels, questions, options and answers (so the same blind prior), normal
+  images byte for byte, lesions ~scale**2 larger in area and still in their labelled region; out of range refused."""
+  cfg = synth.SynthConfig(num_images=40, seed=7, image_size=84, pairs='all')
+  base, big = list(synth.generate(cfg)), list(synth.generate(dataclasses.replace(cfg, lesion_scale=1.5)))
+  areas = []
+  for (img_a, recs_a), (img_b, recs_b) in zip(base, big):
+    assert (img_a.modality, img_a.anatomy, img_a.pathology, img_a.region) == (
+        img_b.modality, img_b.anatomy, img_b.pathology, img_b.region)
+    assert [(r.question, r.options, r.answer) for r in recs_a] == [(r.question, r.options, r.answer) for r in recs_b]
+    if img_a.pathology is None:
+      assert img_a.png == img_b.png
+    else:
+      assert regions.region_of(*img_b.centroid) == img_b.region
+      areas.append(img_b.lesion_mask.sum() / img_a.lesion_mask.sum())
+  assert len(areas) >= 15 and np.median(areas) > 1.6, (len(areas), np.median(areas))
+  with pytest.raises(ValueError, match='lesion_scale'):
+    synth.SynthConfig(lesion_scale=2.0)

@@ -34,11 +34,13 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
   p.add_argument('--abnormal_fraction', type=float, default=d.abnormal_fraction)
   p.add_argument('--test_fraction', type=float, default=d.test_fraction)
   p.add_argument('--pairs', choices=('realistic', 'all'), default=d.pairs)
+  p.add_argument('--lesion_scale', type=float, default=d.lesion_scale, help='lesion size factor (conspicuity)')
 
 
 def _synth_cfg(a) -> synth.SynthConfig:
   return synth.SynthConfig(num_images=a.num_images, seed=a.seed, image_size=a.image_size,
-                           abnormal_fraction=a.abnormal_fraction, test_fraction=a.test_fraction, pairs=a.pairs)
+                           abnormal_fraction=a.abnormal_fraction, test_fraction=a.test_fraction, pairs=a.pairs,
+                           lesion_scale=a.lesion_scale)
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:

@@ -69,6 +69,12 @@ class SynthConfig:
   # False: the thoughts conclude with the option text only, never the letter (for the ``option`` answer format,
   # ``schema.ANSWER_FORMATS``); the images, questions, options and answers are the same either way.
   cot_letters: bool = True
+  # Lesion conspicuity, a difficulty knob: every lesion's size (radii, the spread and size of calcification dots)
+  # times this factor; 1.0 is the benchmark as designed. Small images make small lesions a pixel or two wide (a
+  # calcification dot at 84 px), so a scale > 1 keeps them visible. Labels follow the drawn mask either way, the
+  # random draws are the same (1.0 gives the same bytes as before the knob) and the answer statistics -- the blind
+  # prior -- do not change; only what the pixels show does.
+  lesion_scale: float = 1.0
 
   @classmethod
   def tiny(cls, seed: int = 0) -> 'SynthConfig':
@@ -89,6 +95,8 @@ class SynthConfig:
       raise ValueError(f"pairs must be 'realistic' or 'all', got {self.pairs!r}")
     if not (0.0 <= self.abnormal_fraction <= 1.0 and 0.0 < self.test_fraction < 1.0):
       raise ValueError(f'bad fractions in {self}')
+    if not 0.75 <= self.lesion_scale <= 1.5:  # at 2.0 some lesions no longer fit their region's field of view
+      raise ValueError(f'lesion_scale must be in [0.75, 1.5], got {self}')
 
   def pair_list(self) -> tuple[tuple[str, str], ...]:
     return REALISTIC_PAIRS if self.pairs == 'realistic' else tuple((m, a) for m in MODALITIES for a in ANATOMIES)
@@ -382,12 +390,14 @@ def render_modality(modality: str, t: np.ndarray, rng: np.random.Generator) -> n
 _LESION_REACH = 0.16  # bound on every lesion footprint's radius (Mass: 0.12 * 1.22 * 1.05; Infiltrate: 0.11 * 1.39)
 
 
-def lesion_alpha(pathology: str, cx: float, cy: float, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator):
+def lesion_alpha(pathology: str, cx: float, cy: float, X: np.ndarray, Y: np.ndarray, rng: np.random.Generator,
+                 scale: float = 1.0):
   """``(alpha, target)`` on the coordinate window ``X, Y``: blending weight and the tissue value ``t`` is pulled to
-  (``t <- t * (1 - alpha) + target * alpha``)."""
+  (``t <- t * (1 - alpha) + target * alpha``). ``scale``: ``SynthConfig.lesion_scale`` (sizes only; the same random
+  draws)."""
   shape = X.shape
   if pathology == 'Mass':
-    r = rng.uniform(0.09, 0.12)
+    r = rng.uniform(0.09, 0.12) * scale
     theta = np.arctan2(Y - cy, X - cx)
     ks = np.arange(2, 6)
     amp, ph = rng.uniform(0.3, 1.0, 4), rng.uniform(0, 2 * np.pi, 4)
@@ -396,12 +406,12 @@ def lesion_alpha(pathology: str, cx: float, cy: float, X: np.ndarray, Y: np.ndar
     alpha = np.clip((1.0 - d) / 0.1 + 0.5, 0, 1)
     return alpha, 0.88 + 0.1 * _smooth_noise(rng, shape, (8, 8))
   if pathology == 'Cyst':
-    r = rng.uniform(0.065, 0.085)
+    r = rng.uniform(0.065, 0.085) * scale
     d = _ellipse(X, Y, cx, cy, r, r * rng.uniform(0.8, 1.0), rng.uniform(0, np.pi))
     alpha = np.clip((1.0 - d) / 0.06 + 0.5, 0, 1)
     return alpha, np.where(d > 0.75, 0.97, 0.03).astype(np.float32)
   if pathology == 'Nodule':
-    r = rng.uniform(0.042, 0.055)
+    r = rng.uniform(0.042, 0.055) * scale
     d = _ellipse(X, Y, cx, cy, r, r)
     return np.clip((1.0 - d) / 0.08 + 0.5, 0, 1), np.full(shape, 1.0, np.float32)
   if pathology == 'Calcification':
@@ -409,14 +419,14 @@ def lesion_alpha(pathology: str, cx: float, cy: float, X: np.ndarray, Y: np.ndar
     n = int(rng.integers(5, 9))
     # Dots placed symmetrically in pairs around the centre keep the cluster centroid near (cx, cy).
     for _ in range(n // 2 + n % 2):
-      ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.018, 0.05)
-      rd = rng.uniform(0.011, 0.015)
+      ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0.018, 0.05) * scale
+      rd = rng.uniform(0.011, 0.015) * scale
       for sgn in (1.0, -1.0):
         d = _ellipse(X, Y, cx + sgn * rad * np.cos(ang), cy + sgn * rad * np.sin(ang), rd, rd)
         alpha = np.maximum(alpha, np.clip((1.0 - d) / 0.15 + 0.5, 0, 1))
     return alpha, np.full(shape, 1.0, np.float32)
   if pathology == 'Infiltrate':
-    r = rng.uniform(0.09, 0.11)
+    r = rng.uniform(0.09, 0.11) * scale
     ang = rng.uniform(0, np.pi)
     d = _ellipse(X, Y, cx, cy, r, r * rng.uniform(0.65, 0.85), ang)
     alpha = 0.9 * np.exp(-1.5 * d ** 2)
@@ -437,21 +447,22 @@ def mask_centroid(mask: np.ndarray) -> tuple[float, float]:
   return float((jj.mean() + 0.5) / w), float((ii.mean() + 0.5) / h)
 
 
-def place_lesion(pathology: str, region: str, t: np.ndarray, fov: np.ndarray, rng: np.random.Generator):
+def place_lesion(pathology: str, region: str, t: np.ndarray, fov: np.ndarray, rng: np.random.Generator,
+                 scale: float = 1.0):
   """Samples a lesion in ``region`` whose whole footprint lies inside ``fov`` and the image; prefers a centre on
-  tissue. Returns full-size ``(alpha, target)``."""
+  tissue. ``scale``: ``SynthConfig.lesion_scale``. Returns full-size ``(alpha, target)``."""
   size = t.shape[0]
   X, Y = _grid(size)
   inner = fov.copy()
   inner[[0, -1], :] = inner[:, [0, -1]] = False  # a footprint touching the edge would be cut off
-  reach = int(np.ceil(_LESION_REACH * size)) + 1
+  reach = int(np.ceil(_LESION_REACH * scale * size)) + 1
   for attempt in range(1000):
     cx, cy = regions.sample_point(rng, region, margin=0.06)
     i, j = int(cy * size), int(cx * size)
     if not fov[i, j] or (attempt < 500 and t[i, j] < 0.1):
       continue  # outside the field of view, or (at first) on background rather than tissue
     win = (slice(max(0, i - reach), min(size, i + reach + 1)), slice(max(0, j - reach), min(size, j + reach + 1)))
-    alpha, target = lesion_alpha(pathology, cx, cy, X[win], Y[win], rng)
+    alpha, target = lesion_alpha(pathology, cx, cy, X[win], Y[win], rng, scale)
     mask = alpha >= 0.5
     if not mask.any() or np.any((alpha > _ALPHA_FOOTPRINT) & ~inner[win]):
       continue
@@ -525,7 +536,7 @@ def generate_image(plan: SynthPlan, k: int, *, with_lesion: bool = True) -> Synt
   mask = footprint = np.zeros((size, size), bool)
   centroid = None
   if abnormal:
-    alpha, target = place_lesion(pathology, region, t, field_of_view(modality, size), r_lesion)
+    alpha, target = place_lesion(pathology, region, t, field_of_view(modality, size), r_lesion, cfg.lesion_scale)
     mask, footprint = alpha >= 0.5, alpha > 0
     centroid = mask_centroid(mask)
     region = regions.region_of(*centroid)  # the label is read off the drawn mask

@@ -191,6 +191,8 @@ def synth_builder_config(cfg: synth.SynthConfig) -> MedadSynthConfig:
     name += f'_te{cfg.test_fraction:g}'
   if not cfg.cot_letters:
     name += '_textcot'
+  if cfg.lesion_scale != default.lesion_scale:
+    name += f'_ls{cfg.lesion_scale:g}'
   return MedadSynthConfig(name=name, synth=cfg, description=f'medad-synth {cfg}')
 
 

@@ -93,7 +93,8 @@ def build_data(config) -> Data:
   tfds_dir = os.path.join(cache_root(config), 'tfds')
   if d.source == 'synth':
     scfg = synth.SynthConfig(num_images=d.synth_images, seed=d.synth_seed, image_size=d.image_size,
-                             test_fraction=d.test_fraction, cot_letters=d.answer_format == 'letter')
+                             test_fraction=d.test_fraction, cot_letters=d.answer_format == 'letter',
+                             lesion_scale=d.get('synth_lesion_scale', 1.0))
     log.info('data: medad-synth %s (built once under %s)', scfg, tfds_dir)
     builder_dir = tfds_builders.build_synth(scfg, tfds_dir)
   elif d.source == 'medad38k':
