@@ -34,15 +34,15 @@ Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of
   and below fp32 one more copy in the compute dtype. In the Con-GRPO update the prompt runs once per prompt
   (``P`` rows of ``T``) and the completions are ``B`` rows of ``N``. Batch axes are divided by ``dp``; with tensor
   parallelism GSPMD splits every activation ``tp`` ways, which is what the plan assumes (checked on CPU).
-* rematerialisation (``model.remat``): XLA:CPU keeps :data:`REMAT_KEPT` of that set per layer -- measured, not
-  analytic: ``--measure-layer`` compiles the update with ``L`` and ``L + 1`` decoder layers and takes the
-  difference of the temp bytes. Measured: ``full`` 0.93 (tiny SFT), 0.94 (tiny Con-GRPO), 0.99 (3B Con-GRPO at
-  the paper's shapes, bf16, 1 microbatch), 0.86 (the same, 4 microbatches: ``congrpo:paper``); the plan uses 0.90.
-  ``dots`` 0.87 (tiny Con-GRPO). With the decoder layers unrolled in the HLO, XLA's
-  scheduler places the recomputed forward of every layer early (its inputs are all available), so almost
-  everything stays alive; a ``lax.scan`` over the layers would bound it (a toy stack of 8 layers on XLA:CPU:
-  293 MiB without remat, 260 MiB with remat unrolled, 82 MiB with remat under ``scan``).
-* one layer's fp32 attention scores in flight while a layer's backward (or the reference forward) runs.
+* rematerialisation (``model.remat``): the layers then run as a ``lax.scan`` with a checkpointed body
+  (``model/text.py``): every layer's input is kept (``L * rows * D`` in the compute dtype), one layer's no-remat set
+  is in flight during its backward, and the layers' weights are stacked once for the scan. This remat model is a
+  rough estimate, not fitted: on the tiny preset it is 9-43 % above XLA's temp bytes, on the 3B Con-GRPO update at
+  the paper's shapes 43 % below (planned 17.3 GiB of temporaries, XLA 30.3 GiB); trust ``--check-xla`` (the real
+  step compiled with abstract weights) for a verdict. Unrolled (before the scan), XLA:CPU kept 0.86-0.99 of the
+  no-remat set: its scheduler runs the recomputed forward of every layer early.
+* without remat, one layer's fp32 attention scores in flight while a layer's backward (or the reference forward)
+  runs.
 * the LM head: only ``logits_chunk`` positions' fp32 logits exist at a time (``rl/update.py``
   ``chunked_token_logprobs``, rematerialised): :data:`LOGITS_CHUNK_BUFFERS` ``[chunk, V]`` fp32 buffers, fitted to
   the layer-independent part of XLA's temp. SFT scores only the target positions (``target_len``).
@@ -102,9 +102,6 @@ SAVED_PROBS_PREFIX = 3   # completion rows attending the shared prompt prefix + 
 # probabilities are saved once more in the compute dtype (the softmax output cast for the AV product).
 SAVED_D_FP32_LOW_PRECISION = 3
 SAVED_PROBS_LOW_PRECISION = 1
-# What XLA:CPU keeps per decoder layer under Qwen25VLConfig.remat, as a fraction of the no-remat set: measured as
-# the temp-byte difference between the compiled update with L+1 and L decoder layers (``--measure-layer``).
-REMAT_KEPT = {'none': 1.0, 'full': 0.90, 'dots': 0.87}
 # fp32 [chunk, V] buffers of the chunked LM head alive at once (fitted to the layer-independent part of XLA's temp
 # bytes: 2.2 on the tiny SFT and Con-GRPO steps, 2.4 on the 3B Con-GRPO update).
 LOGITS_CHUNK_BUFFERS = 2.3
@@ -371,7 +368,7 @@ class Activations:
 
 def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, remat: str | None = None) -> Activations:
   """Saved decoder activations of one (micro)batch on one device under ``remat`` (default ``w.remat``): the
-  no-remat set, scaled by :data:`REMAT_KEPT` (what XLA:CPU keeps under ``'full'`` / ``'dots'``, measured)."""
+  no-remat set, or under remat the scanned layers' inputs plus one layer's set in flight."""
   remat = w.remat if remat is None else remat
   t = cfg.text
   ab, tp, L = dtype_bytes(w.dtype), mesh.tensor, t.num_layers
@@ -387,9 +384,27 @@ def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, remat:
     rows_p, keys_p, rows_c, keys_c = P * T, T, B * N, T + N
   probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp, act_bytes=ab)
                  + attention_probs_bytes(t, rows_c, keys_c, tp, prefix=True, act_bytes=ab))
-  f = REMAT_KEPT[remat]
-  return Activations(prompt=f * L * rows_p * prompt_row, completion=f * L * rows_c * comp_row,
-                     probs=f * L * probs_layer, remat=remat)
+  if remat == 'none':
+    return Activations(prompt=L * rows_p * prompt_row, completion=L * rows_c * comp_row, probs=L * probs_layer,
+                       remat=remat)
+  # remat: the layers run as a lax.scan with a checkpointed body (model/text.py): each layer's input is kept
+  # ([L, rows, D] in the compute dtype) and the backward recomputes one layer at a time, so one layer's no-remat
+  # set is in flight (``dots`` keeps its matmul outputs too: counted as the whole set, an upper bound).
+  D = t.hidden_size
+  return Activations(prompt=L * rows_p * D * ab / tp + rows_p * prompt_row,
+                     completion=L * rows_c * D * ab / tp + rows_c * comp_row, probs=probs_layer, remat=remat)
+
+
+def stacked_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
+  """With remat the layers' weights are stacked for the scan inside the step (``model/text.py``
+  ``_scan_layers``): one copy of every decoder-layer parameter (frozen in ``param_dtype``, LoRA in fp32)."""
+  pb = dtype_bytes(w.param_dtype)
+  total = 0.0
+  for path, shape, lo in param_shapes(cfg, w.lora_rank if w.trainable == 'lora' else 0, w.lora_pattern):
+    if path.startswith('model/layers/'):
+      n = math.prod(shape)
+      total += n * (4 if lo else pb) / (mesh.tensor if len(shape) == 2 else 1) / (mesh.fsdp if len(shape) == 2 else 1)
+  return total
 
 
 def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
@@ -561,14 +576,19 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
   elif w.param_dtype != w.dtype:
     terms.append(Term('weight cast to the compute dtype (1 layer)', pc.decoder_layer_matrices / tp * ab, 'update'))
   mb = f'microbatch 1/{w.num_microbatches}, ' if w.num_microbatches > 1 else ''
-  kept = f'remat={w.remat}: x{REMAT_KEPT[w.remat]:.2f} of the no-remat set (measured)'
+  kept = (f'remat={w.remat}: layer inputs of every layer + one layer\'s set in flight (scanned layers)'
+          if w.remat != 'none' else 'remat=none')
+  if w.remat != 'none':
+    terms.append(Term('decoder weights stacked for the layer scan', stacked_weights_bytes(cfg, w, mesh), 'update',
+                      'model/text.py _scan_layers'))
   terms.append(Term('activations: prompt rows' if w.stage == 'congrpo' else 'activations: sequence rows',
                     acts.prompt, 'update', mb + kept))
   if w.stage == 'congrpo':
     terms.append(Term('activations: completion rows (shared prompt prefix)', acts.completion, 'update'))
   terms.append(Term('activations: attention probabilities', acts.probs, 'update'))
-  terms.append(Term('attention scores of the layer in flight (fp32)', attention_scores_in_flight(cfg, w, mesh),
-                    'update', 'the backward\'s (or the reference forward\'s) current layer'))
+  if w.remat == 'none':   # with remat the layer in flight is counted in the activations above
+    terms.append(Term('attention scores of the layer in flight (fp32)', attention_scores_in_flight(cfg, w, mesh),
+                      'update', 'the backward\'s (or the reference forward\'s) current layer'))
   rows = scored_rows(w, mesh)
   terms.append(Term('LM head: one chunk of fp32 logits', logits_chunk_bytes(rows, w.logits_chunk, t.vocab_size, tp),
                     'update', f'{min(w.logits_chunk, rows):,.0f} of {rows:,.0f} positions x V={t.vocab_size:,}'))
@@ -631,7 +651,7 @@ def format_plan(p: Plan, device: Device | None = None) -> str:
   if w.stage == 'congrpo':
     lines.append(f'  {"state + rollout":<{width}}{_gib(p.total("rollout"))}')
   lines.append(f'  {"activations without / with remat=full":<{width}}{_gib(p.activations_no_remat)} / '
-               f'{p.activations_remat / GiB:.2f} GiB (what XLA:CPU keeps, measured: --measure-layer)')
+               f'{p.activations_remat / GiB:.2f} GiB (planned; XLA per layer: --measure-layer)')
   f = p.flops
   lines.append('-- FLOPs per optimizer step (whole mesh)')
   lines.append(f'  rollout {f.rollout:.3e}   update {f.update:.3e} (forward {f.update_forward:.3e}, backward '
@@ -820,7 +840,7 @@ def check_against_xla(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape = MeshSh
 def measure_layer(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape = MeshShape()) -> dict[str, float]:
   """What XLA keeps per decoder layer: the compiled update's temp bytes with ``L + 1`` minus with ``L`` layers
   (everything else equal) -> ``{'xla': bytes, 'planned': bytes, 'no_remat_planned': bytes}`` per layer. This is
-  how :data:`REMAT_KEPT` and the ``SAVED_*`` widths were measured (``--measure-layer``)."""
+  how the ``SAVED_*`` widths were measured (``--measure-layer``)."""
   L = cfg.text.num_layers
   temps = []
   for n in (L, L + 1):

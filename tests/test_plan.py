@@ -85,7 +85,6 @@ XLA_CASES = [
     ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16', 'none'),
     ('sft', 'data=1', 2, 4, 1, 48, 0, 'float32', 'none'),
     ('sft', 'data=1', 1, 4, 1, 48, 0, 'bfloat16', 'none'),
-    ('congrpo', 'data=1', 1, 4, 4, 32, 16, 'bfloat16', 'full'),
 ]
 
 
@@ -125,15 +124,15 @@ def test_workload_of_the_paper_config():
 
 
 def test_cli_prints_the_plan_and_a_verdict(capsys):
-  assert PL.main(['--config=congrpo:paper', '--mesh=data=1,fsdp=1,tensor=1', '--device', 'h100-80g', '--fit']) == 0
+  # The paper's config (remat=full: scanned layers) fits one 80 GB device; without remat it does not, and the
+  # search names the config keys of the smallest change that fits.
+  assert PL.main(['--config=congrpo:paper', '--mesh=data=1,fsdp=1,tensor=1', '--device', 'h100-80g']) == 0
   out = capsys.readouterr().out
-  assert 'DOES NOT FIT' in out and 'rollout KV cache (group layout)' in out and 'FLOPs per optimizer step' in out
-  # With the decoder's remat as XLA:CPU keeps it (REMAT_KEPT), 1,024-token completions fit no setting of 1 device;
-  # 256-token ones do with microbatching, and the search names the config keys.
-  assert 'nothing fits' in out
-  assert PL.main(['--config=congrpo:paper', '--set=sampling.max_new_tokens=256', '--device', 'h100-80g', '--fit']) == 0
+  assert ': FITS' in out and 'rollout KV cache (group layout)' in out and 'FLOPs per optimizer step' in out
+  assert PL.main(['--config=congrpo:paper', '--set=model.remat=none', '--device', 'h100-80g', '--fit']) == 0
   out = capsys.readouterr().out
-  assert 'smallest change that fits' in out and '--config.rl.num_microbatches=' in out
+  assert 'DOES NOT FIT' in out
+  assert 'smallest change that fits' in out and '--config.model.remat=' in out
   assert PL.main(['--config=congrpo', '--mesh=data=-1', '--devices', '8', '--device', 'v5e']) == 0
   out = capsys.readouterr().out
   assert 'mesh data=8,fsdp=1,tensor=1' in out and ': FITS' in out
@@ -170,3 +169,16 @@ def test_fit_search_orders_by_the_smallest_change():
   peaks = {(f.remat, f.num_microbatches): f.peak for f in fits}
   assert all(peaks[(r, k)] >= peaks[(r, 2 * k)] for r in PL.REMAT for k in (1, 2, 4))
   assert all(peaks[('full', k)] <= peaks[('none', k)] for k in (1, 2, 4, 8))
+
+
+def test_remat_scans_the_layers_so_a_layer_keeps_little():
+  """With remat the decoder layers run as a ``lax.scan`` with a checkpointed body (``model/text.py``): what XLA keeps
+  per extra decoder layer (compiled temp bytes with L+1 minus L layers) is a small fraction of what an extra layer
+  costs without remat. (Unrolled, XLA:CPU kept 0.86-0.99 of it.)"""
+  cfg = Qwen25VLConfig.tiny()
+  per_layer = {}
+  for remat in ('none', 'full'):
+    w = PL.Workload(stage='congrpo', prompts=4, group_size=4, prompt_len=32, completion_len=16, image_patches=16,
+                    lora_rank=8, dtype='bfloat16', param_dtype='bfloat16', remat=remat)
+    per_layer[remat] = PL.measure_layer(cfg, w)['xla']
+  assert per_layer['none'] > 0 and per_layer['full'] < 0.25 * per_layer['none'], per_layer
