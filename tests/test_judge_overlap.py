@@ -28,6 +28,7 @@ def _run(tmp_path, cache, server, name, overlap):
   return [r for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl')) if r['stage'] == 'congrpo']
 
 
+@pytest.mark.heavy
 def test_overlapped_reference_pass_equals_the_sequential_loop(tmp_path, monkeypatch):
   # the untrained model's rollouts made well formed, so that they earn rewards and reach the judge
   monkeypatch.setattr(pl, 'decode_completions', well_formed(pl.decode_completions))

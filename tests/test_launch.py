@@ -103,6 +103,7 @@ class Crash(RuntimeError):
   pass
 
 
+@pytest.mark.heavy
 def test_kill_and_resume_equals_uninterrupted(smoke_run, tmp_path, monkeypatch):
   """A crash at SFT step 3 (after the step-2 checkpoint); the same command again crashes at Con-GRPO step 3; the
   third launch finishes. The final checkpoints of both stages equal the uninterrupted run's bit for bit (CPU is

@@ -24,6 +24,8 @@ import pytest
 from medad_jax.metrics import read_jsonl
 from medad_jax.testing import audit, multiprocess as mp
 
+pytestmark = pytest.mark.heavy  # ~15 min on 2 cores: python3 -m pytest -q -m heavy tests
+
 TOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 900   # one run of the tiny pipeline; normally a few minutes on 2 busy cores

@@ -58,6 +58,7 @@ def _overall(run_dir, policy):
   return 100 * float(np.mean([s['overall'] for s in pols[policy]['per_seed']])), sorted(pols)
 
 
+@pytest.mark.heavy
 def test_smoke_sweep_two_variants_two_seeds_resumed(tmp_path):
   out = tmp_path / 'sweep'
   overrides = [*SMOKE, f'data.cache_dir={tmp_path / "cache"}']
