@@ -316,8 +316,9 @@ def apply_paper_scale(config: ml_collections.ConfigDict) -> None:
   The paths are placeholders the launcher checks (naming each missing one) before any work.
   """
   # Memory settings for one accelerator: the frozen base in bf16 (LoRA adapters and their AdamW moments stay fp32),
-  # rematerialised layers, microbatches of whole prompts. Whether this fits 80 GB is measured by
-  # ``python -m medad_jax.bench paper_scale`` (WORKSPACE.md "The model at paper scale": not yet, on XLA:CPU).
+  # rematerialised (scanned) layers, microbatches of whole prompts. The Con-GRPO update compiles to 7.5 GiB of
+  # arguments + 30.3 GiB of temporaries on one device (``python -m medad_jax.plan --config=congrpo:paper
+  # --mesh=data=1 --check-xla``; WORKSPACE.md "The model at paper scale"); the SFT step is not yet measured.
   config.model = model_config('qwen2_5_vl_3b', dtype='bfloat16', param_dtype='bfloat16', tokenizer='qwen2')
   config.model.remat = 'full'
   if 'sft' in config:

@@ -51,7 +51,7 @@ update's prompt and completion passes, the sampler's prefill) runs the layers as
 stacked weights with a checkpointed body (:meth:`TextModel._scan_layers`): XLA then keeps only each layer's input
 and recomputes one layer at a time in the backward. Unrolled, XLA:CPU kept 0.86-0.99 of the no-remat activations
 (its scheduler runs the recomputations early); under the scan the 3B Con-GRPO update at the paper's shapes needs
-30.3 GiB of temporaries instead of 262 GiB (``python -m medad_jax.plan --config=congrpo:paper --check-xla``).
+30.3 GiB of temporaries instead of about 258 GiB (``python -m medad_jax.plan --config=congrpo:paper --check-xla``).
 The cached decode path keeps a per-layer loop (``nnx.remat`` per layer when remat is on).
 """
 
