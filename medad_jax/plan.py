@@ -36,11 +36,13 @@ Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of
   parallelism GSPMD splits every activation ``tp`` ways, which is what the plan assumes (checked on CPU).
 * rematerialisation (``model.remat``): the layers then run as a ``lax.scan`` with a checkpointed body
   (``model/text.py``): every layer's input is kept (``L * rows * D`` in the compute dtype), one layer's no-remat set
-  is in flight during its backward, and the layers' weights are stacked once for the scan. This remat model is a
-  rough estimate, not fitted: on the tiny preset it is 9-43 % above XLA's temp bytes, on the 3B Con-GRPO update at
-  the paper's shapes 43 % below (planned 17.3 GiB of temporaries, XLA 30.3 GiB); trust ``--check-xla`` (the real
-  step compiled with abstract weights) for a verdict. Unrolled (before the scan), XLA:CPU kept 0.86-0.99 of the
-  no-remat set: its scheduler runs the recomputed forward of every layer early.
+  is in flight during its backward -- with :data:`REMAT_PROBS` fp32 copies of its attention probabilities, read
+  in XLA's buffer assignment --, and the layers' weights are stacked once for the scan. Below fp32, XLA:CPU also
+  keeps fp32 copies of bf16 matmul operands (stacked weights, saved layer inputs, embedding:
+  :func:`xla_cpu_upcast_bytes`), a CPU-only term. Against ``--check-xla`` at the paper's shapes on one device
+  (``python -m medad_jax.bench paper_scale``): 3B SFT -4 %, Con-GRPO -1 %, sampler +1 %; ``small`` preset
+  Con-GRPO -0.2 %, SFT -18 % (``tests/test_bench_paper_scale.py``). Unrolled (before the scan), XLA:CPU kept 0.86-0.99 of the no-remat set:
+  its scheduler runs the recomputed forward of every layer early.
 * without remat, one layer's fp32 attention scores in flight while a layer's backward (or the reference forward)
   runs.
 * the LM head: only ``logits_chunk`` positions' fp32 logits exist at a time (``rl/update.py``
@@ -107,6 +109,17 @@ SAVED_PROBS_LOW_PRECISION = 1
 LOGITS_CHUNK_BUFFERS = 2.3
 # Decode-step [B, V] fp32 buffers of the sampler (logits, log-softmax, CDF).
 DECODE_VOCAB_BUFFERS = 3
+# Remat (scanned layers): fp32 copies of one layer's attention probabilities ``[rows, Nq, keys]`` alive while its
+# recomputed forward and its backward run (scores, probabilities, their gradient and a select/concat copy), plus one
+# in the compute dtype below fp32. Counted in XLA:CPU's buffer assignment of the 3B SFT step and Con-GRPO update at
+# the paper's shapes (``--xla_dump_to``: 4 distinct fp32 ``[rows, Nq, T, S]`` buffers at once in the temp
+# allocation, both programs).
+REMAT_PROBS = 4
+# XLA:CPU has no bf16 matmul: it converts bf16 dot operands to fp32 and hoists the convert out of the layer scan, so
+# with compute below fp32 it keeps (read in the same buffer assignments) the stacked layer weights in fp32 (not in
+# ``param_dtype``), an fp32 copy of the saved layer inputs ``[L, rows, D]`` beside the compute-dtype one, and an
+# fp32 copy of the embedding. An accelerator with bf16 matmuls keeps none of these: :func:`plan` counts them as one
+# ``XLA:CPU`` term, so they can be read off (``backend='accelerator'`` leaves them out).
 
 REMAT = ('none', 'full', 'dots')
 FIT_REMAT_ORDER = ('none', 'dots', 'full')
@@ -391,8 +404,29 @@ def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, remat:
   # ([L, rows, D] in the compute dtype) and the backward recomputes one layer at a time, so one layer's no-remat
   # set is in flight (``dots`` keeps its matmul outputs too: counted as the whole set, an upper bound).
   D = t.hidden_size
+  probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp, act_bytes=ab, copies=REMAT_PROBS)
+                 + attention_probs_bytes(t, rows_c, keys_c, tp, act_bytes=ab, copies=REMAT_PROBS))
   return Activations(prompt=L * rows_p * D * ab / tp + rows_p * prompt_row,
                      completion=L * rows_c * D * ab / tp + rows_c * comp_row, probs=probs_layer, remat=remat)
+
+
+def xla_cpu_upcast_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
+  """What XLA:CPU adds under remat with compute below fp32 (see :data:`REMAT_PROBS`' neighbour comment): the
+  stacked frozen layer matrices in fp32 instead of ``param_dtype``, an fp32 copy of every saved layer input, and an
+  fp32 copy of the embedding. 0 in fp32 or without remat."""
+  ab, pb = dtype_bytes(w.dtype), dtype_bytes(w.param_dtype)
+  if w.remat == 'none' or ab >= 4:
+    return 0.0
+  t, tp, L = cfg.text, mesh.tensor, cfg.text.num_layers
+  weights = 0.0
+  for path, shape, lo in param_shapes(cfg, w.lora_rank if w.trainable == 'lora' else 0, w.lora_pattern):
+    if path.startswith('model/layers/') and not lo and len(shape) == 2:
+      weights += math.prod(shape) * (4 - pb) / tp / mesh.fsdp
+  P = w.prompts / mesh.dp / w.num_microbatches
+  rows = P * w.prompt_len + (P * w.group_size * w.completion_len if w.stage == 'congrpo' else 0)
+  inputs = L * rows * t.hidden_size * 4 / tp
+  embedding = t.vocab_size * t.hidden_size * 4 / tp
+  return weights + inputs + embedding
 
 
 def stacked_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
@@ -543,9 +577,13 @@ class Plan:
     return max(self.total('update'), self.total('rollout'), self.total('vision'))
 
 
-def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None = None) -> Plan:
+def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None = None,
+         backend: str = 'xla_cpu') -> Plan:
   """Every memory term (bytes per device) and the step FLOPs for ``w`` on ``mesh`` (``remat`` overrides
-  ``w.remat``)."""
+  ``w.remat``). ``backend='xla_cpu'`` (what ``--check-xla`` compiles) includes XLA:CPU's fp32 copies of bf16
+  matmul operands (:func:`xla_cpu_upcast_bytes`); ``'accelerator'`` leaves them out."""
+  if backend not in ('xla_cpu', 'accelerator'):
+    raise ValueError(f'plan: backend={backend!r}: expected xla_cpu or accelerator')
   if remat is not None:
     w = dataclasses.replace(w, remat=remat)
   t = cfg.text
@@ -581,6 +619,10 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
   if w.remat != 'none':
     terms.append(Term('decoder weights stacked for the layer scan', stacked_weights_bytes(cfg, w, mesh), 'update',
                       'model/text.py _scan_layers'))
+    upcast = xla_cpu_upcast_bytes(cfg, w, mesh)
+    if upcast and backend == 'xla_cpu':
+      terms.append(Term('XLA:CPU only: fp32 copies of bf16 matmul operands', upcast, 'update',
+                        'stacked weights, saved layer inputs, embedding; not on a bf16-matmul accelerator'))
   terms.append(Term('activations: prompt rows' if w.stage == 'congrpo' else 'activations: sequence rows',
                     acts.prompt, 'update', mb + kept))
   if w.stage == 'congrpo':
@@ -598,6 +640,9 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
     terms += [
         Term('rollout KV cache (group layout)', grouped, 'rollout', 'the prompt once, shared by its G samples'),
         Term('rollout decode buffers [B, V] fp32', DECODE_VOCAB_BUFFERS * B_dev * t.vocab_size / tp * 4, 'rollout'),
+        *([Term('XLA:CPU only: fp32 copy of the bf16 weights (decode loop)', pc.frozen_device * 4, 'rollout',
+                'XLA:CPU converts bf16 dot operands and hoists the convert out of the loop')]
+          if backend == 'xla_cpu' and pb < 4 else []),
         Term('rollout prefill (one layer + fp32 probabilities)',
              P_dev * w.prompt_len * decoder_row_bytes(t, act_bytes=ab, lora_widths=(), own_keys=True, tp=tp)
              + attention_probs_bytes(t, P_dev * w.prompt_len, w.prompt_len, tp), 'rollout'),

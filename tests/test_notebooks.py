@@ -242,6 +242,7 @@ def results_run(tmp_path_factory):
   return nb, tmp / 'work' / 'congrpo-ci'
 
 
+@pytest.mark.heavy  # notebook 03 makes its own smoke run (~2 min); the launcher smoke run is in CI
 def test_results_notebook_makes_a_run_and_tabulates_it(results_run):
   nb, run_dir = results_run
   assert (run_dir / 'eval' / 'results.json').is_file()
@@ -268,6 +269,7 @@ def test_rollout_explorer_notebook_random_policy(tmp_path, monkeypatch):
   assert '| 1.000 | 1.000 | 1.000 |' in text
 
 
+@pytest.mark.heavy  # notebook 03 makes its own smoke run (~2 min); the launcher smoke run is in CI
 def test_rollout_explorer_notebook_from_a_run_dir(results_run, tmp_path, monkeypatch):
   _, run_dir = results_run
   nb = _execute('02_rollout_explorer.ipynb', tmp_path, monkeypatch, MEDAD_NB_RUN_DIR=str(run_dir))
@@ -283,6 +285,7 @@ def test_smooth_is_a_trailing_mean():
   assert nu.smooth([], 3).size == 0
 
 
+@pytest.mark.heavy  # notebook 03 makes its own smoke run (~2 min); the launcher smoke run is in CI
 def test_results_notebook_on_given_runs_new_workdir_and_a_sweep(results_run, tmp_path, monkeypatch):
   """MEDAD_NB_RUN_DIRS set and a MEDAD_NB_WORKDIR that does not exist yet (it used to fail at the first figure),
   plus a sweep directory whose tables and plot the last section shows."""

@@ -2,6 +2,7 @@ r"""Paper scale without weights: compile the real Qwen2.5-VL-3B steps at the pap
 
   python -m medad_jax.bench paper_scale                       # 3B, congrpo:paper, 1 device and a faked 8-device mesh
   python -m medad_jax.bench paper_scale --preset=small        # the same on the small preset
+  python -m medad_jax.bench paper_scale --preset=small --jobs=2 --set data.image_size=224 --set sampling.max_new_tokens=256
   python -m medad_jax.bench paper_scale --meshes="data=1" --programs=congrpo --json=out.json   # one program
   python -m medad_jax.bench paper_scale --set rl.num_microbatches=8 --set model.remat=dots
 
@@ -49,6 +50,8 @@ def _parse(argv):
                  help='semicolon-separated meshes, e.g. "data=1;fsdp=4,tensor=2" (default: 1 device, 8 devices)')
   p.add_argument('--programs', default='sft,congrpo,sampler', help='which programs to compile')
   p.add_argument('--json', default=None, metavar='PATH', help='also write every figure (bytes, seconds) as JSON')
+  p.add_argument('--jobs', type=int, default=1,
+                 help='mesh workers compiled at once (default 1: compile times are then not shared-CPU figures)')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -167,8 +170,9 @@ def main(argv: list[str]) -> int:
     return 0
   from medad_jax import plan as PL
   from medad_jax.bench import common
-  results = []
-  for spec in [m.strip() for m in args.meshes.split(';') if m.strip()]:
+  specs = [m.strip() for m in args.meshes.split(';') if m.strip()]
+
+  def run_mesh(spec):
     n = PL.parse_mesh(spec).devices
     env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={n}',
                JAX_PLATFORMS='cpu')
@@ -182,7 +186,11 @@ def main(argv: list[str]) -> int:
       raise SystemExit(f'paper_scale: the worker for mesh {spec} failed (exit {proc.returncode})')
     res = json.loads(lines[-1][len('RESULT '):])
     res['wall_s'] = time.perf_counter() - t0
-    results.append(res)
+    return res
+
+  from concurrent.futures import ThreadPoolExecutor
+  with ThreadPoolExecutor(max(1, args.jobs)) as pool:   # each worker is its own process; threads only wait
+    results = list(pool.map(run_mesh, specs))
   sys.stdout.write(f'machine: {common.machine_summary()}\n')
   sys.stdout.write(f'config {args.config} {" ".join(args.set)}; preset {args.preset}\n')
   for r in results:
