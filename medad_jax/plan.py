@@ -37,11 +37,11 @@ Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of
 * rematerialisation (``model.remat``): the layers then run as a ``lax.scan`` with a checkpointed body
   (``model/text.py``): every layer's input is kept (``L * rows * D`` in the compute dtype), one layer's no-remat set
   is in flight during its backward -- with :data:`REMAT_PROBS` fp32 copies of its attention probabilities, read
-  in XLA's buffer assignment --, and the layers' weights are stacked once for the scan. Below fp32, XLA:CPU also
-  keeps fp32 copies of bf16 matmul operands (stacked weights, saved layer inputs, embedding:
+  in XLA's buffer assignment -- (each iteration picks its layer's weights: no stacked copy). Below fp32, XLA:CPU
+  also keeps fp32 copies of bf16 operands (saved layer inputs, embedding:
   :func:`xla_cpu_upcast_bytes`), a CPU-only term. Against ``--check-xla`` at the paper's shapes on one device
-  (``python -m medad_jax.bench paper_scale``): 3B SFT -4 %, Con-GRPO -1 %, sampler +1 %; ``small`` preset
-  Con-GRPO -0.2 %, SFT -18 % (``tests/test_bench_paper_scale.py``). Unrolled (before the scan), XLA:CPU kept 0.86-0.99 of the no-remat set:
+  (``python -m medad_jax.bench paper_scale``): 3B SFT -8 %, Con-GRPO -4 %, sampler +7 %; ``small`` preset
+  (224 px, 256-token answers) Con-GRPO -6 %, SFT -18 % (``tests/test_bench_paper_scale.py``). Unrolled (before the scan), XLA:CPU kept 0.86-0.99 of the no-remat set:
   its scheduler runs the recomputed forward of every layer early.
 * without remat, one layer's fp32 attention scores in flight while a layer's backward (or the reference forward)
   runs.
@@ -115,10 +115,13 @@ DECODE_VOCAB_BUFFERS = 3
 # the paper's shapes (``--xla_dump_to``: 4 distinct fp32 ``[rows, Nq, T, S]`` buffers at once in the temp
 # allocation, both programs).
 REMAT_PROBS = 4
-# XLA:CPU has no bf16 matmul: it converts bf16 dot operands to fp32 and hoists the convert out of the layer scan, so
-# with compute below fp32 it keeps (read in the same buffer assignments) the stacked layer weights in fp32 (not in
-# ``param_dtype``), an fp32 copy of the saved layer inputs ``[L, rows, D]`` beside the compute-dtype one, and an
-# fp32 copy of the embedding. An accelerator with bf16 matmuls keeps none of these: :func:`plan` counts them as one
+# Under ``remat='dots'`` below fp32, bytes per saved weight-matmul output element XLA:CPU keeps (its dots produce
+# fp32, saved beside converted copies): 3.5x the compute-dtype estimate on the small preset at the paper's shapes
+# (``python -m medad_jax.plan --config=congrpo:paper --set model.preset=small --remat=dots --check-xla``).
+DOTS_XLA_CPU_BYTES = 7
+# XLA:CPU has no bf16 matmul: it computes bf16 in fp32 and hoists converts out of loops, so with compute below fp32
+# it keeps (read in the same buffer assignments) an fp32 copy of the saved layer inputs ``[L, rows, D]`` beside the
+# compute-dtype one, and an fp32 copy of the embedding. An accelerator with bf16 matmuls keeps none of these: :func:`plan` counts them as one
 # ``XLA:CPU`` term, so they can be read off (``backend='accelerator'`` leaves them out).
 
 REMAT = ('none', 'full', 'dots')
@@ -402,43 +405,43 @@ def update_activations(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, remat:
                        remat=remat)
   # remat: the layers run as a lax.scan with a checkpointed body (model/text.py): each layer's input is kept
   # ([L, rows, D] in the compute dtype) and the backward recomputes one layer at a time, so one layer's no-remat
-  # set is in flight (``dots`` keeps its matmul outputs too: counted as the whole set, an upper bound).
+  # set is in flight.
   D = t.hidden_size
   probs_layer = (attention_probs_bytes(t, rows_p, keys_p, tp, act_bytes=ab, copies=REMAT_PROBS)
                  + attention_probs_bytes(t, rows_c, keys_c, tp, act_bytes=ab, copies=REMAT_PROBS))
-  return Activations(prompt=L * rows_p * D * ab / tp + rows_p * prompt_row,
-                     completion=L * rows_c * D * ab / tp + rows_c * comp_row, probs=probs_layer, remat=remat)
+  # Kept per layer for every layer: its input, and under 'dots' (dots_with_no_batch_dims_saveable) the outputs of
+  # its weight matmuls -- q, k, v, o, gate, up, down and the LoRA x @ A -- so 'dots' trades L times those widths
+  # for not recomputing them.
+  kept = D + (dots_width(t, per_layer_widths) if remat == 'dots' else 0)
+  return Activations(prompt=L * rows_p * kept * ab / tp + rows_p * prompt_row,
+                     completion=L * rows_c * kept * ab / tp + rows_c * comp_row, probs=probs_layer, remat=remat)
+
+
+def dots_width(t: TextConfig, lora_widths: Sequence[int]) -> int:
+  """Per token row, the widths of one decoder layer's weight-matmul outputs (q, k, v, o, gate, up, down, and the
+  LoRA ``x @ A``): what ``model.remat='dots'`` keeps for every layer."""
+  D = t.hidden_size
+  return 3 * D + 2 * t.num_kv_heads * t.head_dim + 2 * t.intermediate_size + sum(lora_widths)
 
 
 def xla_cpu_upcast_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
-  """What XLA:CPU adds under remat with compute below fp32 (see :data:`REMAT_PROBS`' neighbour comment): the
-  stacked frozen layer matrices in fp32 instead of ``param_dtype``, an fp32 copy of every saved layer input, and an
-  fp32 copy of the embedding. 0 in fp32 or without remat."""
-  ab, pb = dtype_bytes(w.dtype), dtype_bytes(w.param_dtype)
+  """What XLA:CPU adds under remat with compute below fp32 (see :data:`REMAT_PROBS`' neighbour comment): an fp32
+  copy of every saved layer input and of the embedding (and under ``dots`` fp32 copies of the saved matmul
+  outputs). 0 in fp32 or without remat."""
+  ab = dtype_bytes(w.dtype)
   if w.remat == 'none' or ab >= 4:
     return 0.0
   t, tp, L = cfg.text, mesh.tensor, cfg.text.num_layers
-  weights = 0.0
-  for path, shape, lo in param_shapes(cfg, w.lora_rank if w.trainable == 'lora' else 0, w.lora_pattern):
-    if path.startswith('model/layers/') and not lo and len(shape) == 2:
-      weights += math.prod(shape) * (4 - pb) / tp / mesh.fsdp
   P = w.prompts / mesh.dp / w.num_microbatches
   rows = P * w.prompt_len + (P * w.group_size * w.completion_len if w.stage == 'congrpo' else 0)
   inputs = L * rows * t.hidden_size * 4 / tp
   embedding = t.vocab_size * t.hidden_size * 4 / tp
-  return weights + inputs + embedding
-
-
-def stacked_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
-  """With remat the layers' weights are stacked for the scan inside the step (``model/text.py``
-  ``_scan_layers``): one copy of every decoder-layer parameter (frozen in ``param_dtype``, LoRA in fp32)."""
-  pb = dtype_bytes(w.param_dtype)
-  total = 0.0
-  for path, shape, lo in param_shapes(cfg, w.lora_rank if w.trainable == 'lora' else 0, w.lora_pattern):
-    if path.startswith('model/layers/'):
-      n = math.prod(shape)
-      total += n * (4 if lo else pb) / (mesh.tensor if len(shape) == 2 else 1) / (mesh.fsdp if len(shape) == 2 else 1)
-  return total
+  dots = 0.0
+  if w.remat == 'dots':
+    widths = [w.lora_rank for path, _, _ in lora_targets(cfg, w.lora_pattern)
+              if path.startswith('model/layers/0/')] if w.trainable == 'lora' else []
+    dots = L * rows * dots_width(t, widths) * (DOTS_XLA_CPU_BYTES - ab) / tp
+  return inputs + embedding + dots
 
 
 def gathered_weights_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
@@ -617,12 +620,10 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
   kept = (f'remat={w.remat}: layer inputs of every layer + one layer\'s set in flight (scanned layers)'
           if w.remat != 'none' else 'remat=none')
   if w.remat != 'none':
-    terms.append(Term('decoder weights stacked for the layer scan', stacked_weights_bytes(cfg, w, mesh), 'update',
-                      'model/text.py _scan_layers'))
     upcast = xla_cpu_upcast_bytes(cfg, w, mesh)
     if upcast and backend == 'xla_cpu':
-      terms.append(Term('XLA:CPU only: fp32 copies of bf16 matmul operands', upcast, 'update',
-                        'stacked weights, saved layer inputs, embedding; not on a bf16-matmul accelerator'))
+      terms.append(Term('XLA:CPU only: fp32 copies of bf16 operands', upcast, 'update',
+                        'saved layer inputs, embedding; not on a bf16-matmul accelerator'))
   terms.append(Term('activations: prompt rows' if w.stage == 'congrpo' else 'activations: sequence rows',
                     acts.prompt, 'update', mb + kept))
   if w.stage == 'congrpo':
@@ -640,8 +641,10 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
     terms += [
         Term('rollout KV cache (group layout)', grouped, 'rollout', 'the prompt once, shared by its G samples'),
         Term('rollout decode buffers [B, V] fp32', DECODE_VOCAB_BUFFERS * B_dev * t.vocab_size / tp * 4, 'rollout'),
-        *([Term('XLA:CPU only: fp32 copy of the bf16 weights (decode loop)', pc.frozen_device * 4, 'rollout',
-                'XLA:CPU converts bf16 dot operands and hoists the convert out of the loop')]
+        *([Term('XLA:CPU only: fp32 copy of the bf16 decoder weights (decode loop)',
+                4 * sum(shard_elements(path, shape, mesh) for path, shape, lo in param_shapes(cfg)
+                        if not path.startswith('visual/')), 'rollout',
+                'XLA:CPU computes bf16 in fp32: every decoder weight is converted for the decode step')]
           if backend == 'xla_cpu' and pb < 4 else []),
         Term('rollout prefill (one layer + fp32 probabilities)',
              P_dev * w.prompt_len * decoder_row_bytes(t, act_bytes=ab, lora_widths=(), own_keys=True, tp=tp)

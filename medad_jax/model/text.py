@@ -47,11 +47,12 @@ dtype, else XLA. A TPU splash-attention kernel would plug in at :func:`attention
 Rematerialisation (``Qwen25VLConfig.remat``): ``'none'``; ``'full'`` keeps only each layer's input for the
 backward pass and recomputes the rest; ``'dots'`` also keeps the matmul outputs without batch dimensions
 (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``). With remat, every cache-free call (SFT, the
-update's prompt and completion passes, the sampler's prefill) runs the layers as one ``lax.scan`` over their
-stacked weights with a checkpointed body (:meth:`TextModel._scan_layers`): XLA then keeps only each layer's input
-and recomputes one layer at a time in the backward. Unrolled, XLA:CPU kept 0.86-0.99 of the no-remat activations
-(its scheduler runs the recomputations early); under the scan the 3B Con-GRPO update at the paper's shapes needs
-30.3 GiB of temporaries instead of about 258 GiB (``python -m medad_jax.plan --config=congrpo:paper --check-xla``).
+update's prompt and completion passes, the sampler's prefill) runs the layers as one ``lax.scan`` over the layer
+index with a checkpointed body that picks its layer's weights (:meth:`TextModel._scan_layers`): XLA then keeps
+only each layer's input and recomputes one layer at a time in the backward. Unrolled, XLA:CPU kept 0.86-0.99 of
+the no-remat activations (its scheduler runs the recomputations early); under the scan the 3B Con-GRPO update at
+the paper's shapes needs 19.8 GiB of temporaries instead of about 258 GiB
+(``python -m medad_jax.bench paper_scale``).
 The cached decode path keeps a per-layer loop (``nnx.remat`` per layer when remat is on).
 """
 
@@ -303,19 +304,23 @@ class TextModel(nnx.Module):
     Why a scan: XLA schedules a rematerialised *unrolled* stack so that the recomputed activations of many layers
     are live at once (measured: remat saved almost nothing on XLA:CPU); under ``lax.scan`` the backward pass
     recomputes and frees one layer per iteration, so only each layer's input (``[L, B, T, D]``) is kept. The
-    parameters stay a list of layers (checkpoint keys, LoRA patterns and sharding rules are per layer); they are
-    stacked here, inside the traced step (a copy of the decoder weights per call, loop-invariant across
-    microbatches). The cached decode path (``cache`` given) keeps the per-layer loop: its cache is a tuple per
+    parameters stay a list of layers (checkpoint keys, LoRA patterns and sharding rules are per layer); each
+    iteration picks its layer's arrays with a ``lax.switch`` (no stacked copy of the decoder: stacking cost 5.3 GiB
+    per call for the 3B in bf16, and XLA:CPU built it in fp32 -- the 3B Con-GRPO update's temporaries fell from
+    29.6 to 19.8 GiB). The cached decode path (``cache`` given) keeps the per-layer loop: its cache is a tuple per
     layer that is updated in place.
     """
     graphdef = nnx.graphdef(self.layers[0])
     states = [nnx.state(layer) for layer in self.layers]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     pre_mask = None if prefix is None else prefix['mask']
     pre_kv = None if prefix is None else (jnp.stack(prefix['k']), jnp.stack(prefix['v']))
 
     def body(x, xs):
-      state, kv = xs
+      i, kv = xs
+      # Layer i's weights, picked by a switch over the layers' own arrays (closed over: the loop's invariant
+      # operands) instead of a stacked [L, ...] copy of the decoder made at every call (5.3 GiB for the 3B in
+      # bf16; XLA:CPU, which has no bf16 matmul, even built it in fp32). One layer's weights per iteration.
+      state = jax.lax.switch(i, [lambda s=s: s for s in states])
       layer = nnx.merge(graphdef, state)
       pre = None if kv is None else (kv[0], kv[1], pre_mask)
       x, (k, v) = layer(x, cos_BTH, sin_BTH, mask_BTS, None, 0, pre)
@@ -323,7 +328,7 @@ class TextModel(nnx.Module):
 
     if self.remat != 'none':
       body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-    x_BTD, kv_L = jax.lax.scan(body, x_BTD, (stacked, pre_kv))
+    x_BTD, kv_L = jax.lax.scan(body, x_BTD, (jnp.arange(len(self.layers)), pre_kv))
     if not return_kv:
       return x_BTD, None
     k_L, v_L = kv_L
