@@ -199,10 +199,72 @@ def _overlap_metrics(pending, timing: dict) -> dict[str, float]:
   wall time during which the device was computing (0 when the two ran one after the other)."""
   if not timing:
     return {'overlap_frac': 0.0}
-  j0, j1 = pending.started, pending.finished or time.monotonic()
   d0, d1 = timing['device_started'], timing['device_finished']
+  if pending is None:   # the reference pass ran on its own
+    return {'device_seconds': d1 - d0, 'overlap_frac': 0.0}
+  j0, j1 = pending.started, pending.finished or time.monotonic()
   both = max(0.0, min(j1, d1) - max(j0, d0))
   return {'device_seconds': d1 - d0, 'overlap_frac': both / (j1 - j0) if j1 > j0 else 0.0}
+
+
+def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, graphdef, state, step: int, scfg, table,
+                            num_prompts: int):
+  """DAPO dynamic sampling for one optimizer step (one process) -> ``(batch, parts, sample_s, judge_s, extra)``.
+
+  Each draw is a whole step's batch as without dynamic sampling: the next ``num_prompts`` questions, G rollouts
+  each (draw 0 with the step's key ``fold_in(state.rng, step)``, draw d > 0 with ``fold_in(that key, d)``), decoded
+  and scored. ``rl.algo.dynamic_sampling_refill`` keeps the informative groups (G rewards not all equal) and draws
+  again while fewer than ``num_prompts`` are kept, at most ``rl.dynamic_sampling_max_draws`` draws; zero-variance
+  groups complete the batch at the cap. The update's batch is then assembled from the kept groups: their questions
+  give a new ``PromptBatch`` (the same ``num_prompts`` rows, so the same shapes as a normal step), and their G
+  rollout rows (tokens, masks, the sampler's log-probs, rewards) are taken from the draws they came from.
+
+  ``parts`` are the kept rows' reward parts and finish codes (the metrics describe the batch the update saw);
+  ``extra`` holds the counts ``dyn_drawn``, ``dyn_dropped``, ``dyn_filler``, ``dyn_surplus``, ``dyn_draws``
+  (``dyn_drawn = num_prompts + dyn_dropped + dyn_surplus``), ``reward_drawn`` (the mean reward of every rollout
+  drawn) and ``roll`` (the kept rows' sampler log-probs, for ``_rollout_logprobs_for_variants``).
+  """
+  import types
+  from medad_jax.rl import algo
+  rl, mesh = run.config.rl, run.mesh_or_none()
+  G = rl.group_size
+  key = jax.random.fold_in(state.rng, step)
+  draws, clock = [], {'sample': 0.0, 'judge': 0.0}
+
+  def draw(n):   # n (the groups still missing) is ignored: every draw is a whole batch (static shapes)
+    d = len(draws)
+    examples = next(it)
+    prompts = feed.prompt_batch(run, examples, num_prompts)
+    t0 = time.time()
+    roll = sample(U.merge_model(graphdef, state), prompts, key=jax.random.fold_in(key, d) if d else key,
+                  config=scfg, num_samples=G, mesh=mesh, stop_table=table)
+    rows = distributed.local_rows({'tokens': roll.tokens_BN, 'mask': roll.completion_mask_BN,
+                                   'logp': roll.policy_logprobs_BN, 'sampling_logp': roll.sampling_logprobs_BN,
+                                   'lengths': roll.lengths_B, 'finish': roll.finish_reason_B}, mesh)
+    clock['sample'] += time.time() - t0
+    texts = pl.decode_completions(run.tokenizer, np.asarray(rows['tokens']), np.asarray(rows['lengths']))
+    holder['state'] = state
+    pending = scoring.start(texts, [ex['meta'] for ex in examples])
+    rb = pending.result()
+    clock['judge'] += (pending.finished or time.monotonic()) - pending.started
+    parts = {**scoring.mine(rb), 'finish': np.asarray(rows['finish'])}
+    draws.append((examples, rows, parts))
+    return [(d, p) for p in range(len(examples))], parts['total'].reshape(-1, G)
+
+  res = algo.dynamic_sampling_refill(draw, num_prompts, max_draws=rl.dynamic_sampling_max_draws)
+
+  def pick(i: int, name: str) -> np.ndarray:   # the kept groups' G rows of draws[*][i][name], in kept order
+    return np.concatenate([np.asarray(draws[d][i][name])[p * G:(p + 1) * G] for d, p in res.groups])
+
+  prompts = feed.prompt_batch(run, [draws[d][0][p] for d, p in res.groups], num_prompts)
+  parts = {k: pick(2, k) for k in draws[0][2]}
+  roll = types.SimpleNamespace(tokens_BN=pick(1, 'tokens'), completion_mask_BN=pick(1, 'mask'),
+                               policy_logprobs_BN=pick(1, 'logp'), sampling_logprobs_BN=pick(1, 'sampling_logp'))
+  batch = U.rollout_batch(prompts, roll, parts['total'])
+  extra = {f'dyn_{k}': float(getattr(res, k)) for k in ('drawn', 'dropped', 'filler', 'surplus', 'draws')}
+  extra['reward_drawn'] = float(np.mean([np.mean(x[2]['total']) for x in draws]))
+  extra['roll'] = roll
+  return batch, parts, clock['sample'], clock['judge'], extra
 
 
 def train(run: pl.Run, base_model: nnx.Module) -> Result:
@@ -222,9 +284,10 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
 
   # ------------------------------------------------------------------------------------------------ step
   gcfg = U.GRPOConfig.from_config(rl, config.sampling)
-  if rl.dynamic_sampling:
-    raise ValueError('config.rl.dynamic_sampling=True: the refill is not wired into this loop yet (the tested '
-                     'host function is medad_jax.rl.algo.dynamic_sampling_refill); use rl.filter_zero_variance')
+  if rl.dynamic_sampling and distributed.process_count() > 1:
+    raise ValueError(f'config.rl.dynamic_sampling=True with {distributed.process_count()} processes: the refill '
+                     'runs in one process only (the kept groups would have to move between processes); use one '
+                     'process, or rl.filter_zero_variance=True (drops zero-variance groups without refilling)')
   update = U.make_congrpo_update(graphdef, tx, gcfg, mesh=mesh, lr_schedule=sched)
   scfg = pl.sampling_config(config.sampling, run.model_cfg)
   table = pl.stop_table(run.tokenizer, run.model_cfg)
@@ -264,39 +327,52 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
   preempted = False
   with PreemptionGuard() as guard:
     for step in range(start, total):
-      examples = next(it)
-      metas = [ex['meta'] for ex in examples]
-      prompts = feed.prompt_batch(run, examples, per_process)
-      key = jax.random.fold_in(state.rng, step)
-      t0 = time.time()
-      roll = sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G, mesh=mesh,
-                    stop_table=table)
-      # This process's rows (its prompts' G rollouts each) come to the host for decoding and scoring.
-      mine = distributed.local_rows({'tokens': roll.tokens_BN, 'lengths': roll.lengths_B,
-                                     'finish': roll.finish_reason_B}, mesh)
-      t_sample = time.time() - t0
-      texts = pl.decode_completions(run.tokenizer, np.asarray(mine['tokens']), np.asarray(mine['lengths']))
-      holder['state'] = state
-      pending = scoring.start(texts, metas)
-      batch = _no_rewards(U.rollout_batch(prompts, roll, np.zeros(len(texts), np.float32)))
-      _rollout_logprobs_for_variants(batch, roll, gcfg, graphdef, state, mesh)
-      timing = {}
-      if overlap and ref_outside:
-        # While the judge scores this step's rollouts over HTTP, the device computes the reference log-probs.
-        batch, timing = _overlapped_reference(ref_fn, state, U.put_batch(batch, mesh), pending)
-        rb = pending.result()
-      else:
-        rb = pending.result()
+      extra = {}
+      if rl.dynamic_sampling:
+        batch, parts, t_sample, judge_s, extra = _dynamic_sampling_batch(run, it, scoring, holder, graphdef, state,
+                                                                         step, scfg, table, per_process)
+        _rollout_logprobs_for_variants(batch, extra.pop('roll'), gcfg, graphdef, state, mesh)
+        pending, timing = None, {}
         if ref_outside:
+          rewards_B = batch.pop('rewards_B')
           batch, timing = _overlapped_reference(ref_fn, state, U.put_batch(batch, mesh), None)
-      judge_s = (pending.finished or time.monotonic()) - pending.started
-      rewards = scoring.mine(rb)
-      batch['rewards_B'] = distributed.to_global({'rewards_B': rewards['total']}, mesh)['rewards_B']
-      batch = U.put_batch(batch, mesh)
+          batch['rewards_B'] = rewards_B
+        batch = U.put_batch(batch, mesh)
+      else:
+        examples = next(it)
+        metas = [ex['meta'] for ex in examples]
+        prompts = feed.prompt_batch(run, examples, per_process)
+        key = jax.random.fold_in(state.rng, step)
+        t0 = time.time()
+        roll = sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G, mesh=mesh,
+                      stop_table=table)
+        # This process's rows (its prompts' G rollouts each) come to the host for decoding and scoring.
+        mine = distributed.local_rows({'tokens': roll.tokens_BN, 'lengths': roll.lengths_B,
+                                       'finish': roll.finish_reason_B}, mesh)
+        t_sample = time.time() - t0
+        texts = pl.decode_completions(run.tokenizer, np.asarray(mine['tokens']), np.asarray(mine['lengths']))
+        holder['state'] = state
+        pending = scoring.start(texts, metas)
+        batch = _no_rewards(U.rollout_batch(prompts, roll, np.zeros(len(texts), np.float32)))
+        _rollout_logprobs_for_variants(batch, roll, gcfg, graphdef, state, mesh)
+        timing = {}
+        if overlap and ref_outside:
+          # While the judge scores this step's rollouts over HTTP, the device computes the reference log-probs.
+          batch, timing = _overlapped_reference(ref_fn, state, U.put_batch(batch, mesh), pending)
+          rb = pending.result()
+        else:
+          rb = pending.result()
+          if ref_outside:
+            batch, timing = _overlapped_reference(ref_fn, state, U.put_batch(batch, mesh), None)
+        judge_s = (pending.finished or time.monotonic()) - pending.started
+        rewards = scoring.mine(rb)
+        batch['rewards_B'] = distributed.to_global({'rewards_B': rewards['total']}, mesh)['rewards_B']
+        batch = U.put_batch(batch, mesh)
       for _ in range(rl.inner_iterations):
         state, metrics = update(state, batch)
       holder['state'] = state
-      parts = scoring.everyone(rewards, np.asarray(mine['finish']))
+      if not rl.dynamic_sampling:
+        parts = scoring.everyone(rewards, np.asarray(mine['finish']))
       r_PG = parts['total'].reshape(-1, G)
       host = {'reward_fmt': float(parts['fmt'].mean()), 'reward_acc': float(parts['acc'].mean()),
               'reward_con': float(parts['con'].mean()), 'judged_frac': float(parts['judged'].mean()),
@@ -305,7 +381,7 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
               # programs compiled so far: the update's and the sampler's (prefill + decode), one per shape bucket
               'compiled_programs': update.traces, 'compiled_programs_sampler': sum(trace_counts().values()),
               'judge_seconds': judge_s, **_overlap_metrics(pending, timing),
-              **{f'reward_{k}': float(v.mean()) for k, v in parts.items() if k.startswith('con_')}}
+              **{f'reward_{k}': float(v.mean()) for k, v in parts.items() if k.startswith('con_')}, **extra}
       if (step + 1) % config.log.every_steps == 0 or step + 1 == total:
         logger.log(STAGE, step + 1, {**metrics, **host})
       meta = {'stage': STAGE, 'rollout_step': step + 1}
