@@ -23,8 +23,8 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   GRPO variants (WORKSPACE.md "GRPO variants"; each also a one-line override of the ``rl`` keys):
   gspo          sequence-level ratio and clipping (GSPO), clip range 3e-4 / 4e-4 as in the GSPO paper.
   dr_grpo       Dr. GRPO: token sum over a constant (sequences x completion budget), mean-only advantage.
-  dapo          DAPO: clip-higher (eps_high 0.28), token-mean aggregation, dynamic sampling with refill,
-                soft overlong punishment.
+  dapo          DAPO: clip-higher (eps_high 0.28), token-mean aggregation, dynamic sampling with refill (one
+                process), soft overlong punishment.
   tis           truncated importance sampling against the sampler's log-probs, cap 2.
   Consistency reward:
   evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).

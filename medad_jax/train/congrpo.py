@@ -16,7 +16,10 @@ Top to bottom:
 5. **loop** -- per step: sample G completions per prompt (temperature ``sampling.temperature``; the old-policy
    log-probs come from the sampler), score them (format, accuracy, consistency; Eq. 3), run mu =
    ``rl.inner_iterations`` updates on the batch (the reference log-probs computed once per batch when mu > 1),
-   log (reward parts, KL, clip fractions, ...), checkpoint, stop cleanly on SIGTERM.
+   log (reward parts, KL, clip fractions, ...), checkpoint, stop cleanly on SIGTERM. With ``rl.dynamic_sampling``
+   (DAPO; one process) a step draws whole prompt batches until ``rl.prompts_per_step`` groups with non-constant
+   rewards are kept (at most ``rl.dynamic_sampling_max_draws`` draws, then zero-variance filler) and updates on the
+   batch assembled from them (``_dynamic_sampling_batch``; counts logged as ``dyn_*``).
 
 Steps: ``rl.epochs * len(train) // rl.prompts_per_step``, capped by ``rl.max_steps`` when > 0. The step's PRNG key
 is ``fold_in(state.rng, step)``: a resumed run draws the same rollouts as an uninterrupted one.
