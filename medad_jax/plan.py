@@ -735,7 +735,8 @@ class Fit:
   peak: float
 
 
-def fit_search(cfg: Qwen25VLConfig, w: Workload, meshes: Sequence[MeshShape]) -> list[Fit]:
+def fit_search(cfg: Qwen25VLConfig, w: Workload, meshes: Sequence[MeshShape], *,
+               backend: str = 'accelerator') -> list[Fit]:
   """Peak bytes for every mesh, every microbatch count that splits each device's prompts into whole groups, and
   every remat mode; ordered by (remat none < dots < full, microbatches, peak), so the first one that fits is the
   smallest change (remat costs a recomputed forward; dots recomputes less than full)."""
@@ -746,7 +747,7 @@ def fit_search(cfg: Qwen25VLConfig, w: Workload, meshes: Sequence[MeshShape]) ->
     per_dev = w.prompts // mesh.dp
     for remat in FIT_REMAT_ORDER:
       for k in [k for k in range(1, per_dev + 1) if per_dev % k == 0]:
-        p = plan(cfg, dataclasses.replace(w, num_microbatches=k), mesh, remat=remat)
+        p = plan(cfg, dataclasses.replace(w, num_microbatches=k), mesh, remat=remat, backend=backend)
         out.append(Fit(mesh, k, remat, p.peak))
   return sorted(out, key=lambda f: (FIT_REMAT_ORDER.index(f.remat), f.num_microbatches, f.peak))
 
@@ -851,9 +852,14 @@ def main(argv: list[str]) -> int:
                                 completion_len=args.completion_len)
   if args.remat:
     w = dataclasses.replace(w, remat=args.remat)
-  p = plan(cfg, w, mesh)
+  # A target device is an accelerator: XLA:CPU's fp32 copies of bf16 operands are left out of its verdict (they
+  # are in the plan that --check-xla compares with XLA:CPU).
+  p = plan(cfg, w, mesh, backend='accelerator' if args.device else 'xla_cpu')
   sys.stdout.write(f'config {args.config} {" ".join(args.set)}\n')
   sys.stdout.write(format_plan(p, DEVICES[args.device] if args.device else None) + '\n')
+  if args.device:
+    sys.stdout.write('  (accelerator figures: XLA:CPU\'s fp32 copies of bf16 operands are left out; --check-xla '
+                     'compares the XLA:CPU plan)\n')
   if args.fit:
     if not args.device:
       raise SystemExit('--fit needs --device')
