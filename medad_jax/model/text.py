@@ -321,6 +321,9 @@ class TextModel(nnx.Module):
       # operands) instead of a stacked [L, ...] copy of the decoder made at every call (5.3 GiB for the 3B in
       # bf16; XLA:CPU, which has no bf16 matmul, even built it in fp32). One layer's weights per iteration.
       state = jax.lax.switch(i, [lambda s=s: s for s in states])
+      # Cost: the switch's transpose returns a cotangent for every layer's *trainable* arrays (zeros but layer i's),
+      # which the scan's backward accumulates each iteration -- L x (trainable size) adds per backward: small for
+      # LoRA adapters, a real cost for full fine-tuning under remat (frozen weights get no cotangent).
       layer = nnx.merge(graphdef, state)
       pre = None if kv is None else (kv[0], kv[1], pre_mask)
       x, (k, v) = layer(x, cos_BTH, sin_BTH, mask_BTS, None, 0, pre)
