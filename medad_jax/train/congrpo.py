@@ -210,6 +210,27 @@ def _overlap_metrics(pending, timing: dict) -> dict[str, float]:
   return {'device_seconds': d1 - d0, 'overlap_frac': both / (j1 - j0) if j1 > j0 else 0.0}
 
 
+def _draw_rollouts(run: pl.Run, it, graphdef, state, key, scfg, table, num_prompts: int, fields: dict):
+  """One draw of a step: the next prompt batch, its G rollouts per prompt from the compiled sampler, and this
+  process's rows of ``fields`` (name -> Rollout attribute) on the host, decoded to text ->
+  ``(examples, prompts, roll, rows, texts, sample_seconds)``. Used by the plain step and by each draw of dynamic
+  sampling."""
+  examples = next(it)
+  prompts = feed.prompt_batch(run, examples, num_prompts)
+  mesh = run.mesh_or_none()
+  t0 = time.time()
+  roll = sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=run.config.rl.group_size,
+                mesh=mesh, stop_table=table)
+  # This process's rows (its prompts' G rollouts each) come to the host for decoding and scoring.
+  rows = distributed.local_rows({k: getattr(roll, a) for k, a in fields.items()}, mesh)
+  t_sample = time.time() - t0
+  texts = pl.decode_completions(run.tokenizer, np.asarray(rows['tokens']), np.asarray(rows['lengths']))
+  return examples, prompts, roll, rows, texts, t_sample
+
+
+_STEP_FIELDS = {'tokens': 'tokens_BN', 'lengths': 'lengths_B', 'finish': 'finish_reason_B'}
+
+
 def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, graphdef, state, step: int, scfg, table,
                             num_prompts: int):
   """DAPO dynamic sampling for one optimizer step (one process) -> ``(batch, parts, sample_s, judge_s, extra)``.
@@ -229,23 +250,19 @@ def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, gra
   """
   import types
   from medad_jax.rl import algo
-  rl, mesh = run.config.rl, run.mesh_or_none()
+  rl = run.config.rl
   G = rl.group_size
   key = jax.random.fold_in(state.rng, step)
   draws, clock = [], {'sample': 0.0, 'judge': 0.0}
 
+  fields = {**_STEP_FIELDS, 'mask': 'completion_mask_BN', 'logp': 'policy_logprobs_BN',
+            'sampling_logp': 'sampling_logprobs_BN'}
+
   def draw(n):   # n (the groups still missing) is ignored: every draw is a whole batch (static shapes)
     d = len(draws)
-    examples = next(it)
-    prompts = feed.prompt_batch(run, examples, num_prompts)
-    t0 = time.time()
-    roll = sample(U.merge_model(graphdef, state), prompts, key=jax.random.fold_in(key, d) if d else key,
-                  config=scfg, num_samples=G, mesh=mesh, stop_table=table)
-    rows = distributed.local_rows({'tokens': roll.tokens_BN, 'mask': roll.completion_mask_BN,
-                                   'logp': roll.policy_logprobs_BN, 'sampling_logp': roll.sampling_logprobs_BN,
-                                   'lengths': roll.lengths_B, 'finish': roll.finish_reason_B}, mesh)
-    clock['sample'] += time.time() - t0
-    texts = pl.decode_completions(run.tokenizer, np.asarray(rows['tokens']), np.asarray(rows['lengths']))
+    examples, _, _, rows, texts, t_sample = _draw_rollouts(
+        run, it, graphdef, state, jax.random.fold_in(key, d) if d else key, scfg, table, num_prompts, fields)
+    clock['sample'] += t_sample
     holder['state'] = state
     pending = scoring.start(texts, [ex['meta'] for ex in examples])
     rb = pending.result()
@@ -342,20 +359,10 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
           batch['rewards_B'] = rewards_B
         batch = U.put_batch(batch, mesh)
       else:
-        examples = next(it)
-        metas = [ex['meta'] for ex in examples]
-        prompts = feed.prompt_batch(run, examples, per_process)
-        key = jax.random.fold_in(state.rng, step)
-        t0 = time.time()
-        roll = sample(U.merge_model(graphdef, state), prompts, key=key, config=scfg, num_samples=G, mesh=mesh,
-                      stop_table=table)
-        # This process's rows (its prompts' G rollouts each) come to the host for decoding and scoring.
-        mine = distributed.local_rows({'tokens': roll.tokens_BN, 'lengths': roll.lengths_B,
-                                       'finish': roll.finish_reason_B}, mesh)
-        t_sample = time.time() - t0
-        texts = pl.decode_completions(run.tokenizer, np.asarray(mine['tokens']), np.asarray(mine['lengths']))
+        examples, prompts, roll, mine, texts, t_sample = _draw_rollouts(
+            run, it, graphdef, state, jax.random.fold_in(state.rng, step), scfg, table, per_process, _STEP_FIELDS)
         holder['state'] = state
-        pending = scoring.start(texts, metas)
+        pending = scoring.start(texts, [ex['meta'] for ex in examples])
         batch = _no_rewards(U.rollout_batch(prompts, roll, np.zeros(len(texts), np.float32)))
         _rollout_logprobs_for_variants(batch, roll, gcfg, graphdef, state, mesh)
         timing = {}
