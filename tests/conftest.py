@@ -5,6 +5,12 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
+# Under pytest-xdist (the README's `-n 2`) each worker builds medad-synth and its tokenizers in a cache of its own:
+# two workers never write one TFDS build or tokenizer file at the same time.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+  import tempfile
+  os.environ.setdefault('MEDAD_JAX_CACHE', os.path.join(tempfile.gettempdir(),
+                                                        f'medad_jax_test_cache_{os.environ["PYTEST_XDIST_WORKER"]}'))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

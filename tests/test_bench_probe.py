@@ -28,6 +28,33 @@ def test_model_view_puts_the_processors_patches_back_in_place():
   assert probe.model_view(proc, rng.integers(0, 256, (140, 140, 3), dtype=np.uint8)).shape == (56, 56, 3)
 
 
+def test_view_to_patches_inverts_model_view_to_the_processors_patches():
+  from medad_jax.model.config import Qwen25VLConfig
+  from medad_jax.processor import Qwen25VLProcessor
+  from medad_jax.tokenizer import train_small_tokenizer
+  tok = train_small_tokenizer(['a small corpus for a small tokenizer'] * 4, 300)
+  vcfg = Qwen25VLConfig.preset('mini').vision
+  proc = Qwen25VLProcessor(tok, vcfg, min_pixels=28 * 28, max_pixels=56 * 84)
+  pixels = np.random.default_rng(1).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+  pv_LP, grid = proc.process_image(pixels)
+  assert grid.tolist() == [1, 4, 6]
+  np.testing.assert_array_equal(probe.view_to_patches(probe.model_view(proc, pixels), vcfg), pv_LP)
+
+
+def test_vit_probe_runs_the_runs_vision_tower_and_learns_modality(tmp_path, capsys):
+  out = tmp_path / 'probe.json'
+  argv = [f'--config.data.cache_dir={tmp_path / "cache"}', '--config.data.synth_images=200',
+          '--config.data.image_size=56', '--arch', 'vit', '--epochs', '15', '--seeds', '0', '--json', str(out)]
+  assert probe.main(argv) == 0
+  assert "the run's vision tower" in capsys.readouterr().out
+  res = json.loads(out.read_text())
+  assert res['settings']['arch'] == 'vit' and res['overall']['arch'] == 'vit'
+  mod = {r['task']: r for r in res['tasks']}['modality_classification']
+  # As for the CNN below: 60 test questions over 10 modalities; the tower must read the palette well above the
+  # blind prior (~20-30 %).
+  assert mod['probe'] >= mod['prior'] + 0.30, mod
+
+
 def test_probe_reads_modality_from_pixels_far_above_the_prior(tmp_path, capsys):
   out = tmp_path / 'probe.json'
   argv = [f'--config.data.cache_dir={tmp_path / "cache"}', '--config.data.synth_images=200',

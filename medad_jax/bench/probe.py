@@ -3,6 +3,7 @@ r"""Pixel ceilings: how much of each task a small CNN reads off the images a run
     python -m medad_jax.bench probe                                        # the embedded default (congrpo)
     python -m medad_jax.bench probe --config.data.image_size=112 --config.data.synth_images=1000
     python -m medad_jax.bench probe --config=congrpo --epochs 40 --json probe.json
+    python -m medad_jax.bench probe --arch vit          # the run's own vision tower instead of the CNN
 
 What it measures: the data of a run config (``--config=<name>[:variants]`` and ``--config.<key>=<value>``
 overrides, parsed and checked as ``python -m medad_jax.launch`` does; default ``--config=congrpo``), built exactly
@@ -15,8 +16,9 @@ per task) is trained from scratch on the *train* questions: each task's head pre
 among that task's answer texts (every option text of its train questions). It is scored on the *test* questions:
 its answer is the question's option whose text gets the highest logit of the task's head. That is the question a
 policy answers (pick one of the four options from the image), with no language to learn, so its accuracy is a
-floor on what the pixels allow -- a ceiling a VLM trained from scratch on the same data can hope to approach. It
-is printed beside the blind answer prior of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer
+floor on what the pixels allow -- a ceiling a VLM trained from scratch on the same data can hope to approach.
+With ``--arch vit`` the CNN is replaced by the run's own vision tower under the same kind of head
+(:class:`PixelViT`): what the tower's architecture can read when its output is supervised directly. It is printed beside the blind answer prior of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer
 prior (no image)`` row: the most frequent correct text per task in train) and the embedded run's targets: every
 task >= prior + 15 points, anomaly detection >= 77 %, lesion localisation >= 60 %, overall (all test questions)
 >= 80 %.
@@ -87,6 +89,41 @@ class PixelCNN(nnx.Module):
     return tuple(head(h) for head in self.heads)
 
 
+class PixelViT(nnx.Module):
+  """The run's own vision tower (``VisionTransformer`` of its ``VisionConfig``, trained from scratch) under the same
+  kind of head as :class:`PixelCNN`: the ``M`` merged image tokens of each image (what the decoder receives),
+  flattened, a dense layer (ReLU) and one linear head per entry of ``num_classes``.
+
+  Called on ``pixel_values[B, L, P]`` (each image's processor patches) and the :class:`VisionMeta` of ``B`` such
+  images; returns a tuple of logits, one ``[B, n]`` array per head. Next to :class:`PixelCNN` on the same data it
+  separates what the tower's architecture can read from what the policy's training makes it read.
+  """
+
+  def __init__(self, vision_cfg, tokens: int, num_classes: Sequence[int], rngs: nnx.Rngs, *, hidden: int = 64):
+    from medad_jax.model.vision import VisionTransformer
+    self.tower = VisionTransformer(vision_cfg, rngs=rngs)
+    self.fc = Linear(tokens * vision_cfg.out_hidden_size, hidden, use_bias=True, rngs=rngs, init_std=0.02)
+    self.heads = nnx.List([Linear(hidden, n, use_bias=True, rngs=rngs) for n in num_classes])
+
+  def __call__(self, pv_BLP, meta):
+    B, L, P = pv_BLP.shape
+    feats = self.tower(pv_BLP.reshape(B * L, P), meta)
+    h = jax.nn.relu(self.fc(feats.reshape(B, -1)))
+    return tuple(head(h) for head in self.heads)
+
+
+def view_to_patches(x_HWC: np.ndarray, vision_cfg) -> np.ndarray:
+  """The inverse of :func:`model_view` for a still image: ``[H, W, C]`` -> the processor's ``pixel_values[L, P]``
+  (the frame repeated over the temporal patch, as the processor does for an image)."""
+  v = vision_cfg
+  m, p, tp = v.spatial_merge_size, v.patch_size, v.temporal_patch_size
+  H, W, C = x_HWC.shape
+  gh, gw = H // p, W // p
+  x = x_HWC.reshape(gh // m, m, p, gw // m, m, p, C).transpose(0, 3, 1, 4, 6, 2, 5)   # (h/m, w/m, m, m, C, p, p)
+  x = np.repeat(x[..., :, None, :, :], tp, axis=-3)                                   # (..., C, Tp, p, p)
+  return np.ascontiguousarray(x.reshape(gh * gw, C * tp * p * p), dtype=np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
   """How the probe trains (fixed before any test question is read)."""
@@ -98,6 +135,7 @@ class TrainSettings:
   channels: tuple[int, ...] = (16, 32, 64)
   hidden: int = 64
   grid: int | None = 4   # max-pool the last feature map onto 4 x 4 cells (the lesion regions are quadrants + centre)
+  arch: str = 'cnn'      # 'cnn': PixelCNN; 'vit': the run's own vision tower (PixelViT)
 
 
 def _loss(model, x_BHWC, y_BK):
@@ -111,9 +149,20 @@ def _loss(model, x_BHWC, y_BK):
   return total
 
 
+def _loss_vit(model, x, meta, y_BK):
+  return _loss(lambda v: model(v, meta), x, y_BK)
+
+
 @nnx.jit
 def _step(model, opt, x, y):
   loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+  opt.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def _step_vit(model, opt, x, meta, y):
+  loss, grads = nnx.value_and_grad(_loss_vit)(model, x, meta, y)
   opt.update(model, grads)
   return loss
 
@@ -123,13 +172,48 @@ def _logits(model, x):
   return model(x)
 
 
-def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence[int], s: TrainSettings
-                     ) -> PixelCNN:
-  """A :class:`PixelCNN` with a head per entry of ``num_classes``, trained by AdamW on images ``x`` and labels
-  ``y[:, k]`` (class of head k, -1 where the row has none) for ``s.epochs`` shuffled passes (the last partial
-  batch of each pass is dropped, a different one each pass)."""
-  model = PixelCNN(x_NHWC.shape[1], tuple(num_classes), nnx.Rngs(s.seed), channels=s.channels, hidden=s.hidden,
-                   grid=s.grid)
+@nnx.jit
+def _logits_vit(model, x, meta):
+  return model(x, meta)
+
+
+class _ViTInputs:
+  """Turns batches of model-view images into the tower's inputs (patches ``[B, L, P]`` and the meta of B images)."""
+
+  def __init__(self, vision_cfg, image_hw: tuple[int, int]):
+    from medad_jax.model.vision import vision_meta
+    self.cfg = vision_cfg
+    p = vision_cfg.patch_size
+    self.grid = (1, image_hw[0] // p, image_hw[1] // p)
+    self.tokens = self.grid[1] * self.grid[2] // vision_cfg.spatial_merge_size**2
+    self._meta = {}
+    self._vision_meta = vision_meta
+
+  def meta(self, b: int):
+    if b not in self._meta:
+      self._meta[b] = jax.tree.map(jnp.asarray, self._vision_meta(np.tile(self.grid, (b, 1)), self.cfg))
+    return self._meta[b]
+
+  def patches(self, x_NHWC: np.ndarray) -> jax.Array:
+    return jnp.asarray(np.stack([view_to_patches(x, self.cfg) for x in x_NHWC]))
+
+
+def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence[int], s: TrainSettings,
+                     vision_cfg=None):
+  """A :class:`PixelCNN` (``s.arch='cnn'``) or :class:`PixelViT` (``'vit'``, the tower of ``vision_cfg``) with a
+  head per entry of ``num_classes``, trained by AdamW on images ``x`` and labels ``y[:, k]`` (class of head k, -1
+  where the row has none) for ``s.epochs`` shuffled passes (the last partial batch of each pass is dropped, a
+  different one each pass)."""
+  if s.arch == 'cnn':
+    model = PixelCNN(x_NHWC.shape[1], tuple(num_classes), nnx.Rngs(s.seed), channels=s.channels, hidden=s.hidden,
+                     grid=s.grid)
+  elif s.arch == 'vit':
+    if vision_cfg is None:
+      raise ValueError("train_classifier(arch='vit') needs the run's vision_cfg")
+    vit = _ViTInputs(vision_cfg, x_NHWC.shape[1:3])
+    model = PixelViT(vision_cfg, vit.tokens, tuple(num_classes), nnx.Rngs(s.seed), hidden=s.hidden)
+  else:
+    raise ValueError(f"probe arch {s.arch!r}; expected 'cnn' or 'vit'")
   opt = nnx.Optimizer(model, optax.adamw(s.lr, weight_decay=s.weight_decay), wrt=nnx.Param)
   rng = np.random.default_rng(s.seed)
   bs = min(s.batch_size, len(x_NHWC))
@@ -137,13 +221,22 @@ def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence
     perm = rng.permutation(len(x_NHWC))
     for i in range(0, len(perm) - bs + 1, bs):
       b = perm[i:i + bs]
-      _step(model, opt, jnp.asarray(x_NHWC[b]), jnp.asarray(y_NK[b]))
+      if s.arch == 'cnn':
+        _step(model, opt, jnp.asarray(x_NHWC[b]), jnp.asarray(y_NK[b]))
+      else:
+        _step_vit(model, opt, vit.patches(x_NHWC[b]), vit.meta(len(b)), jnp.asarray(y_NK[b]))
   return model
 
 
-def predict_logits(model: PixelCNN, x_NHWC: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+def predict_logits(model, x_NHWC: np.ndarray, batch_size: int = 256, vision_cfg=None) -> list[np.ndarray]:
   """Every head's logits ``[N, n_k]`` on ``x``."""
-  parts = [_logits(model, jnp.asarray(x_NHWC[i:i + batch_size])) for i in range(0, len(x_NHWC), batch_size)]
+  if isinstance(model, PixelViT):
+    vit = _ViTInputs(vision_cfg, x_NHWC.shape[1:3])
+    parts = [_logits_vit(model, vit.patches(x_NHWC[i:i + batch_size]),
+                         vit.meta(len(x_NHWC[i:i + batch_size])))
+             for i in range(0, len(x_NHWC), batch_size)]
+  else:
+    parts = [_logits(model, jnp.asarray(x_NHWC[i:i + batch_size])) for i in range(0, len(x_NHWC), batch_size)]
   return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(parts[0]))]
 
 
@@ -168,8 +261,8 @@ def _records(source) -> list:
 
 
 def load_run_data(config):
-  """``(train records, test records, images by image id)`` of the run ``config`` describes, built as
-  ``train.pipeline.setup`` builds them (dataset, tokenizer, processor, length limits)."""
+  """``(train records, test records, images by image id, the model's VisionConfig)`` of the run ``config``
+  describes, built as ``train.pipeline.setup`` builds them (dataset, tokenizer, processor, length limits)."""
   from medad_jax.data.lengths import apply_limits
   from medad_jax.data.schema import load_image
   from medad_jax.train import pipeline as pl
@@ -186,7 +279,7 @@ def load_run_data(config):
   if len(shapes) != 1:
     raise ValueError(f'the probe needs one image size after the processor\'s resize; this dataset has {len(shapes)} '
                      f'({sorted(shapes)[:5]}...)')
-  return train, test, images
+  return train, test, images, proc.vision_cfg
 
 
 def _norm(text: str) -> str:
@@ -225,8 +318,8 @@ def _rows(records: Sequence, tasks: Sequence[str]) -> tuple[list[str], list[tupl
   return ids, where
 
 
-def probe(train: Sequence, test: Sequence, images: dict, tasks: Sequence[str], s: TrainSettings
-          ) -> dict[str, np.ndarray]:
+def probe(train: Sequence, test: Sequence, images: dict, tasks: Sequence[str], s: TrainSettings,
+          vision_cfg=None) -> dict[str, np.ndarray]:
   """Trains one :class:`PixelCNN` with a head per task on the train questions and answers every test question:
   ``{task: correctness (1 / 0) of each of its test questions, in test order}``."""
   tasks = list(tasks)
@@ -238,10 +331,10 @@ def probe(train: Sequence, test: Sequence, images: dict, tasks: Sequence[str], s
   y = np.full((len(ids), len(tasks)), -1, np.int32)
   for r, (row, k) in zip(train, where):
     y[row, k] = index[k][_norm(r.answer_text)]
-  model = train_classifier(np.stack([images[i] for i in ids]), y, [len(ls) for ls in labels], s)
+  model = train_classifier(np.stack([images[i] for i in ids]), y, [len(ls) for ls in labels], s, vision_cfg)
   test_ids = sorted({r.image_id for r in test})
   pos = {t: i for i, t in enumerate(test_ids)}
-  logits = predict_logits(model, np.stack([images[i] for i in test_ids]))
+  logits = predict_logits(model, np.stack([images[i] for i in test_ids]), vision_cfg=vision_cfg)
   out: dict[str, list[float]] = {t: [] for t in tasks}
   for r in test:
     k = tasks.index(r.task)
@@ -258,7 +351,7 @@ def run_probe(config, s: TrainSettings, data=None, seeds: Sequence[int] = (0,)) 
   seeds) and the overall figures."""
   from medad_jax.train.evaluate import TABLE1, prior_baseline
   t0 = time.perf_counter()
-  train, test, images = data if data is not None else load_run_data(config)
+  train, test, images, vision_cfg = data if data is not None else load_run_data(config)
   data_s = time.perf_counter() - t0
   tasks = [t for t, _ in TABLE1]
   missing = [t for t in tasks if not any(r.task == t for r in train) or not any(r.task == t for r in test)]
@@ -268,7 +361,7 @@ def run_probe(config, s: TrainSettings, data=None, seeds: Sequence[int] = (0,)) 
   t0 = time.perf_counter()
   runs = []
   for seed in seeds:
-    runs.append(probe(train, test, images, tasks, dataclasses.replace(s, seed=int(seed))))
+    runs.append(probe(train, test, images, tasks, dataclasses.replace(s, seed=int(seed)), vision_cfg))
     log.info('probe seed %d: %s', seed, ', '.join(f'{t} {100 * runs[-1][t].mean():.1f} %' for t in tasks))
   train_s = time.perf_counter() - t0
   acc = {t: np.array([c[t].mean() for c in runs]) for t in tasks}
@@ -281,7 +374,7 @@ def run_probe(config, s: TrainSettings, data=None, seeds: Sequence[int] = (0,)) 
              'probe_std': float(acc_all.std()), 'seeds': [int(x) for x in seeds],
              'per_seed': {t: acc[t].tolist() for t in tasks} | {'overall': acc_all.tolist()}, 'target': OVERALL_TARGET,
              'images': len(images), 'image_shape': list(next(iter(images.values())).shape), 'data_s': data_s,
-             'train_s': train_s}
+             'train_s': train_s, 'arch': s.arch}
   return results, overall
 
 
@@ -300,7 +393,8 @@ def format_report(results: Sequence[TaskResult], overall: dict) -> str:
                                  for i, (c, w) in enumerate(zip(cells, widths)))
   sep = '-' * len(line(header))
   h, w, _ = overall['image_shape']
-  title = (f'pixel ceilings: a PixelCNN (one head per task) on {overall["images"]} images of {h}x{w} px as the '
+  model = {'cnn': 'a PixelCNN', 'vit': "the run's vision tower (PixelViT)"}[overall.get('arch', 'cnn')]
+  title = (f'pixel ceilings: {model} (one head per task) on {overall["images"]} images of {h}x{w} px as the '
            f'model sees them, {n} probe seed(s)\n(targets: prior + {100 * MARGIN:.0f} points, anomaly detection >= '
            f'{100 * TASK_FLOORS["anomaly_detection"]:.0f} %, lesion localisation >= '
            f'{100 * TASK_FLOORS["lesion_localization"]:.0f} %, overall >= {100 * OVERALL_TARGET:.0f} %)')
@@ -314,6 +408,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                               epilog='Run-config flags: --config=<name>[:variants] (default congrpo) and '
                                      '--config.<key>=<value>, as for python -m medad_jax.launch.')
   d = TrainSettings()
+  p.add_argument('--arch', choices=('cnn', 'vit'), default=d.arch,
+                 help="cnn: a small CNN; vit: the run's own vision tower from scratch under the same head")
   p.add_argument('--epochs', type=int, default=d.epochs, help='passes over the training images')
   p.add_argument('--batch-size', type=int, default=d.batch_size)
   p.add_argument('--lr', type=float, default=d.lr, help='AdamW learning rate')
@@ -344,7 +440,8 @@ def main(argv: list[str]) -> int:
     config, _ = launch.parse(['probe', *config_argv])
   except launch.ConfigError as e:
     raise SystemExit(f'python -m medad_jax.bench probe: {e}') from None
-  s = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay)
+  s = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    arch=args.arch)
   common.emit(f'machine: {common.machine_summary()}')
   common.emit(f'config: {" ".join(config_argv)}; probe: {s}, seeds {args.seeds}')
   results, overall = run_probe(config, s, seeds=args.seeds)
