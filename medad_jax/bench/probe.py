@@ -11,17 +11,17 @@ as the run builds it (``train.pipeline.build_data``, the tokenizer and processor
 ``data.lengths.apply_limits``: the same train / test questions). Each image is taken as the model sees it: the
 processor's resized, normalised patches put back into an ``[H, W, 3]`` picture (:func:`model_view`).
 
-One :class:`PixelCNN` (three stride-2 convolutions, a max-pool onto 4 x 4 cells, a dense layer, one linear head
-per task) is trained from scratch on the *train* questions: each task's head predicts the correct answer's text
-among that task's answer texts (every option text of its train questions). It is scored on the *test* questions:
-its answer is the question's option whose text gets the highest logit of the task's head. That is the question a
-policy answers (pick one of the four options from the image), with no language to learn, so its accuracy is a
-floor on what the pixels allow -- a ceiling a VLM trained from scratch on the same data can hope to approach.
-With ``--arch vit`` the CNN is replaced by the run's own vision tower under the same kind of head
-(:class:`PixelViT`): what the tower's architecture can read when its output is supervised directly. It is printed beside the blind answer prior of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer
-prior (no image)`` row: the most frequent correct text per task in train) and the embedded run's targets: every
-task >= prior + 15 points, anomaly detection >= 77 %, lesion localisation >= 60 %, overall (all test questions)
->= 80 %.
+One :class:`PixelCNN` (three stride-2 convolutions, a max-pool onto 4 x 4 cells, a dense layer, one linear head per
+task) is trained from scratch on the *train* questions: each task's head predicts the correct answer's text among
+that task's answer texts (every option text of its train questions). It is scored on the *test* questions: its
+answer is the question's option whose text gets the highest logit of the task's head. That is the question a policy
+answers (pick one of the four options from the image), with no language to learn, so its accuracy is a floor on
+what the pixels allow -- a ceiling a VLM trained from scratch on the same data can hope to approach.
+With ``--arch vit`` the CNN is replaced by the run's own vision tower under the same kind of head (:class:`PixelViT`): what the
+tower's architecture can read when its output is supervised directly. It is printed beside the blind answer prior
+of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer prior (no image)`` row: the most frequent
+correct text per task in train) and the embedded run's targets: every task >= prior + 15 points, anomaly detection
+>= 77 %, lesion localisation >= 60 %, overall (all test questions) >= 80 %.
 
 Deterministic on one machine: fixed probe seeds (``--seeds``, default three; mean ± std) for the initialisation
 and the batch order; no early stopping and no choice made on the test questions (the settings were chosen on
