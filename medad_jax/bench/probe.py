@@ -18,8 +18,8 @@ answer is the question's option whose text gets the highest logit of the task's 
 answers (pick one of the four options from the image), with no language to learn, so its accuracy is a floor on
 what the pixels allow -- a ceiling a VLM trained from scratch on the same data can hope to approach.
 With ``--arch vit`` the CNN is replaced by the run's own vision tower under the same kind of head
-(:class:`PixelViT`): what the tower's architecture can read when its output is supervised directly. It is printed beside the blind answer prior
-of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer prior (no image)`` row: the most frequent
+(:class:`PixelViT`): what the tower's architecture can read when its output is supervised directly.
+It is printed beside the blind answer prior of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer prior (no image)`` row: the most frequent
 correct text per task in train) and the embedded run's targets: every task >= prior + 15 points, anomaly detection
 >= 77 %, lesion localisation >= 60 %, overall (all test questions) >= 80 %.
 
