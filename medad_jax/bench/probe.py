@@ -19,9 +19,10 @@ answers (pick one of the four options from the image), with no language to learn
 what the pixels allow -- a ceiling a VLM trained from scratch on the same data can hope to approach.
 With ``--arch vit`` the CNN is replaced by the run's own vision tower under the same kind of head
 (:class:`PixelViT`): what the tower's architecture can read when its output is supervised directly.
-It is printed beside the blind answer prior of the run's evaluation (``train.evaluate.prior_baseline``, the ``Answer prior (no image)`` row: the most frequent
-correct text per task in train) and the embedded run's targets: every task >= prior + 15 points, anomaly detection
->= 77 %, lesion localisation >= 60 %, overall (all test questions) >= 80 %.
+It is printed beside the blind answer prior of the run's evaluation (``train.evaluate.prior_baseline``, the
+``Answer prior (no image)`` row: the most frequent correct text per task in train) and the embedded run's targets:
+every task >= prior + 15 points, anomaly detection >= 77 %, lesion localisation >= 60 %, overall (all test
+questions) >= 80 %.
 
 Deterministic on one machine: fixed probe seeds (``--seeds``, default three; mean ± std) for the initialisation
 and the batch order; no early stopping and no choice made on the test questions (the settings were chosen on
