@@ -195,8 +195,8 @@ class _ViTInputs:
       self._meta[b] = jax.tree.map(jnp.asarray, self._vision_meta(np.tile(self.grid, (b, 1)), self.cfg))
     return self._meta[b]
 
-  def patches(self, x_NHWC: np.ndarray) -> jax.Array:
-    return jnp.asarray(np.stack([view_to_patches(x, self.cfg) for x in x_NHWC]))
+  def patches(self, x_NHWC: np.ndarray) -> np.ndarray:
+    return np.stack([view_to_patches(x, self.cfg) for x in x_NHWC])
 
 
 def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence[int], s: TrainSettings,
@@ -216,6 +216,8 @@ def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence
   else:
     raise ValueError(f"probe arch {s.arch!r}; expected 'cnn' or 'vit'")
   opt = nnx.Optimizer(model, optax.adamw(s.lr, weight_decay=s.weight_decay), wrt=nnx.Param)
+  if s.arch == 'vit':
+    pv_NLP = vit.patches(x_NHWC)   # once, not per batch
   rng = np.random.default_rng(s.seed)
   bs = min(s.batch_size, len(x_NHWC))
   for _ in range(s.epochs):
@@ -225,7 +227,7 @@ def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence
       if s.arch == 'cnn':
         _step(model, opt, jnp.asarray(x_NHWC[b]), jnp.asarray(y_NK[b]))
       else:
-        _step_vit(model, opt, vit.patches(x_NHWC[b]), vit.meta(len(b)), jnp.asarray(y_NK[b]))
+        _step_vit(model, opt, jnp.asarray(pv_NLP[b]), vit.meta(len(b)), jnp.asarray(y_NK[b]))
   return model
 
 
@@ -233,7 +235,7 @@ def predict_logits(model, x_NHWC: np.ndarray, batch_size: int = 256, vision_cfg=
   """Every head's logits ``[N, n_k]`` on ``x``."""
   if isinstance(model, PixelViT):
     vit = _ViTInputs(vision_cfg, x_NHWC.shape[1:3])
-    parts = [_logits_vit(model, vit.patches(x_NHWC[i:i + batch_size]),
+    parts = [_logits_vit(model, jnp.asarray(vit.patches(x_NHWC[i:i + batch_size])),
                          vit.meta(len(x_NHWC[i:i + batch_size])))
              for i in range(0, len(x_NHWC), batch_size)]
   else:
