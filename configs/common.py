@@ -122,6 +122,9 @@ def model_config(preset: str = 'small', *, dtype: str = 'float32', param_dtype: 
       # backward pass ('none' | 'full' | 'dots'), and the attention kernel ('xla' | 'cudnn' | 'auto').
       'remat': 'none',
       'attention': 'xla',
+      # The sampler's decode runs the decoder layers as one scan, one layer's weights in flight: for XLA:CPU with
+      # bf16 weights (it otherwise keeps an fp32 copy of every decoder weight through the decode loop).
+      'decode_scan': False,
   })
 
 

@@ -424,6 +424,29 @@ def dots_width(t: TextConfig, lora_widths: Sequence[int]) -> int:
   return 3 * D + 2 * t.num_kv_heads * t.head_dim + 2 * t.intermediate_size + sum(lora_widths)
 
 
+def decode_upcast_term(cfg: Qwen25VLConfig, mesh: MeshShape) -> 'Term':
+  """XLA:CPU's fp32 copies of bf16 decoder weights in the decode loop: every weight with the per-layer loop
+  (hoisted out of the ``while_loop``), one layer's plus the rest (embedding, norms) with ``cfg.decode_scan``."""
+  per_layer: dict[str, float] = {}
+  rest = 0.0
+  for path, shape, _ in param_shapes(cfg):
+    if path.startswith('visual/'):
+      continue
+    n = 4 * shard_elements(path, shape, mesh)
+    parts = path.split('/')
+    if cfg.decode_scan and 'layers' in parts:
+      layer = '/'.join(parts[:parts.index('layers') + 2])
+      per_layer[layer] = per_layer.get(layer, 0.0) + n
+    else:
+      rest += n
+  if cfg.decode_scan:
+    return Term('XLA:CPU only: fp32 copy of one bf16 decoder layer + embedding (decode scan)',
+                rest + max(per_layer.values(), default=0.0), 'rollout',
+                'decode_scan: each layer\'s weights are converted inside the scan, one layer at a time')
+  return Term('XLA:CPU only: fp32 copy of the bf16 decoder weights (decode loop)', rest, 'rollout',
+              'XLA:CPU computes bf16 in fp32: every decoder weight is converted for the decode step')
+
+
 def xla_cpu_upcast_bytes(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape) -> float:
   """What XLA:CPU adds under remat with compute below fp32 (see :data:`REMAT_PROBS`' neighbour comment): an fp32
   copy of every saved layer input and of the embedding (and under ``dots`` fp32 copies of the saved matmul
@@ -641,11 +664,7 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
     terms += [
         Term('rollout KV cache (group layout)', grouped, 'rollout', 'the prompt once, shared by its G samples'),
         Term('rollout decode buffers [B, V] fp32', DECODE_VOCAB_BUFFERS * B_dev * t.vocab_size / tp * 4, 'rollout'),
-        *([Term('XLA:CPU only: fp32 copy of the bf16 decoder weights (decode loop)',
-                4 * sum(shard_elements(path, shape, mesh) for path, shape, lo in param_shapes(cfg)
-                        if not path.startswith('visual/')), 'rollout',
-                'XLA:CPU computes bf16 in fp32: every decoder weight is converted for the decode step')]
-          if backend == 'xla_cpu' and pb < 4 else []),
+        *([decode_upcast_term(cfg, mesh)] if backend == 'xla_cpu' and pb < 4 else []),
         Term('rollout prefill (one layer + fp32 probabilities)',
              P_dev * w.prompt_len * decoder_row_bytes(t, act_bytes=ab, lora_widths=(), own_keys=True, tp=tp)
              + attention_probs_bytes(t, P_dev * w.prompt_len, w.prompt_len, tp), 'rollout'),

@@ -88,3 +88,12 @@ def test_prior_baseline_by_hand():
   assert math.isnan(s['lesion_localization']) and math.isnan(s['format_rate'])
   row = evaluate.markdown_table([res]).splitlines()[-1]
   assert '| 60.00 | - | - |' in row  # overall, then format and consistency do not apply
+
+
+def test_eval_batch_is_cut_to_the_questions_rounded_to_the_row_blocks():
+  assert evaluate.batch_size_for(32, 4, 1) == 4          # 4 questions: 4 rows, not 28 padding copies
+  assert evaluate.batch_size_for(32, 5, 4) == 8          # rounded up to the mesh's batch blocks
+  assert evaluate.batch_size_for(32, 150, 4) == 32       # more questions than a batch: the configured size
+  assert evaluate.batch_size_for(8, 0, 2) == 2
+  with pytest.raises(ValueError, match='expected both >= 1'):
+    evaluate.batch_size_for(0, 4, 1)

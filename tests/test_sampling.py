@@ -408,3 +408,47 @@ def test_text_only_prompts_match_the_model_greedy_loop(models):
   r = sample(model, batch, key=jax.random.key(0), config=greedy(cfg), num_samples=1)
   ref = greedy_generate(model, {'input_ids': batch.input_ids_PT, 'attention_mask': batch.attention_mask_PT}, N)
   np.testing.assert_array_equal(r.tokens_BN, ref)
+
+
+@pytest.mark.parametrize('name', ['untied_gqa2_win56', 'tied_gqa4_win112'])
+def test_decode_scan_gives_the_per_layer_loops_rollout(models, tiny_hf_checkpoints, name):
+  """``decode_scan`` (the layers as one scan in the decode loop) samples what the per-layer loop samples."""
+  cfg, model, _ = models[name]
+  scanned = load_checkpoint(tiny_hf_checkpoints[name][1], cfg=cfg.replace(decode_scan=True))[0]
+  assert scanned.model.decode_scan and not model.model.decode_scan
+  batch, config = _batch(cfg), sampled(cfg)
+  want = sample(model, batch, key=jax.random.key(3), config=config, num_samples=2)
+  got = sample(scanned, batch, key=jax.random.key(3), config=config, num_samples=2)
+  np.testing.assert_array_equal(got.tokens_BN, want.tokens_BN)
+  np.testing.assert_array_equal(got.lengths_B, want.lengths_B)
+  np.testing.assert_allclose(got.policy_logprobs_BN, want.policy_logprobs_BN, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got.sampling_logprobs_BN, want.sampling_logprobs_BN, atol=1e-5, rtol=0)
+
+
+def test_decode_scan_keeps_one_layers_fp32_weights_on_xla_cpu():
+  """bf16 weights on XLA:CPU (no bf16 matmul): the per-layer decode loop holds an fp32 copy of every decoder
+  weight for the whole loop; the scan holds one layer's. Read in XLA's memory analysis of the compiled decode of
+  the ``small`` preset (abstract weights: nothing allocated)."""
+  from medad_jax.model.config import Qwen25VLConfig
+  from medad_jax.model.qwen25vl import Qwen25VL
+  from medad_jax.plan import prompt_batch
+  if jax.default_backend() != 'cpu':
+    pytest.skip(f'XLA:CPU memory figure; backend is {jax.default_backend()}')
+  temps = {}
+  for scan in (False, True):
+    cfg = Qwen25VLConfig.preset('small').replace(dtype='bfloat16', param_dtype='bfloat16', decode_scan=scan)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))  # noqa: B023
+    pb = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), prompt_batch(cfg, 1, 32, 4))
+    absd = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), t)  # noqa: E731
+    state = absd(state)
+    cache, logits = jax.eval_shape(lambda *a: sampler_lib.prefill(graphdef, *a), state, pb.input_ids_PT,  # noqa: B023
+                                   pb.attention_mask_PT, pb.positions_3PT, pb.pixel_values_ILC, pb.vision_meta_I,
+                                   pb.image_src_PT)
+    compiled = sampler_lib.decode.lower(graphdef, state, cache, logits, pb.rope_deltas_P, pb.done_P,
+                                        jax.ShapeDtypeStruct((2,), jnp.uint32), None,
+                                        config=SamplingConfig(max_new_tokens=8), num_samples=2).compile()
+    temps[scan] = compiled.memory_analysis().temp_size_in_bytes
+  layers = Qwen25VLConfig.preset('small').text
+  decoder_fp32 = 4 * layers.num_layers * (4 * layers.hidden_size**2 + 3 * layers.hidden_size * layers.intermediate_size)
+  # The loop keeps (about) the whole decoder in fp32; the scan saves at least half of that.
+  assert temps[False] - temps[True] > 0.5 * decoder_fp32, (temps, decoder_fp32)

@@ -97,7 +97,7 @@ def run_worker(args) -> dict:
     jmesh = make_mesh(mesh_shape.data, mesh_shape.fsdp, mesh_shape.tensor, devices=jax.devices()[:mesh_shape.devices])
   mc = config.model
   cfg = Qwen25VLConfig.preset(args.preset).replace(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=mc.remat,
-                                                   attention='xla')
+                                                   attention='xla', decode_scan=mc.decode_scan)
   lc = config.lora
   lora = LoraConfig(rank=lc.rank, alpha=lc.alpha, pattern=lc.pattern)
 

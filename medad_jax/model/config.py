@@ -84,9 +84,12 @@ class Qwen25VLConfig:
   param_dtype: str = 'float32'
   # Runtime choices (not architecture; never written to a checkpoint's config.json): the attention kernel of the
   # decoder and the vision tower ('xla' | 'cudnn' | 'auto', see text.py) and rematerialisation of decoder layers
-  # and vision blocks in the backward pass ('none' | 'full' | 'dots').
+  # and vision blocks in the backward pass ('none' | 'full' | 'dots'), and whether the cached decode runs the
+  # decoder layers as one scan (text.py ``TextModel._scan_layers``: one layer's weights in flight; for XLA:CPU
+  # with bf16 weights, which otherwise keeps an fp32 copy of every decoder weight through the decode loop).
   attention: str = 'xla'
   remat: str = 'none'
+  decode_scan: bool = False
 
   def replace(self, **kw) -> 'Qwen25VLConfig':
     return dataclasses.replace(self, **kw)

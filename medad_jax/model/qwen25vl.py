@@ -49,7 +49,8 @@ class Qwen25VL(nnx.Module):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.visual = VisionTransformer(cfg.vision, attn_implementation=text_lib.resolve_attention(cfg.attention, dtype),
                                     remat=cfg.remat, **kw)
-    self.model = text_lib.TextModel(cfg.text, attention=cfg.attention, remat=cfg.remat, **kw)
+    self.model = text_lib.TextModel(cfg.text, attention=cfg.attention, remat=cfg.remat,
+                                     decode_scan=cfg.decode_scan, **kw)
     self.lm_head = None if cfg.text.tie_word_embeddings else Linear(cfg.text.hidden_size, cfg.text.vocab_size,
                                                                     use_bias=False, **kw)
 

@@ -53,7 +53,9 @@ only each layer's input and recomputes one layer at a time in the backward. Unro
 the no-remat activations (its scheduler runs the recomputations early); under the scan the 3B Con-GRPO update at
 the paper's shapes needs 19.8 GiB of temporaries instead of about 258 GiB
 (``python -m medad_jax.bench paper_scale``).
-The cached decode path keeps a per-layer loop (``nnx.remat`` per layer when remat is on).
+The cached decode path keeps a per-layer loop unless ``Qwen25VLConfig.decode_scan`` (then the same scan, with
+each layer's cache slices picked beside its weights: on XLA:CPU with bf16 weights this keeps one layer's fp32
+weight copy live instead of the whole decoder's, see :meth:`TextModel._scan_layers`).
 """
 
 from __future__ import annotations
@@ -282,11 +284,12 @@ class TextModel(nnx.Module):
   """Token embedding, ``L`` decoder layers and the final norm (HF ``Qwen2_5_VLTextModel``)."""
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, dtype='float32', param_dtype='float32',
-               attention: str = 'xla', remat: str = 'none'):
+               attention: str = 'xla', remat: str = 'none', decode_scan: bool = False):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     remat_policy(remat)  # validates the name
     self.remat = remat
+    self.decode_scan = bool(decode_scan)
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
                             for _ in range(cfg.num_layers)])
@@ -298,7 +301,8 @@ class TextModel(nnx.Module):
     first = nnx.graphdef(self.layers[0])
     return all(nnx.graphdef(layer) == first for layer in self.layers[1:])
 
-  def _scan_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, prefix, key_mask_BS, return_kv):
+  def _scan_layers(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, prefix, key_mask_BS, return_kv, cache=None,
+                   cache_index=0):
     """The ``L`` layers as one ``lax.scan`` over their stacked weights (and stacked prefix keys/values).
 
     Why a scan: XLA schedules a rematerialised *unrolled* stack so that the recomputed activations of many layers
@@ -307,35 +311,55 @@ class TextModel(nnx.Module):
     parameters stay a list of layers (checkpoint keys, LoRA patterns and sharding rules are per layer); each
     iteration picks its layer's arrays with a ``lax.switch`` (no stacked copy of the decoder: stacking cost 5.3 GiB
     per call for the 3B in bf16, and XLA:CPU built it in fp32 -- the 3B Con-GRPO update's temporaries fell from
-    29.6 to 19.8 GiB). The cached decode path (``cache`` given) keeps the per-layer loop: its cache is a tuple per
-    layer that is updated in place.
+    29.6 to 19.8 GiB).
+
+    With ``cache`` (``decode_scan``): each iteration also picks its layer's cache slices, and only this call's
+    ``T`` new slots leave the scan; they are written into each layer's cache after it (in place). Why: in the
+    sampler's ``while_loop`` the unrolled loop's weights are loop invariants, and XLA:CPU (no bf16 matmul) hoists
+    an fp32 convert of *every* bf16 decoder weight out of the loop (11.5 GiB for the 3B); here each convert
+    depends on the layer index, so one layer's copy is live at a time. The cost is a copy of one layer's cache
+    slices per layer and token.
     """
     graphdef = nnx.graphdef(self.layers[0])
     states = [nnx.state(layer) for layer in self.layers]
     pre_mask = None if prefix is None else prefix['mask']
     pre_kv = None if prefix is None else (jnp.stack(prefix['k']), jnp.stack(prefix['v']))
 
+    n = len(self.layers)
+    own = None if cache is None else [(cache['k'][i], cache['v'][i]) for i in range(n)]
+    T = x_BTD.shape[1]
+
     def body(x, xs):
       i, kv = xs
       # Layer i's weights, picked by a switch over the layers' own arrays (closed over: the loop's invariant
       # operands) instead of a stacked [L, ...] copy of the decoder made at every call (5.3 GiB for the 3B in
       # bf16; XLA:CPU, which has no bf16 matmul, even built it in fp32). One layer's weights per iteration.
-      state = jax.lax.switch(i, [lambda s=s: s for s in states])
+      if own is None:
+        state, own_kv = jax.lax.switch(i, [lambda s=s: s for s in states]), None
+      else:
+        state, own_kv = jax.lax.switch(i, [lambda s=s, c=c: (s, c) for s, c in zip(states, own)])
       # Cost: the switch's transpose returns a cotangent for every layer's *trainable* arrays (zeros but layer i's),
       # which the scan's backward accumulates each iteration -- L x (trainable size) adds per backward: small for
       # LoRA adapters, a real cost for full fine-tuning under remat (frozen weights get no cotangent).
       layer = nnx.merge(graphdef, state)
       pre = None if kv is None else (kv[0], kv[1], pre_mask)
-      x, (k, v) = layer(x, cos_BTH, sin_BTH, mask_BTS, None, 0, pre)
-      return x, ((k, v) if return_kv else None)
+      x, (k, v) = layer(x, cos_BTH, sin_BTH, mask_BTS, own_kv, cache_index, pre)
+      if own_kv is not None:   # only this call's slots leave the scan
+        k, v = (jax.lax.dynamic_slice_in_dim(a, cache_index, T, axis=2) for a in (k, v))
+      return x, ((k, v) if return_kv or own_kv is not None else None)
 
-    if self.remat != 'none':
+    if self.remat != 'none' and cache is None:
       body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=False)
-    x_BTD, kv_L = jax.lax.scan(body, x_BTD, (jnp.arange(len(self.layers)), pre_kv))
+    x_BTD, kv_L = jax.lax.scan(body, x_BTD, (jnp.arange(n), pre_kv))
+    if cache is not None:
+      k_L, v_L = kv_L
+      start = (0, 0, cache_index, 0)
+      put = lambda c, new: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start)  # noqa: E731
+      return x_BTD, {'k': tuple(put(cache['k'][i], k_L[i]) for i in range(n)),
+                     'v': tuple(put(cache['v'][i], v_L[i]) for i in range(n)), 'mask': key_mask_BS}
     if not return_kv:
       return x_BTD, None
     k_L, v_L = kv_L
-    n = len(self.layers)
     return x_BTD, {'k': tuple(k_L[i] for i in range(n)), 'v': tuple(v_L[i] for i in range(n)), 'mask': key_mask_BS}
 
   def rotary(self, positions_3BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -378,8 +402,10 @@ class TextModel(nnx.Module):
       query_slot_T = cache_index + jnp.arange(T)
     mask_BTS = attention_mask_BTS(key_mask_BS, query_slot_T)
     x_BTD = x_BTD.astype(self.dtype)
-    if cache is None and self.remat != 'none' and self._uniform_layers():
-      x_BTD, new_cache = self._scan_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, prefix, key_mask_BS, return_kv)
+    scan = self.decode_scan if cache is not None else self.remat != 'none'
+    if scan and self._uniform_layers():
+      x_BTD, new_cache = self._scan_layers(x_BTD, cos_BTH, sin_BTH, mask_BTS, prefix, key_mask_BS, return_kv,
+                                           cache, cache_index)
       return self.norm(x_BTD), new_cache
     run = _run_layer
     if self.remat != 'none':

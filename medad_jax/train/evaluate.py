@@ -67,7 +67,7 @@ def flax_generator(run: pl.Run, model, *, greedy: bool, batch_size: int, adapter
   scfg = pl.sampling_config(run.config.sampling, cfg, greedy=greedy, max_new_tokens=run.config.eval.max_new_tokens)
   table = pl.stop_table(run.tokenizer, cfg)
   mesh = run.mesh_or_none()
-  per_process = batch_size // feed.shard(run)[1]
+  per_process = eval_batch_size(run, batch_size) // feed.shard(run)[1]
 
   def gen(examples, seed, index):
     pb = feed.prompt_batch(run, examples, max(per_process, len(examples)))
@@ -221,7 +221,7 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
   config = run.config
   source = eval_records(run)
   n = len(source)
-  bs = config.eval.batch_size
+  bs = eval_batch_size(run)
   mesh = run.mesh_or_none()
   # The local judge is a jitted forward on the global mesh: every process scores every row (see congrpo.Scoring).
   all_rows = config.judge.backend == 'local' and distributed.process_count() > 1
@@ -273,6 +273,27 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
     run.logger.write_now(f'{progress_stage}/{slug}', int(seed),
                          {'accuracy': res['overall'], **{k: res[k] for k in COLUMNS if np.isfinite(res[k])}})
   return Result(name, per_seed, n, time.time() - t0)
+
+
+def batch_size_for(requested: int, questions: int, row_multiple: int) -> int:
+  """The evaluation's global batch: ``requested`` (``eval.batch_size``), but no larger than ``questions`` rounded
+  up to ``row_multiple`` (the mesh's batch blocks and the processes): a 4-question evaluation at
+  ``eval.batch_size=32`` decodes 4 rows, not 4 questions and 28 copies padding them."""
+  if requested < 1 or row_multiple < 1:
+    raise ValueError(f'eval batch size {requested}, row multiple {row_multiple}: expected both >= 1')
+  return min(requested, max(1, -(-questions // row_multiple)) * row_multiple)
+
+
+def eval_batch_size(run: pl.Run, requested: int | None = None) -> int:
+  """:func:`batch_size_for` this run's questions, mesh and processes (``requested``: ``eval.batch_size``)."""
+  import math
+
+  from medad_jax import distributed
+  from medad_jax.train import feed
+  mesh = run.mesh_or_none()
+  multiple = feed.shard(run)[1] if mesh is None else math.lcm(feed.shard(run)[1], distributed.batch_blocks(mesh)[2])
+  return batch_size_for(run.config.eval.batch_size if requested is None else requested, len(eval_records(run)),
+                        multiple)
 
 
 def eval_records(run: pl.Run) -> Sequence:

@@ -177,7 +177,8 @@ def model_config(config, tokenizer) -> Qwen25VLConfig:
     cfg = from_hf_config(ckpt)
   else:
     cfg = config_for_tokenizer(Qwen25VLConfig.preset(m.preset), tokenizer, vocab_multiple=64)
-  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+  return cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
+                     decode_scan=m.decode_scan)
 
 
 def build_model(config, cfg: Qwen25VLConfig, seed: int):
