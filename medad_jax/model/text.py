@@ -177,24 +177,26 @@ def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS:
                                         scale=scale, implementation='cudnn')
   if implementation != 'xla':
     raise ValueError(f'attention implementation {implementation!r}: expected xla or cudnn (resolve auto first)')
-  q_BTKJH = q_BTNH.reshape(B, T, K, J, H)
-  s_BKJTS = jnp.einsum('btkjh,bksh->bkjts', q_BTKJH, k_BKSH, preferred_element_type=jnp.float32) * scale
-  s_BKJTS = jnp.where(mask_BTS[:, None, None], s_BKJTS, MASKED_LOGIT)
+  # One query per row (decode): the same maths without the size-1 query axis. XLA:CPU copies around a degenerate
+  # dimension of a dot; dropping it made the tiny preset's decode 1.37x faster (0.056 -> 0.041 s, 64 steps).
+  t = 't' if T > 1 else ''
+  q = q_BTNH.reshape((B, T, K, J, H) if t else (B, K, J, H))
+  s_own = jnp.einsum(f'b{t}kjh,bksh->bkj{t}s', q, k_BKSH, preferred_element_type=jnp.float32) * scale
+  s_own = jnp.where((mask_BTS if t else mask_BTS[:, 0])[:, None, None], s_own, MASKED_LOGIT)   # [B, K, J, (T,) S]
   if prefix is None:
-    w = jax.nn.softmax(s_BKJTS, axis=-1).astype(v_BKSH.dtype)
-    o_BTKJH = jnp.einsum('bkjts,bksh->btkjh', w, v_BKSH)
-    return o_BTKJH.reshape(B, T, N, H)
+    w = jax.nn.softmax(s_own, axis=-1).astype(v_BKSH.dtype)
+    return jnp.einsum(f'bkj{t}s,bksh->b{t}kjh', w, v_BKSH).reshape(B, T, N, H)
   pk_PKRH, pv_PKRH, pm_PR = prefix
   P, R = pk_PKRH.shape[0], pk_PKRH.shape[2]
   G = B // P
-  q_PGTKJH = q_BTKJH.reshape(P, G, T, K, J, H)
-  s_PGKJTR = jnp.einsum('pgtkjh,pkrh->pgkjtr', q_PGTKJH, pk_PKRH, preferred_element_type=jnp.float32) * scale
-  s_PGKJTR = jnp.where(pm_PR[:, None, None, None, None, :], s_PGKJTR, MASKED_LOGIT)
-  s_all = jnp.concatenate([s_PGKJTR.reshape(B, K, J, T, R), s_BKJTS], axis=-1)
+  s_pre = jnp.einsum(f'pg{t}kjh,pkrh->pgkj{t}r', q.reshape((P, G) + q.shape[1:]), pk_PKRH,
+                     preferred_element_type=jnp.float32) * scale
+  s_pre = jnp.where(pm_PR.reshape((P, 1, 1, 1) + (1,) * len(t) + (R,)), s_pre, MASKED_LOGIT)
+  s_all = jnp.concatenate([s_pre.reshape(s_own.shape[:-1] + (R,)), s_own], axis=-1)
   w = jax.nn.softmax(s_all, axis=-1).astype(v_BKSH.dtype)
-  o_pre = jnp.einsum('pgkjtr,pkrh->pgtkjh', w[..., :R].reshape(P, G, K, J, T, R), pv_PKRH).reshape(B, T, K, J, H)
-  o_own = jnp.einsum('bkjts,bksh->btkjh', w[..., R:], v_BKSH)
-  return (o_pre + o_own).reshape(B, T, N, H)
+  o_pre = jnp.einsum(f'pgkj{t}r,pkrh->pg{t}kjh', w[..., :R].reshape((P, G) + s_own.shape[1:-1] + (R,)), pv_PKRH)
+  o_own = jnp.einsum(f'bkj{t}s,bksh->b{t}kjh', w[..., R:], v_BKSH)
+  return (o_pre.reshape(o_own.shape) + o_own).reshape(B, T, N, H)
 
 
 # ----------------------------------------------------------------------------- modules
