@@ -12,7 +12,9 @@ LoRA adapters live in the same ``Linear`` but in their own variable type (``nnx.
 ``nnx.state(model, nnx.LoRAParam)`` is the adapter subtree and ``nnx.state(model, nnx.Param)`` the untouched base.
 Adapters are switched off for a forward pass with ``with lora_disabled(): ...``; this is read while tracing, so a
 single jitted function can run the policy (adapters on) and the reference (adapters off) side by side, and with
-adapters off the computation is exactly the base one (bit-identical).
+adapters off the computation is exactly the base one (bit-identical). An adapted ``Linear`` runs
+:func:`lora_matmul`, whose backward is written by hand so XLA:CPU materialises the output gradient once before its
+consumers (the ``small`` Con-GRPO update: 0.87 -> 0.60 s, ``python -m medad_jax.bench grpo_step --configs small``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,37 @@ def _dtype(name_or_dtype):
   return jnp.dtype(name_or_dtype)
 
 
+@jax.custom_vjp
+def lora_matmul(x, w, a, b, scale):
+  """``x @ w + (x @ a) @ b * scale`` (``x [..., I]``, ``w [I, O]``, ``a [I, R]``, ``b [R, O]``)."""
+  return x @ w + ((x @ a) @ b) * scale
+
+
+def _lora_fwd(x, w, a, b, scale):
+  xa = x @ a
+  return x @ w + (xa @ b) * scale, (x, w, a, b, xa, scale)
+
+
+def _lora_bwd(res, g):
+  x, w, a, b, xa, scale = res
+  # The output gradient is materialised in its own layout before its three consumers (dX, the adapter's dX term,
+  # dB): otherwise XLA:CPU fuses its producer into a transposed copy for dB that runs far below memory bandwidth.
+  g = jax.lax.optimization_barrier(g)
+  lead = g.shape[:-1]
+  g2 = g.reshape(-1, g.shape[-1])
+  x2 = x.reshape(-1, x.shape[-1])
+  gs = g2 * scale
+  gb = gs @ b.T                                            # [M, R]
+  dx = (g2 @ w.T + gb @ a.T).reshape(*lead, x.shape[-1])
+  da = x2.T @ gb
+  db = xa.reshape(-1, xa.shape[-1]).T @ gs
+  dw = x2.T @ g2                                           # unused (and removed by XLA) unless w is trained
+  return dx, dw, da, db, jnp.zeros_like(scale)
+
+
+lora_matmul.defvjp(_lora_fwd, _lora_bwd)
+
+
 class Linear(nnx.Module):
   """``y = x @ kernel + bias`` with an optional low-rank adapter ``(x @ lora_a) @ lora_b * scale``."""
 
@@ -81,12 +114,14 @@ class Linear(nnx.Module):
 
   def __call__(self, x_I: jax.Array) -> jax.Array:
     x = x_I.astype(self.dtype)
-    y = x @ self.kernel.get_value().astype(self.dtype)
+    w = self.kernel.get_value().astype(self.dtype)
+    if self.lora_a is not None and lora_enabled():
+      y = lora_matmul(x, w, self.lora_a.get_value().astype(self.dtype), self.lora_b.get_value().astype(self.dtype),
+                      jnp.asarray(self.lora_scale, self.dtype))
+    else:
+      y = x @ w
     if self.bias is not None:
       y = y + self.bias.get_value().astype(self.dtype)
-    if self.lora_a is not None and lora_enabled():
-      y_R = x @ self.lora_a.get_value().astype(self.dtype)
-      y = y + (y_R @ self.lora_b.get_value().astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
     return y
 
 
