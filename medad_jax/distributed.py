@@ -52,6 +52,7 @@ process 0, so the trainers store every process's data-iterator state in them.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import glob
 import importlib.util
@@ -441,7 +442,7 @@ def gather(tree: Any) -> Any:
 
 
 def allgather_objects(obj: Any) -> list:
-  """``obj`` (anything JSON can write) of every process, in process order; ``[obj]`` alone.
+  """``obj`` (anything JSON can write, numpy arrays included) of every process, in process order; ``[obj]`` alone.
 
   Host-side Python values (texts, record metadata, per-row scores, iterator states) travel as UTF-8 JSON bytes
   through one ``process_allgather`` of the lengths and one of the zero-padded bytes.
@@ -449,12 +450,30 @@ def allgather_objects(obj: Any) -> list:
   if jax.process_count() == 1:
     return [obj]
   from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  data = np.frombuffer(json.dumps(obj, default=_json_array).encode(), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
   buf = np.zeros(bucket(int(sizes.max())), np.uint8)
   buf[:data.size] = data
   everything = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
-  return [json.loads(bytes(everything[i, :int(n)]).decode()) for i, n in enumerate(sizes)]
+  return [json.loads(bytes(everything[i, :int(n)]).decode(), object_hook=_array_from_json)
+          for i, n in enumerate(sizes)]
+
+
+_ARRAY_KEY = '__medad_ndarray__'
+
+
+def _json_array(x):
+  """``json.dumps`` hook: numpy arrays and scalars travel as base64 bytes with their dtype and shape."""
+  if isinstance(x, (np.ndarray, np.generic)):
+    a = np.array(x, order='C')   # 0-d for a numpy scalar
+    return {_ARRAY_KEY: base64.b64encode(a.tobytes()).decode(), 'dtype': a.dtype.str, 'shape': list(a.shape)}
+  raise TypeError(f'{type(x).__name__} cannot be sent to the other processes (JSON values and numpy arrays can)')
+
+
+def _array_from_json(d: dict):
+  if _ARRAY_KEY in d:
+    return np.frombuffer(base64.b64decode(d[_ARRAY_KEY]), np.dtype(d['dtype'])).reshape(d['shape']).copy()
+  return d
 
 
 def bucket(n: int, smallest: int = 64) -> int:

@@ -168,3 +168,17 @@ def test_gather_returns_host_arrays():
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   x = D.host_local_to_global({'a': np.arange(8.0)}, mesh)['a']
   np.testing.assert_array_equal(D.gather({'a': x})['a'], np.arange(8.0))
+
+
+def test_objects_sent_between_processes_carry_numpy_arrays_exactly():
+  """``allgather_objects`` encodes with these hooks: arrays (any dtype, 0-d and empty too) come back equal."""
+  import json
+  obj = {'ids': np.arange(6, dtype=np.int32).reshape(2, 3), 'x': [np.float32(1.5), {'s': 'text'}],
+         'img': np.random.default_rng(0).integers(0, 255, (4, 4, 3)).astype(np.uint8), 'e': np.zeros((0, 4), bool)}
+  back = json.loads(json.dumps(obj, default=D._json_array), object_hook=D._array_from_json)
+  for k in ('ids', 'img', 'e'):
+    assert back[k].dtype == obj[k].dtype and back[k].shape == obj[k].shape
+    np.testing.assert_array_equal(back[k], obj[k])
+  assert back['x'][0].shape == () and back['x'][0] == np.float32(1.5) and back['x'][1] == {'s': 'text'}
+  with pytest.raises(TypeError, match='cannot be sent to the other processes'):
+    json.dumps({'f': object()}, default=D._json_array)

@@ -207,3 +207,34 @@ def _flat(tree, prefix=''):
   elif tree is not None:
     out[prefix] = np.asarray(tree)
   return out
+
+
+DAPO = ['--config.rl.dynamic_sampling=True', '--config.rl.dynamic_sampling_max_draws=3']
+
+
+@pytest.fixture(scope='module')
+def dapo_runs(runs):
+  """The same tiny launch with DAPO dynamic sampling: two processes of 2 devices and one of 4."""
+  tmp, cache, _, _ = runs
+  two_dir, one_dir = tmp / 'dapo-two', tmp / 'dapo-one'
+  one = _launch(tmp, 'dapo-one', one_dir, cache, processes=1, devices=4, extra=DAPO)
+  two = _launch(tmp, 'dapo-two', two_dir, cache, processes=2, devices=2, extra=DAPO)
+  try:
+    mp.wait(one, TIMEOUT_S)
+  except BaseException:
+    for p, _ in two:
+      p.kill()
+    raise
+  mp.wait(two, TIMEOUT_S)
+  return str(two_dir), str(one_dir)
+
+
+def test_dynamic_sampling_across_processes_equals_one_process(dapo_runs):
+  """The keep / refill decision is global (every shard's groups all-gathered) and each process assembles its
+  shard of the kept batch wherever a group was drawn: two processes equal one, counts and metrics included."""
+  two_dir, one_dir = dapo_runs
+  _assert_same_run(two_dir, one_dir)
+  recs = [v for (stage, _), v in sorted(_values(one_dir).items()) if stage == 'congrpo']
+  assert recs and all(r['dyn_drawn'] == 4 + r['dyn_dropped'] + r['dyn_surplus'] for r in recs)
+  # the refill path ran: some step drew more than one batch
+  assert max(r['dyn_draws'] for r in recs) > 1, [r['dyn_draws'] for r in recs]

@@ -233,7 +233,7 @@ _STEP_FIELDS = {'tokens': 'tokens_BN', 'lengths': 'lengths_B', 'finish': 'finish
 
 def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, graphdef, state, step: int, scfg, table,
                             num_prompts: int):
-  """DAPO dynamic sampling for one optimizer step (one process) -> ``(batch, parts, sample_s, judge_s, extra)``.
+  """DAPO dynamic sampling for one optimizer step -> ``(batch, parts, sample_s, judge_s, extra)``.
 
   Each draw is a whole step's batch as without dynamic sampling: the next ``num_prompts`` questions, G rollouts
   each (draw 0 with the step's key ``fold_in(state.rng, step)``, draw d > 0 with ``fold_in(that key, d)``), decoded
@@ -242,6 +242,11 @@ def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, gra
   groups complete the batch at the cap. The update's batch is then assembled from the kept groups: their questions
   give a new ``PromptBatch`` (the same ``num_prompts`` rows, so the same shapes as a normal step), and their G
   rollout rows (tokens, masks, the sampler's log-probs, rewards) are taken from the draws they came from.
+
+  Several processes: each draw's questions, rollout rows and rewards of every data shard are all-gathered, so
+  every process takes the same keep / refill decision over the global groups (target ``rl.prompts_per_step``) and
+  builds its shard's rows of the kept batch (``num_prompts`` = this process's prompts per step), wherever a kept
+  group was drawn.
 
   ``parts`` are the kept rows' reward parts and finish codes (the metrics describe the batch the update saw);
   ``extra`` holds the counts ``dyn_drawn``, ``dyn_dropped``, ``dyn_filler``, ``dyn_surplus``, ``dyn_draws``
@@ -253,6 +258,8 @@ def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, gra
   rl = run.config.rl
   G = rl.group_size
   key = jax.random.fold_in(state.rng, step)
+  shard, n_shards = feed.shard(run)
+  mesh = run.mesh_or_none()
   draws, clock = [], {'sample': 0.0, 'judge': 0.0}
 
   fields = {**_STEP_FIELDS, 'mask': 'completion_mask_BN', 'logp': 'policy_logprobs_BN',
@@ -267,20 +274,33 @@ def _dynamic_sampling_batch(run: pl.Run, it, scoring: Scoring, holder: dict, gra
     pending = scoring.start(texts, [ex['meta'] for ex in examples])
     rb = pending.result()
     clock['judge'] += (pending.finished or time.monotonic()) - pending.started
-    parts = {**scoring.mine(rb), 'finish': np.asarray(rows['finish'])}
-    draws.append((examples, rows, parts))
-    return [(d, p) for p in range(len(examples))], parts['total'].reshape(-1, G)
+    mine = {**scoring.mine(rb), 'finish': np.asarray(rows['finish'])}
+    # Every data shard's questions, rollout rows and rewards, in global order (the same on every process): the
+    # keep / refill decision is global, and a kept group may have been drawn on another process.
+    got = distributed.gather_shards([examples, {k: np.asarray(v) for k, v in rows.items()}, mine], mesh)
+    everyone = ([e for ex, _, _ in got for e in ex],
+                {k: np.concatenate([r[k] for _, r, _ in got]) for k in rows},
+                {k: np.concatenate([p[k] for _, _, p in got]) for k in mine})
+    draws.append(everyone)
+    return [(d, p) for p in range(len(everyone[0]))], everyone[2]['total'].reshape(-1, G)
 
-  res = algo.dynamic_sampling_refill(draw, num_prompts, max_draws=rl.dynamic_sampling_max_draws)
+  res = algo.dynamic_sampling_refill(draw, num_prompts * n_shards, max_draws=rl.dynamic_sampling_max_draws)
+  # This process's share of the kept groups: the global batch's rows of its data shard, as in a normal step.
+  own = res.groups[shard * num_prompts:(shard + 1) * num_prompts]
 
-  def pick(i: int, name: str) -> np.ndarray:   # the kept groups' G rows of draws[*][i][name], in kept order
-    return np.concatenate([np.asarray(draws[d][i][name])[p * G:(p + 1) * G] for d, p in res.groups])
+  def pick(groups, i: int, name: str) -> np.ndarray:   # the groups' G rows of draws[*][i][name], in kept order
+    return np.concatenate([np.asarray(draws[d][i][name])[p * G:(p + 1) * G] for d, p in groups])
 
-  prompts = feed.prompt_batch(run, [draws[d][0][p] for d, p in res.groups], num_prompts)
-  parts = {k: pick(2, k) for k in draws[0][2]}
-  roll = types.SimpleNamespace(tokens_BN=pick(1, 'tokens'), completion_mask_BN=pick(1, 'mask'),
-                               policy_logprobs_BN=pick(1, 'logp'), sampling_logprobs_BN=pick(1, 'sampling_logp'))
-  batch = U.rollout_batch(prompts, roll, parts['total'])
+  prompts = feed.prompt_batch(run, [draws[d][0][p] for d, p in own], num_prompts)
+  parts = {k: pick(res.groups, 2, k) for k in draws[0][2]}   # every kept row: the metrics describe the update
+  # This process's rows -> global arrays across processes (host arrays as they are for one process).
+  rows = distributed.to_global({'tokens_BN': pick(own, 1, 'tokens'), 'completion_mask_BN': pick(own, 1, 'mask'),
+                                'policy_logprobs_BN': pick(own, 1, 'logp'),
+                                'sampling_logprobs_BN': pick(own, 1, 'sampling_logp'),
+                                'rewards_B': pick(own, 2, 'total').astype(np.float32)}, mesh)
+  rewards_B = rows.pop('rewards_B')
+  roll = types.SimpleNamespace(**rows)
+  batch = {**_no_rewards(U.rollout_batch(prompts, roll, np.zeros(0, np.float32))), 'rewards_B': rewards_B}
   extra = {f'dyn_{k}': float(getattr(res, k)) for k in ('drawn', 'dropped', 'filler', 'surplus', 'draws')}
   extra['reward_drawn'] = float(np.mean([np.mean(x[2]['total']) for x in draws]))
   extra['roll'] = roll
@@ -304,10 +324,6 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
 
   # ------------------------------------------------------------------------------------------------ step
   gcfg = U.GRPOConfig.from_config(rl, config.sampling)
-  if rl.dynamic_sampling and distributed.process_count() > 1:
-    raise ValueError(f'config.rl.dynamic_sampling=True with {distributed.process_count()} processes: the refill '
-                     'runs in one process only (the kept groups would have to move between processes); use one '
-                     'process, or rl.filter_zero_variance=True (drops zero-variance groups without refilling)')
   update = U.make_congrpo_update(graphdef, tx, gcfg, mesh=mesh, lr_schedule=sched)
   scfg = pl.sampling_config(config.sampling, run.model_cfg)
   table = pl.stop_table(run.tokenizer, run.model_cfg)
