@@ -104,9 +104,10 @@ SAVED_PROBS_PREFIX = 3   # completion rows attending the shared prompt prefix + 
 # probabilities are saved once more in the compute dtype (the softmax output cast for the AV product).
 SAVED_D_FP32_LOW_PRECISION = 3
 SAVED_PROBS_LOW_PRECISION = 1
-# fp32 [chunk, V] buffers of the chunked LM head alive at once (fitted to the layer-independent part of XLA's temp
-# bytes: 2.2 on the tiny SFT and Con-GRPO steps, 2.4 on the 3B Con-GRPO update).
-LOGITS_CHUNK_BUFFERS = 2.3
+# fp32 [chunk, V] buffers of the chunked LM head alive at once. Measured as XLA's temp bytes added by doubling V
+# (everything else equal): exactly 2.0 on the tiny SFT step (1 and 2 microbatches) since the LoRA backward is
+# written by hand (layers.lora_matmul); 2.2 on the tiny steps and 2.4 on the 3B Con-GRPO update before it.
+LOGITS_CHUNK_BUFFERS = 2.0
 # Decode-step [B, V] fp32 buffers of the sampler (logits, log-softmax, CDF).
 DECODE_VOCAB_BUFFERS = 3
 # Remat (scanned layers): fp32 copies of one layer's attention probabilities ``[rows, Nq, keys]`` alive while its
