@@ -110,8 +110,15 @@ def runs(tmp_path_factory):
   from medad_jax.train import pipeline as pl
   config = common.load('congrpo', [*TINY, f'data.cache_dir={cache}'])
   pl.build_tokenizer(config, pl.build_data(config))
-  one = _launch(tmp, 'one', one_dir, cache, processes=1, devices=4)
-  two = _launch(tmp, 'two', two_dir, cache, processes=2, devices=2)
+  _one_and_two(tmp, '', cache)
+  return tmp, cache, str(two_dir), str(one_dir)
+
+
+def _one_and_two(tmp, prefix, cache, extra=()):
+  """Launches ``<prefix>one`` (1 process, 4 devices) and ``<prefix>two`` (2 processes, 2 devices) side by side in
+  ``tmp`` and waits for both."""
+  one = _launch(tmp, f'{prefix}one', tmp / f'{prefix}one', cache, processes=1, devices=4, extra=extra)
+  two = _launch(tmp, f'{prefix}two', tmp / f'{prefix}two', cache, processes=2, devices=2, extra=extra)
   try:
     mp.wait(one, TIMEOUT_S)
   except BaseException:
@@ -119,7 +126,6 @@ def runs(tmp_path_factory):
       p.kill()
     raise
   mp.wait(two, TIMEOUT_S)
-  return tmp, cache, str(two_dir), str(one_dir)
 
 
 def test_two_processes_equal_one_process_of_four_devices(runs):
@@ -216,17 +222,8 @@ DAPO = ['--config.rl.dynamic_sampling=True', '--config.rl.dynamic_sampling_max_d
 def dapo_runs(runs):
   """The same tiny launch with DAPO dynamic sampling: two processes of 2 devices and one of 4."""
   tmp, cache, _, _ = runs
-  two_dir, one_dir = tmp / 'dapo-two', tmp / 'dapo-one'
-  one = _launch(tmp, 'dapo-one', one_dir, cache, processes=1, devices=4, extra=DAPO)
-  two = _launch(tmp, 'dapo-two', two_dir, cache, processes=2, devices=2, extra=DAPO)
-  try:
-    mp.wait(one, TIMEOUT_S)
-  except BaseException:
-    for p, _ in two:
-      p.kill()
-    raise
-  mp.wait(two, TIMEOUT_S)
-  return str(two_dir), str(one_dir)
+  _one_and_two(tmp, 'dapo-', cache, DAPO)
+  return str(tmp / 'dapo-two'), str(tmp / 'dapo-one')
 
 
 def test_dynamic_sampling_across_processes_equals_one_process(dapo_runs):
