@@ -106,7 +106,8 @@ SAVED_D_FP32_LOW_PRECISION = 3
 SAVED_PROBS_LOW_PRECISION = 1
 # fp32 [chunk, V] buffers of the chunked LM head alive at once. Measured as XLA's temp bytes added by doubling V
 # (everything else equal): exactly 2.0 on the tiny SFT step (1 and 2 microbatches) since the LoRA backward is
-# written by hand (layers.lora_matmul); 2.2 on the tiny steps and 2.4 on the 3B Con-GRPO update before it.
+# written by hand (layers.lora_matmul; tests/test_plan.py::test_lm_head_buffers_are_what_xla_adds_per_vocab);
+# 2.2 on the tiny steps and 2.4 on the 3B Con-GRPO update before it.
 LOGITS_CHUNK_BUFFERS = 2.0
 # Decode-step [B, V] fp32 buffers of the sampler (logits, log-softmax, CDF).
 DECODE_VOCAB_BUFFERS = 3

@@ -182,3 +182,21 @@ def test_remat_scans_the_layers_so_a_layer_keeps_little():
                     lora_rank=8, dtype='bfloat16', param_dtype='bfloat16', remat=remat)
     per_layer[remat] = PL.measure_layer(cfg, w)['xla']
   assert per_layer['none'] > 0 and per_layer['full'] < 0.25 * per_layer['none'], per_layer
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_lm_head_buffers_are_what_xla_adds_per_vocab(k):
+  """``LOGITS_CHUNK_BUFFERS``: the temp bytes XLA adds to the tiny SFT step when the vocabulary doubles, in units
+  of one ``[chunk, V]`` fp32 buffer, equal the planner's count (within 10 %)."""
+  import dataclasses
+  w = PL.Workload(stage='sft', prompts=4, group_size=1, prompt_len=48, completion_len=0, image_patches=16,
+                  lora_rank=8, num_microbatches=k, dtype='float32', param_dtype='float32', remat='none', target_len=16)
+  base = Qwen25VLConfig.tiny()
+  temp, head = [], []
+  for V in (512, 1024):
+    cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=V))
+    temp.append(PL.compiled_memory(cfg, w)['temp'])
+    head.append([t.bytes for t in PL.plan(cfg, w, PL.MeshShape()).terms if t.name.startswith('LM head')][0])
+  per_buffer = (head[1] - head[0]) / PL.LOGITS_CHUNK_BUFFERS
+  measured = (temp[1] - temp[0]) / per_buffer
+  assert abs(measured - PL.LOGITS_CHUNK_BUFFERS) <= 0.1 * PL.LOGITS_CHUNK_BUFFERS, measured

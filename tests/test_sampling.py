@@ -423,6 +423,12 @@ def test_decode_scan_gives_the_per_layer_loops_rollout(models, tiny_hf_checkpoin
   np.testing.assert_array_equal(got.lengths_B, want.lengths_B)
   np.testing.assert_allclose(got.policy_logprobs_BN, want.policy_logprobs_BN, atol=1e-5, rtol=0)
   np.testing.assert_allclose(got.sampling_logprobs_BN, want.sampling_logprobs_BN, atol=1e-5, rtol=0)
+  # the model's own greedy loop (cache without a shared prefix, prefill written into the cache) too
+  from medad_jax.model.qwen25vl import greedy_generate
+  rows = [np.random.default_rng(7).integers(0, cfg.text.vocab_size - 8, n).tolist() for n in (5, 11)]
+  tb = prepare_prompts(cfg, rows)
+  inputs = {'input_ids': tb.input_ids_PT, 'attention_mask': tb.attention_mask_PT}
+  np.testing.assert_array_equal(greedy_generate(scanned, inputs, N), greedy_generate(model, inputs, N))
 
 
 def test_decode_scan_keeps_one_layers_fp32_weights_on_xla_cpu():

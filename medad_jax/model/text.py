@@ -178,7 +178,8 @@ def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS:
   if implementation != 'xla':
     raise ValueError(f'attention implementation {implementation!r}: expected xla or cudnn (resolve auto first)')
   # One query per row (decode): the same maths without the size-1 query axis. XLA:CPU copies around a degenerate
-  # dimension of a dot; dropping it made the tiny preset's decode 1.37x faster (0.056 -> 0.041 s, 64 steps).
+  # dimension of a dot; dropping it made the tiny preset's decode 1.2-1.4x faster (`python -m medad_jax.bench sampler`
+  # "our decode": 0.051-0.058 -> 0.041 s, 64 steps).
   t = 't' if T > 1 else ''
   q = q_BTNH.reshape((B, T, K, J, H) if t else (B, K, J, H))
   s_own = jnp.einsum(f'b{t}kjh,bksh->bkj{t}s', q, k_BKSH, preferred_element_type=jnp.float32) * scale
