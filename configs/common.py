@@ -288,6 +288,8 @@ def eval_config(*, seeds: tuple[int, ...] = (0,), batch_size: int = 32) -> ml_co
       'greedy': False,            # sampled at temperature 1 so seeds differ (paper: mean +- std of 3 runs)
       'max_examples': -1,         # > 0 evaluates a prefix of the split
       'include_sft': True,        # congrpo: also evaluate pi_SFT (the RL model with its adapters off)
+      'image_control': False,     # also evaluate the final policy with every question's image swapped for another
+                                  # test image (evaluate.ImageShuffled): proof the answers are read from the pixels
       'endpoint_api_key_env': '',
   })
 

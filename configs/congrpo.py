@@ -81,6 +81,7 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
   config.eval.batch_size = 32
   config.eval.max_new_tokens = 96
   config.eval.greedy = True              # one deterministic pass (sampled seeds: --config.eval.greedy=False)
+  config.eval.image_control = True       # + the final policy on shuffled images: are the answers read from pixels?
   config.ckpt.every_steps = 50
 
 

@@ -268,6 +268,32 @@ def accuracy_rows(runs: Sequence[RunInfo]) -> tuple[list[str], list[list[Any]]]:
   return ['run', 'policy', 'questions', *HEADERS], rows
 
 
+def image_control_rows(runs: Sequence[RunInfo], margin: float = 0.03) -> tuple[list[str], list[list[Any]]]:
+  """Per run with an image-shuffled control (``eval.image_control``) and per task: the blind prior, the policy,
+  the same policy with every question shown another test image, and whether the control stays at most ``margin``
+  above the prior (the answers then come from the pixels, not the question) -- the check the embedded default
+  run is held to on anomaly detection and lesion localisation. Accuracies in %, means over evaluation seeds."""
+  from medad_jax.train.evaluate import CONTROL_SUFFIX, PRIOR_NAME, TABLE1
+  rows = []
+  for run in runs:
+    if run.results is None:
+      continue
+    pols = {p['name']: p for p in run.results['policies']}
+    prior = pols.get(PRIOR_NAME)
+    for name, ctrl in pols.items():
+      if not name.endswith(CONTROL_SUFFIX) or prior is None:
+        continue
+      pol = pols.get(name[:-len(CONTROL_SUFFIX)])
+      if pol is None:
+        raise KeyError(f'{run.path}: control row {name!r} without its policy row')
+      for task, header in (*TABLE1, ('overall', 'Overall')):
+        p0, p1, p2 = (float(np.mean([x[task] for x in r['per_seed']])) for r in (prior, pol, ctrl))
+        rows.append([run.name, pol['name'], header, *(f'{100 * v:.2f}' for v in (p0, p1, p2)),
+                     'yes' if p2 <= p0 + margin else 'no'])
+  return ['run', 'policy', 'task', 'prior (no image)', 'policy', 'images shuffled',
+          f'shuffled <= prior + {100 * margin:g}'], rows
+
+
 def _close(a: Sequence[float], b: Sequence[float]) -> bool:
   return all(abs(x - y) < 1e-6 for x, y in zip(a, b))
 

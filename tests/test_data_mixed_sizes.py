@@ -21,7 +21,8 @@ ARGS = ['model.preset=tiny', 'data.source=medad38k', 'data.policy=skip', 'data.i
         'data.read_threads=1', 'sft.batch_size=4', 'sft.max_steps=2', 'sft.optim.warmup_steps=0',
         'rl.prompts_per_step=2', 'rl.group_size=2', 'rl.max_steps=1', 'sampling.max_new_tokens=8',
         'eval.max_new_tokens=8', 'eval.max_examples=4', 'eval.batch_size=4', 'ckpt.async_save=False',
-        'mesh.devices=1', 'judge.backend=rule', 'eval.include_sft=False']
+        'mesh.devices=1', 'judge.backend=rule', 'eval.include_sft=False',
+        'eval.image_control=False']  # the 4 evaluated questions show one image: nothing to shuffle
 
 
 def _args(workdir, data_dir, cache, extra=()):

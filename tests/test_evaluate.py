@@ -97,3 +97,26 @@ def test_eval_batch_is_cut_to_the_questions_rounded_to_the_row_blocks():
   assert evaluate.batch_size_for(8, 0, 2) == 2
   with pytest.raises(ValueError, match='expected both >= 1'):
     evaluate.batch_size_for(0, 4, 1)
+
+
+def test_image_shuffled_control_moves_every_question_to_another_image():
+  """Five images of two or three questions each: every question keeps its text and answer but shows the image of
+  another image id; the questions of one image move together; every image is shown as often as before."""
+  from medad_jax.data.schema import MedADRecord
+  recs = [MedADRecord(id=f'q{i}', image_id=f'img{i // 2 if i < 8 else 4}', image=f'/px/{i // 2 if i < 8 else 4}.png',
+                      modality='X-ray', anatomy='Chest', task='anomaly_detection', question=f'question {i}?',
+                      options=('Yes', 'No', 'Artifact', 'Unknown'), answer='AB'[i % 2], source='t', split='test')
+          for i in range(11)]
+  shuffled = evaluate.ImageShuffled(recs, seed=3)
+  assert len(shuffled) == len(recs)
+  moved = {}
+  for r, s in zip(recs, shuffled):
+    assert (s.id, s.question, s.options, s.answer, s.task) == (r.id, r.question, r.options, r.answer, r.task)
+    assert s.image_id != r.image_id and s.image == f'/px/{s.image_id[3:]}.png'   # another image, its own pixels
+    assert moved.setdefault(r.image_id, s.image_id) == s.image_id                # one image's questions move together
+  assert sorted(moved.values()) == sorted(moved)                                  # a permutation of the images
+  assert [s.image_id for s in evaluate.ImageShuffled(recs, seed=3)] == [s.image_id for s in shuffled]  # seeded
+  assert [s.image_id for s in evaluate.ImageShuffled(recs, seed=4)] != [s.image_id for s in shuffled]
+  with pytest.raises(ValueError, match='at least 2 distinct images'):
+    evaluate.ImageShuffled(recs[:2])
+  assert evaluate.control_name('SFT') == 'SFT · images shuffled (control)'

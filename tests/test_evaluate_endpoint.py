@@ -240,7 +240,7 @@ def launch_eval(data, workdir, url):
 def endpoint_row(workdir):
   with open(os.path.join(workdir, 'eval', 'results.json')) as f:
     policies = json.load(f)['policies']
-  assert [p['name'] for p in policies] == [evaluate.PRIOR_NAME, 'served-vlm']
+  assert [p['name'] for p in policies] == [evaluate.PRIOR_NAME, 'served-vlm', evaluate.control_name('served-vlm')]
   return policies[1]
 
 
@@ -260,7 +260,17 @@ def test_launcher_scores_a_served_policy(data, tmp_path):
     summary = launch_eval(data, str(tmp_path / 'right'), server.url)
   assert 'served-vlm' in summary['table']
   posts = chat_posts(server)
-  assert len(posts) == N and {p.body['model'] for p in posts} == {'served-vlm'}
+  # N questions, then the same N with every image swapped for another test image (eval.image_control)
+  assert len(posts) == 2 * N and {p.body['model'] for p in posts} == {'served-vlm'}
+  parts = [{c['type']: c for c in p.body['messages'][0]['content']} for p in posts]   # (requests overlap:
+  own = {q['text']['text']: q['image_url']['image_url']['url'] for q in parts[:N]}        # matched by question)
+  shown = {q['text']['text']: q['image_url']['image_url']['url'] for q in parts[N:]}
+  assert len(own) == N and set(shown) == set(own) and all(shown[q] != own[q] for q in own)
+  assert set(shown.values()) <= set(own.values())  # the other images are test images of the same questions
+  # this server answers from the question alone, so the control scores as well: the row that exposes it
+  with open(tmp_path / 'right' / 'eval' / 'results.json') as f:
+    assert json.load(f)['policies'][2]['mean']['overall'] == 1.0
+  posts = posts[:N]
   launcher_config, _ = launch.parse(launch_argv(data, str(tmp_path / 'right'), server.url))
   assert {p.body['max_tokens'] for p in posts} == {launcher_config.eval.max_new_tokens}
   assert {p.body['temperature'] for p in posts} == {0.0} and launcher_config.eval.greedy

@@ -49,11 +49,14 @@ def test_eval_hf_scores_the_exported_policy_like_the_run(smoke_run, tmp_path):
                f'--config.data.cache_dir={cache}', '--config.data.synth_images=20', '--config.data.image_size=56',
                '--config.eval.max_examples=6', '--config.eval.batch_size=4', '--config.eval.max_new_tokens=12',
                '--config.judge.backend=rule', '--config.mesh.devices=1'])
-  ours = json.load(open(os.path.join(workdir, 'eval', 'results.json')))['policies'][-1]
-  prior, theirs = json.load(open(os.path.join(out, 'eval', 'results.json')))['policies']
+  ours = {p['name']: p for p in json.load(open(os.path.join(workdir, 'eval', 'results.json')))['policies']}
+  prior, theirs, control = json.load(open(os.path.join(out, 'eval', 'results.json')))['policies']
   assert prior['name'] == evaluate.PRIOR_NAME and theirs['name'] == 'export' and theirs['num_questions'] == 6
-  for k in evaluate.COLUMNS[:-1]:  # consistency differs by design: the judge is another model here
-    assert theirs['mean'][k] == ours['mean'][k] or (np.isnan(theirs['mean'][k]) and np.isnan(ours['mean'][k])), k
+  assert control['name'] == evaluate.control_name('export')
+  # the same greedy policy on the same (shuffled) questions: its control row is the run's too
+  for mine, other in ((ours['SFT + Con-GRPO'], theirs), (ours[evaluate.control_name('SFT + Con-GRPO')], control)):
+    for k in evaluate.COLUMNS[:-1]:  # consistency differs by design: the judge is another model here
+      assert other['mean'][k] == mine['mean'][k] or (np.isnan(other['mean'][k]) and np.isnan(mine['mean'][k])), k
 
 
 def test_smoke_run_layout_logs_and_table(smoke_run):
@@ -77,13 +80,14 @@ def test_smoke_run_layout_logs_and_table(smoke_run):
   tb = read_tensorboard_scalars(os.path.join(workdir, 'tb'))
   assert len(tb['sft/loss']) == 4 and len(tb['congrpo/kl']) == 4
   res = json.load(open(os.path.join(workdir, 'eval', 'results.json')))
-  assert [p['name'] for p in res['policies']] == [evaluate.PRIOR_NAME, 'SFT', 'SFT + Con-GRPO']
+  final = 'SFT + Con-GRPO'
+  assert [p['name'] for p in res['policies']] == [evaluate.PRIOR_NAME, 'SFT', final, evaluate.control_name(final)]
   for p in res['policies']:
     assert p['num_questions'] == 6
     for k in ('overall', 'format_rate', 'consistency_rate')[:1 if p['name'] == evaluate.PRIOR_NAME else 3]:
       assert 0.0 <= p['mean'][k] <= 1.0
   # every question's completion and scores, per policy: they add up to the table's figures
-  for name, p in zip(('sft', 'sft_con-grpo'), res['policies'][1:]):
+  for name, p in zip(('sft', 'sft_con-grpo', 'sft_con-grpo_images_shuffled_control'), res['policies'][1:]):
     rows = read_jsonl(os.path.join(workdir, 'eval', 'completions', f'{name}-seed0.jsonl'))
     assert len(rows) == 6 and all(r['completion'] is not None and r['answer'] in 'ABCD' for r in rows)
     assert np.mean([r['acc'] for r in rows]) == pytest.approx(p['mean']['overall'])
@@ -153,6 +157,16 @@ def test_unknown_key_and_bad_value_fail_before_any_work(tmp_path):
   with pytest.raises(ValueError, match='rl.group_size'):
     launch_main(['--config=congrpo', f'--workdir={workdir}', '--config.rl.group_size=1'])
   assert not os.path.exists(workdir)
+
+
+def test_image_control_over_one_image_fails_before_training(smoke_run, tmp_path):
+  """3 evaluated questions are the 3 questions of one test image: the image-shuffled control has nothing to
+  swap, and the launcher says so after the data is built, before any training step."""
+  _, cache, _ = smoke_run
+  workdir = tmp_path / 'run'
+  with pytest.raises(launch.ConfigError, match=r'over 1 image id.*eval.max_examples=3.*eval.image_control=False'):
+    launch_main(smoke_args(str(workdir), cache, ['eval.max_examples=3']))
+  assert not (workdir / 'checkpoints').exists()
 
 
 def test_paper_variant_names_every_missing_path(tmp_path):

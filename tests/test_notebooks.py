@@ -171,6 +171,22 @@ def test_tables_2_and_3_place_runs_by_their_config(tmp_path):
   assert nu.curve(runs[0].metrics, 'sft', 'kl')[0].size == 0
 
 
+def test_image_control_rows_compare_the_shuffled_row_with_the_prior(tmp_path):
+  from medad_jax.train.evaluate import PRIOR_NAME, control_name
+  d = _fake_run(tmp_path, 'ctl', seed=0, sft=True, rl=True, weights=(1 / 3, 1 / 3, 1 / 3),
+                policies={PRIOR_NAME: [0.62], 'SFT': [0.7], 'SFT + Con-GRPO': [0.8],
+                          control_name('SFT + Con-GRPO'): [0.64]})
+  headers, rows = nu.image_control_rows([nu.load_run(d)])
+  assert headers[-1] == 'shuffled <= prior + 3'
+  overall = [r for r in rows if r[2] == 'Overall']
+  assert overall == [['ctl', 'SFT + Con-GRPO', 'Overall', '62.00', '80.00', '64.00', 'yes']]  # 64 <= 62 + 3
+  headers, rows = nu.image_control_rows([nu.load_run(d)], margin=0.01)
+  assert [r for r in rows if r[2] == 'Overall'][0][-1] == 'no'
+  assert len(rows) == 6  # five tasks and overall, for the one policy with a control row
+  assert nu.image_control_rows([nu.load_run(_fake_run(tmp_path, 'none', seed=0, sft=True, rl=False,
+                                                      weights=(1, 1, 1), policies={'SFT': [0.5]}))])[1] == []
+
+
 def test_load_run_errors_name_the_file(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'nothing: no config.json'):
     nu.load_run(str(tmp_path / 'nothing'))
@@ -256,6 +272,7 @@ def test_results_notebook_makes_a_run_and_tabulates_it(results_run):
   assert '| RL-only (Con-GRPO) | 73.22 ± 2.58 | - |' in text
   assert '| Format-focused | 0.80 | 0.10 | 0.10 | 77.13 ± 1.35 | - |' in text
   assert '| congrpo-ci | SFT + Con-GRPO | 6 |' in text
+  assert '| congrpo-ci | SFT + Con-GRPO | Anomaly Det. |' in text  # the image-shuffled control's comparison
 
 
 def test_rollout_explorer_notebook_random_policy(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ run directories ``python -m medad_jax.train.evaluate aggregate runs/a runs/b ...
 from __future__ import annotations
 
 import base64
+import collections.abc
 import dataclasses
 import io
 import json
@@ -208,18 +209,20 @@ def summarize(tasks: Sequence[str], acc: np.ndarray, fmt: np.ndarray, con: np.nd
 
 
 def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=None,
-             progress_stage: str = 'eval', completions_dir: str | None = 'default') -> Result:
+             progress_stage: str = 'eval', completions_dir: str | None = 'default',
+             records: Sequence | None = None) -> Result:
   """Evaluates one policy on ``eval.split`` for every seed in ``eval.seeds``; logs per seed.
 
   Every question's completion, parsed answer, judge verdict and scores go to
   ``<completions_dir>/<policy>-seed<k>.jsonl`` (default: ``<workdir>/eval/completions``; None: not written).
+  ``records``: the questions to score instead of :func:`eval_records` (e.g. :func:`image_shuffled` of them).
   """
   from medad_jax import distributed
   from medad_jax.train import feed
   if completions_dir == 'default':
     completions_dir = os.path.join(run.workdir, 'eval', 'completions')
   config = run.config
-  source = eval_records(run)
+  source = eval_records(run) if records is None else records
   n = len(source)
   bs = eval_batch_size(run)
   mesh = run.mesh_or_none()
@@ -302,6 +305,48 @@ def eval_records(run: pl.Run) -> Sequence:
   records = run.data.test if config.eval.split == 'test' else run.data.train
   n = len(records) if config.eval.max_examples <= 0 else min(len(records), config.eval.max_examples)
   return records if n == len(records) else [records[i] for i in range(n)]
+
+
+class ImageShuffled(collections.abc.Sequence):
+  """The image-shuffled control: ``records`` with every question's image replaced by the image of another image
+  id of the same split (question, options and answer unchanged).
+
+  The image ids are put in a random cycle (``seed``) and each question gets the image of the next id in it, so no
+  question keeps its own image, every image is shown as often as before, and the questions of one image all move
+  to one other image. A policy that reads its answers from the pixels falls to what agreement between two random
+  images gives (for a 60 % abnormal benchmark, 0.6^2 + 0.4^2 = 52 % on anomaly detection: at or below the blind
+  prior); a policy that scores as well with the wrong image is not reading it. Needs two image ids at least.
+  """
+
+  def __init__(self, records: Sequence, seed: int = 0):
+    self.records = records
+    ids = [records[i].image_id for i in range(len(records))]
+    first: dict[str, int] = {}
+    for i, k in enumerate(ids):
+      first.setdefault(k, i)
+    order = sorted(first)
+    if len(order) < 2:
+      raise ValueError(f'image-shuffled control: {len(records)} questions over {len(order)} image id(s); '
+                       'at least 2 distinct images are needed to pair a question with another image')
+    perm = [order[j] for j in np.random.default_rng(seed).permutation(len(order))]
+    nxt = {k: perm[(j + 1) % len(perm)] for j, k in enumerate(perm)}
+    self.donor = [first[nxt[k]] for k in ids]   # question i shows the image of record donor[i]
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, i):
+    r = self.records[i]
+    d = self.records[self.donor[i]]
+    return dataclasses.replace(r, image=d.image, image_id=d.image_id)
+
+
+CONTROL_SUFFIX = ' · images shuffled (control)'
+
+
+def control_name(policy: str) -> str:
+  """The table row of ``policy``'s image-shuffled control (``eval.image_control``)."""
+  return policy + CONTROL_SUFFIX
 
 
 PRIOR_NAME = 'Answer prior (no image)'
