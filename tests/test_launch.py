@@ -3,7 +3,9 @@ the run-directory layout, the logs, the final table, bad configs failing before 
 the real trainers equal to an uninterrupted run, bit for bit (CPU)."""
 
 import json
+import logging
 import os
+import re
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -40,15 +42,20 @@ def smoke_run(tmp_path_factory):
   return workdir, cache, summary
 
 
-def test_eval_hf_scores_the_exported_policy_like_the_run(smoke_run, tmp_path):
+def test_eval_hf_scores_the_exported_policy_like_the_run(smoke_run, tmp_path, caplog):
   """``eval:hf`` on the run's exported HF directory (merged weights + tokenizer) reproduces the run's own
   evaluation of its final policy: same answers (greedy), so the same accuracies and format rate."""
   workdir, cache, _ = smoke_run
   out = str(tmp_path / 'eval')
+  caplog.set_level(logging.INFO, logger='medad_jax')
   launch_main(['--config=eval:hf', f'--workdir={out}', f'--config.eval.hf_dir={workdir}/export',
                f'--config.data.cache_dir={cache}', '--config.data.synth_images=20', '--config.data.image_size=56',
                '--config.eval.max_examples=6', '--config.eval.batch_size=4', '--config.eval.max_new_tokens=12',
                '--config.judge.backend=rule', '--config.mesh.devices=1'])
+  # progress with an ETA through the evaluation; the last batch has nothing left
+  evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith('[eval] export seed 0: batch')]
+  assert [m.split(',')[0] for m in evals] == ['[eval] export seed 0: batch 1/2', '[eval] export seed 0: batch 2/2']
+  assert re.search(r'\| ETA \d+:\d\d:\d\d$', evals[0]) and evals[-1].endswith('| ETA 0:00:00')
   ours = {p['name']: p for p in json.load(open(os.path.join(workdir, 'eval', 'results.json')))['policies']}
   prior, theirs, control = json.load(open(os.path.join(out, 'eval', 'results.json')))['policies']
   assert prior['name'] == evaluate.PRIOR_NAME and theirs['name'] == 'export' and theirs['num_questions'] == 6

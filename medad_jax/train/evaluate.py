@@ -218,6 +218,7 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
   ``records``: the questions to score instead of :func:`eval_records` (e.g. :func:`image_shuffled` of them).
   """
   from medad_jax import distributed
+  from medad_jax.metrics import format_duration
   from medad_jax.train import feed
   if completions_dir == 'default':
     completions_dir = os.path.join(run.workdir, 'eval', 'completions')
@@ -237,6 +238,7 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
                       pad_last=True, seed=0, preprocess=preprocess or pl.prompt_preprocess(run.processor))
     rows, samples = [], []
     n_batches = -(-n // bs)
+    t_seed = time.time()
     for i, examples in enumerate(ds):
       metas = [ex['meta'] for ex in examples]
       pads = [bool(ex['pad']) for ex in examples]
@@ -252,8 +254,9 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
       rows += batch_rows
       if len(samples) < 5 and batch_rows:
         samples.append({k: batch_rows[0][k] for k in ('id', 'completion', 'answer')})
-      log.info('[%s] %s seed %d: batch %d/%d, accuracy so far %.3f', progress_stage, name, seed, i + 1, n_batches,
-               float(np.mean([r['acc'] for r in rows])) if rows else float('nan'))
+      left = (time.time() - t_seed) / (i + 1) * (n_batches - i - 1)
+      log.info('[%s] %s seed %d: batch %d/%d, accuracy so far %.3f | ETA %s', progress_stage, name, seed, i + 1,
+               n_batches, float(np.mean([r['acc'] for r in rows])) if rows else float('nan'), format_duration(left))
     if len(rows) != n:
       raise RuntimeError(f'[{progress_stage}] {name}: scored {len(rows)} questions, expected {n}')
     res = summarize([r['task'] for r in rows], *(np.array([r[k] for r in rows], np.float64)
