@@ -40,8 +40,10 @@ lr 3e-3 (cosine, 30 warmup steps, batch 16, 6 epochs = 656 steps), Con-GRPO with
 lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens, the ``local`` judge = the frozen SFT
 policy (RL adapters off) reading the question and the thought in its own format (``judge.prompt_format='policy'``),
 greedy evaluation of pi_SFT and of the final policy on the whole test split, next to the blind answer-prior
-baseline. Measured: 539 s on a quiet 2-core CPU (setup 3 s, SFT 398 s, Con-GRPO 66 s, evaluation 71 s); SFT 58.53 %,
-SFT + Con-GRPO 66.27 % (chance 25 %, answer prior 45.73 %; WORKSPACE.md has the table and what it does not show).
+baseline, and the final policy again on shuffled images (``eval.image_control``). Measured 2026-12-01 on a quiet
+2-core Xeon (AVX-512, AMX): 766 s (setup 4 s, SFT 552 s, Con-GRPO 74 s, evaluation of three rows 136 s); SFT 55.47 %,
+SFT + Con-GRPO 60.40 %, shuffled-image control 39.60 % (chance 25 %, answer prior 45.73 %; WORKSPACE.md has the
+table, the first-wave machine's 539 s / 58.53 / 66.27 %, and what the rows do not show).
 """
 
 import ml_collections
