@@ -19,7 +19,8 @@ SMOKE = ['model.preset=tiny', 'data.synth_images=20', 'data.image_size=56', 'dat
          'sft.batch_size=4', 'sft.max_steps=1', 'sft.optim.warmup_steps=0', 'rl.prompts_per_step=2',
          'rl.group_size=2', 'rl.max_steps=1', 'sampling.max_new_tokens=8', 'eval.max_new_tokens=8',
          'eval.max_examples=2', 'eval.batch_size=2', 'ckpt.every_steps=2', 'ckpt.async_save=False',
-         'mesh.devices=1', 'log.tensorboard=False', 'judge.backend=rule']
+         'mesh.devices=1', 'log.tensorboard=False', 'judge.backend=rule',
+         'eval.image_control=False']  # the 2 evaluated questions show one image: nothing to shuffle
 
 
 def test_plan_reuses_sft_per_seed():
