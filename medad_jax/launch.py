@@ -93,7 +93,7 @@ def run_training(config, workdir: str) -> dict:
 
   t0 = time.time()
   run = pl.setup(config, workdir)
-  _check_image_control(run)
+  control = _image_control(run)
   run.timings['setup'] = time.time() - t0
   summary = {'workdir': workdir, 'config': config.name, 'devices': jax.device_count(),
              'platform': jax.devices()[0].platform, 'data': run.data.report}  # used / skipped by reason
@@ -140,7 +140,7 @@ def run_training(config, workdir: str) -> dict:
         params['SFT'] = _policy_params(final)
       name = 'SFT + Con-GRPO' if has_sft else 'Con-GRPO (RL-only)'
       gen = evaluate.flax_generator(run, final, greedy=config.eval.greedy, batch_size=bs)
-      results += _eval_with_control(run, gen, judge, name)
+      results += _eval_with_control(run, gen, judge, name, control)
       params[name] = _policy_params(final)
       judge.close()
     elif sft_res is not None:
@@ -149,7 +149,7 @@ def run_training(config, workdir: str) -> dict:
       gdef, st = nnx.split(model)
       judge = congrpo.make_judge(run, gdef, lambda: (st,), adapters=True)
       gen = evaluate.flax_generator(run, model, greedy=config.eval.greedy, batch_size=config.eval.batch_size)
-      results += _eval_with_control(run, gen, judge, 'SFT')
+      results += _eval_with_control(run, gen, judge, 'SFT', control)
       params['SFT'] = _policy_params(model)
       judge.close()
     if results:
@@ -178,27 +178,28 @@ def run_training(config, workdir: str) -> dict:
   return summary
 
 
-def _check_image_control(run) -> None:
-  """``eval.image_control`` needs two test images at least; said before any training, not after it."""
+def _image_control(run):
+  """The image-shuffled questions of ``eval.image_control`` (``evaluate.ImageShuffled``; None when off), built once
+  after setup so that an evaluation over fewer than two images is refused before any training, not after it."""
   from medad_jax.train import evaluate
-  if run.config.eval.enabled and run.config.eval.image_control:
-    try:
-      evaluate.ImageShuffled(evaluate.eval_records(run), seed=run.config.seed)
-    except ValueError as e:
-      raise ConfigError(f'{e} (eval.max_examples={run.config.eval.max_examples}: evaluate more questions, or '
-                        'set --config.eval.image_control=False)') from None
+  if not (run.config.eval.enabled and run.config.eval.image_control):
+    return None
+  try:
+    return evaluate.ImageShuffled(evaluate.eval_records(run), seed=run.config.seed)
+  except ValueError as e:
+    raise ConfigError(f'{e} (eval.max_examples={run.config.eval.max_examples}: evaluate more questions, or '
+                      'set --config.eval.image_control=False)') from None
 
 
-def _eval_with_control(run, gen, judge, name: str, preprocess=None) -> list:
-  """The final policy's evaluation and, with ``eval.image_control``, the same policy on the same questions with
-  every question's image swapped for another test image (``evaluate.ImageShuffled``): the row that shows whether
-  the answers come from the pixels (it should fall to the blind prior or below on the image-dependent tasks)."""
+def _eval_with_control(run, gen, judge, name: str, control, preprocess=None) -> list:
+  """The policy's evaluation and, with ``control`` (from :func:`_image_control`), the same policy on the same
+  questions with every question's image swapped for another test image: the row that shows whether the answers
+  come from the pixels (it should fall to the blind prior or below on the image-dependent tasks)."""
   from medad_jax.train import evaluate
   out = [evaluate.run_eval(run, gen, judge, name=name, preprocess=preprocess)]
-  if run.config.eval.image_control:
-    shuffled = evaluate.ImageShuffled(evaluate.eval_records(run), seed=run.config.seed)
+  if control is not None:
     out.append(evaluate.run_eval(run, gen, judge, name=evaluate.control_name(name), preprocess=preprocess,
-                                 records=shuffled))
+                                 records=control))
   return out
 
 
@@ -221,7 +222,7 @@ def run_eval_stage(config, workdir: str) -> dict:
     run = pl.setup(config, workdir, config_name='eval_config.json')
   else:
     run = pl.setup(config, workdir)
-  _check_image_control(run)
+  control = _image_control(run)
   if policy == 'endpoint':
     from medad_jax.judge import make_judge
     if config.judge.backend == 'local':
@@ -230,7 +231,7 @@ def run_eval_stage(config, workdir: str) -> dict:
     judge = make_judge(pl.judge_config(config))
     gen = evaluate.endpoint_generator(run, url=config.eval.endpoint_url, model=config.eval.endpoint_model,
                                       greedy=config.eval.greedy, api_key_env=config.eval.endpoint_api_key_env)
-    results = _eval_with_control(run, gen, judge, config.eval.endpoint_model,
+    results = _eval_with_control(run, gen, judge, config.eval.endpoint_model, control,
                                  preprocess=evaluate.endpoint_preprocess)
     params = {}
   else:
@@ -238,7 +239,7 @@ def run_eval_stage(config, workdir: str) -> dict:
     from medad_jax.train import congrpo
     judge = congrpo.make_judge(run, graphdef, weights, adapters=adapters_judge)
     gen = evaluate.flax_generator(run, model, greedy=config.eval.greedy, batch_size=config.eval.batch_size)
-    results = _eval_with_control(run, gen, judge, name)
+    results = _eval_with_control(run, gen, judge, name, control)
     params = {name: _policy_params(model)}
   judge.close()
   _add_prior(run, results, params)

@@ -94,11 +94,17 @@ def test_smoke_run_layout_logs_and_table(smoke_run):
     for k in ('overall', 'format_rate', 'consistency_rate')[:1 if p['name'] == evaluate.PRIOR_NAME else 3]:
       assert 0.0 <= p['mean'][k] <= 1.0
   # every question's completion and scores, per policy: they add up to the table's figures
+  dumps = {}
   for name, p in zip(('sft', 'sft_con-grpo', 'sft_con-grpo_images_shuffled_control'), res['policies'][1:]):
-    rows = read_jsonl(os.path.join(workdir, 'eval', 'completions', f'{name}-seed0.jsonl'))
+    rows = dumps[name] = read_jsonl(os.path.join(workdir, 'eval', 'completions', f'{name}-seed0.jsonl'))
     assert len(rows) == 6 and all(r['completion'] is not None and r['answer'] in 'ABCD' for r in rows)
     assert np.mean([r['acc'] for r in rows]) == pytest.approx(p['mean']['overall'])
     assert np.mean([r['con'] for r in rows]) == pytest.approx(p['mean']['consistency_rate'])
+  # the control's rows are the same questions, each shown another of the evaluated images (named in the dump)
+  own, shown = dumps['sft_con-grpo'], dumps['sft_con-grpo_images_shuffled_control']
+  assert [r['id'] for r in own] == [r['id'] for r in shown]
+  assert all(a['image_id'] != b['image_id'] for a, b in zip(own, shown))
+  assert {r['image_id'] for r in shown} == {r['image_id'] for r in own}
   table = open(os.path.join(workdir, 'eval', 'table.md')).read()
   assert all(h in table for h in evaluate.HEADERS) and table == summary['table'] + ''  # what the summary reports
   s = json.load(open(os.path.join(workdir, 'summary.json')))

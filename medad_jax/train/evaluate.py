@@ -192,7 +192,8 @@ def score(texts: Sequence[str], metas: Sequence[dict], judge) -> dict[str, np.nd
 def _score_rows(texts: Sequence[str], metas: Sequence[dict], pads: Sequence[bool], judge) -> list[dict]:
   """One row per question (what the per-question dump holds, plus ``rule_agree`` and ``pad``), JSON-ready."""
   s = score(texts, metas, judge)
-  return [{'id': m['id'], 'task': m['task'], 'answer': m['answer'], 'predicted': s['letters'][j],
+  return [{'id': m['id'], 'image_id': m.get('image_id'), 'task': m['task'], 'answer': m['answer'],
+           'predicted': s['letters'][j],
            'judge': s['verdicts'][j], 'acc': float(s['acc'][j]), 'fmt': float(s['fmt'][j]),
            'con': float(s['con'][j]), 'completion': texts[j], 'rule_agree': float(s['rule_agree'][j]),
            'pad': bool(pads[j])} for j, m in enumerate(metas)]
@@ -215,7 +216,8 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
 
   Every question's completion, parsed answer, judge verdict and scores go to
   ``<completions_dir>/<policy>-seed<k>.jsonl`` (default: ``<workdir>/eval/completions``; None: not written).
-  ``records``: the questions to score instead of :func:`eval_records` (e.g. :func:`image_shuffled` of them).
+  ``records``: the questions to score instead of :func:`eval_records` (e.g. :class:`ImageShuffled` of them); each
+  completion row names the image it was shown (``image_id``).
   """
   from medad_jax import distributed
   from medad_jax.metrics import format_duration

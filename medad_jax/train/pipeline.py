@@ -212,8 +212,8 @@ def build_processor(config, tokenizer, cfg: Qwen25VLConfig):
 
 def record_meta(r: MedADRecord) -> dict[str, Any]:
   """Host-side metadata of one record for rewards and evaluation."""
-  return {'id': r.id, 'question': format_question(r), 'options': list(r.options), 'answer': r.answer,
-          'task': r.task}
+  return {'id': r.id, 'image_id': r.image_id, 'question': format_question(r), 'options': list(r.options),
+          'answer': r.answer, 'task': r.task}
 
 
 def patch_buckets(config, cfg: Qwen25VLConfig, data: 'Data | None' = None, processor=None) -> tuple[int, ...]:
