@@ -34,7 +34,7 @@ POLICY_SOURCES = ('run', 'hf', 'endpoint')
 DTYPES = ('float32', 'bfloat16')
 REMAT = ('none', 'full', 'dots')            # = medad_jax.model.text.REMAT_POLICIES (configs import no JAX code)
 ATTENTION = ('xla', 'cudnn', 'auto')       # = medad_jax.model.text.ATTENTION_IMPLEMENTATIONS
-TRAINABLE = ('lora', 'all')
+TRAINABLE = ('lora', 'all', 'decoder')
 ANSWER_FORMATS = ('letter', 'option')  # = medad_jax.data.schema.ANSWER_FORMATS (configs import no JAX code)
 LOSSES = ('grpo', 'gspo', 'dr_grpo')  # = medad_jax.rl.algo.LOSSES
 CON_MODES = ('deduce', 'evidence')  # = medad_jax.judge.evidence.CON_MODES
@@ -159,6 +159,9 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       'synth_lesion_scale': 1.0,  # lesion conspicuity: every lesion's size x this (medad_jax.data.synth.SynthConfig)
       'image_size': image_size,
       'test_fraction': 0.3,  # paper §4.1
+      # Comma-separated task names (Table 1's, e.g. 'anomaly_detection,lesion_localization') to train and evaluate
+      # on, the others left out of both splits; '' = every task.
+      'tasks': '',
       # What the SFT target's answer block holds: 'letter' (the paper, <answer>C</answer>) or 'option' (the
       # option text, <answer>Chest</answer>; with synth data the thoughts then name no letter either). Rewards
       # and evaluation read both (medad_jax.rewards.parse_answer maps an option text to its letter).
@@ -218,19 +221,35 @@ def sampling_config(max_new_tokens: int = 256) -> ml_collections.ConfigDict:
                                     'top_p': 1.0})
 
 
+def vision_warmup_config(*, epochs: int = 30, batch_size: int = 8, lr: float = 1e-3) -> ml_collections.ConfigDict:
+  """Stage 0 of the miniature (``medad_jax/train/vision_warmup.py``): before SFT, the policy's randomly initialised
+  vision tower is trained under a throw-away classification head on the training split's (image, answer text)
+  pairs -- the miniature's stand-in for the pretrained vision encoder a real VLM starts from. Off unless a config
+  turns it on (``apply_miniature`` does)."""
+  return ml_collections.ConfigDict({
+      'enabled': False,
+      'epochs': epochs,           # seeded passes over the training images
+      'batch_size': batch_size,   # images per step
+      'hidden': 64,               # the head's dense layer
+      'pool': 'flat',             # the head reads the merged tokens 'flat' (one weight each) or their 'mean'
+      'optim': ml_collections.ConfigDict({'lr': lr, 'weight_decay': 1e-4}),
+  })
+
+
 def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml_collections.ConfigDict:
   """Stage 1 (Cognitive Injection, Eq. 1). ``checkpoint``: a finished SFT run's adapters (or an HF directory); when
   given, the Con-GRPO config skips SFT and starts from it."""
   return ml_collections.ConfigDict({
       'enabled': True,
       'checkpoint': config_dict.placeholder(str),
-      'trainable': 'lora',        # 'lora' (paper) or 'all' (full fine-tuning)
+      'trainable': 'lora',        # 'lora' (paper), 'all' (full fine-tuning) or 'decoder' (all but the vision tower)
       'epochs': epochs,
       'max_steps': -1,            # > 0 caps the number of steps (quick runs)
       'batch_size': batch_size,   # examples per optimizer step (global)
       'num_microbatches': 1,
       'logits_chunk': 1024,       # target tokens whose LM-head logits exist at once (rl/update.py)
       'aggregation': 'token_mean',
+      'focal_gamma': 0.0,         # > 0: each target token's NLL weighed by (1 - p)^gamma (rl/update.py SFTConfig)
       'optim': optim_config(lr),
   })
 
@@ -395,9 +414,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _positive(config, f'{stage}.optim.warmup_steps', allow_zero=True, integer=True)
       _positive(config, f'{stage}.epochs', integer=True)
       _positive(config, f'{stage}.num_microbatches', integer=True)
-      if config[stage].trainable == 'all' and config[stage].num_microbatches > 1:
+      if config[stage].trainable in ('all', 'decoder') and config[stage].num_microbatches > 1:
         _fail(f'{stage}.num_microbatches', config[stage].num_microbatches,
-              f'1 when {stage}.trainable=\'all\' (microbatching needs a frozen vision tower and embedding)')
+              f'1 when {stage}.trainable={config[stage].trainable!r} (microbatching needs a frozen embedding and '
+              'vision tower)')
   if 'sft' in config:
     _choice(config, 'sft.aggregation', AGGREGATIONS)
     _positive(config, 'sft.batch_size', integer=True)
@@ -457,6 +477,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('sampling.top_k/top_p', (config.sampling.top_k, config.sampling.top_p),
             "0 / 1.0 for Con-GRPO: the update's ratio is under softmax(z / temperature), which top-k / top-p "
             'truncation would make differ from the distribution the rollouts were drawn from')
+  if 'vision_warmup' in config and config.vision_warmup.enabled:
+    for k in ('epochs', 'batch_size', 'hidden'):
+      _positive(config, f'vision_warmup.{k}', integer=True)
+    _positive(config, 'vision_warmup.optim.lr')
+    _positive(config, 'vision_warmup.optim.weight_decay', allow_zero=True)
   if 'eval' in config:
     _choice(config, 'eval.policy', POLICY_SOURCES)
     if not len(config.eval.seeds):
@@ -480,6 +505,11 @@ def _validate_data(d) -> None:
     _fail('data.test_fraction', d.test_fraction, 'a fraction in (0, 1)')
   if not d.cache_dir:
     _fail('data.cache_dir', d.cache_dir, 'a directory (relative: under $MEDAD_JAX_CACHE)')
+  if d.get('tasks'):
+    from medad_jax.data.schema import TASKS
+    bad = [t for t in d.tasks.split(',') if t.strip() not in TASKS]
+    if bad:
+      _fail('data.tasks', d.tasks, f'comma-separated task names among {TASKS} (unknown: {bad})')
   if 'policy' in d:
     _choice(d, 'policy', ('strict', 'skip'), prefix='data.')  # = medad_jax.data.loader.POLICIES
   if 'patch_buckets' in d and not (isinstance(d.patch_buckets, int) and d.patch_buckets >= 1):

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lora = common.lora_config()
   config.data = common.data_config('synth')
   config.sft = common.sft_config()
+  config.vision_warmup = common.vision_warmup_config()
   config.eval = common.eval_config()
   config.judge = common.judge_config('local')   # consistency rate of the evaluation
   if 'paper' in variants:

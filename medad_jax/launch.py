@@ -89,7 +89,7 @@ def run_training(config, workdir: str) -> dict:
 
   from medad_jax import distributed
   from medad_jax.rl import update as U
-  from medad_jax.train import congrpo, evaluate, pipeline as pl, sft
+  from medad_jax.train import congrpo, evaluate, pipeline as pl, sft, vision_warmup
 
   t0 = time.time()
   run = pl.setup(config, workdir)
@@ -119,7 +119,8 @@ def run_training(config, workdir: str) -> dict:
     if sft_res is not None:
       base = U.merge_model(sft_res.graphdef, sft_res.state)
     else:
-      base = sft_hf if sft_hf is not None else pl.build_model(config, run.model_cfg, config.seed)
+      # no SFT stage: the base (the miniature's random model, its tower warmed up when vision_warmup.enabled)
+      base = sft_hf if sft_hf is not None else vision_warmup.base_model(run)
     rl_res = congrpo.train(run, base)
     if rl_res.preempted:
       return {**summary, 'preempted': 'congrpo'}

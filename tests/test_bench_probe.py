@@ -44,7 +44,7 @@ def test_view_to_patches_inverts_model_view_to_the_processors_patches():
 def test_vit_probe_runs_the_runs_vision_tower_and_learns_modality(tmp_path, capsys):
   out = tmp_path / 'probe.json'
   argv = [f'--config.data.cache_dir={tmp_path / "cache"}', '--config.data.synth_images=200',
-          '--config.data.image_size=56', '--arch', 'vit', '--epochs', '15', '--seeds', '0', '--json', str(out)]
+          '--config.data.image_size=56', '--config.data.test_fraction=0.3', '--arch', 'vit', '--epochs', '15', '--seeds', '0', '--json', str(out)]
   assert probe.main(argv) == 0
   assert "the run's vision tower" in capsys.readouterr().out
   res = json.loads(out.read_text())
@@ -58,7 +58,7 @@ def test_vit_probe_runs_the_runs_vision_tower_and_learns_modality(tmp_path, caps
 def test_probe_reads_modality_from_pixels_far_above_the_prior(tmp_path, capsys):
   out = tmp_path / 'probe.json'
   argv = [f'--config.data.cache_dir={tmp_path / "cache"}', '--config.data.synth_images=200',
-          '--config.data.image_size=56', '--epochs', '15', '--seeds', '0', '--json', str(out)]
+          '--config.data.image_size=56', '--config.data.test_fraction=0.3', '--epochs', '15', '--seeds', '0', '--json', str(out)]
   assert probe.main(argv) == 0
   text = capsys.readouterr().out
   table = text[text.index('pixel ceilings'):]

@@ -87,6 +87,7 @@ def test_an_override_changes_the_value_and_the_behaviour():
     (['reward.fmt=-1'], r'config.reward.fmt = -1.0: expected a number >= 0'),
     (['judge.backend=grpc'], 'config.judge.backend'),
     (['sft.trainable=all', 'sft.num_microbatches=2'], "config.sft.num_microbatches = 2: expected 1 when"),
+    (['sft.trainable=decoder', 'sft.num_microbatches=2'], "config.sft.num_microbatches = 2: expected 1 when"),
 ])
 def test_unknown_keys_and_bad_values_fail_clearly(overrides, message):
   with pytest.raises(ValueError, match=message):

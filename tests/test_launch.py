@@ -108,7 +108,10 @@ def test_smoke_run_layout_logs_and_table(smoke_run):
   table = open(os.path.join(workdir, 'eval', 'table.md')).read()
   assert all(h in table for h in evaluate.HEADERS) and table == summary['table'] + ''  # what the summary reports
   s = json.load(open(os.path.join(workdir, 'summary.json')))
-  assert set(s['seconds']) >= {'setup', 'sft', 'congrpo', 'eval', 'total'}
+  assert set(s['seconds']) >= {'setup', 'vision_warmup', 'sft', 'congrpo', 'eval', 'total'}
+  # stage 0 (on in the miniature): its steps with their total, then its training accuracy per task
+  warm = [r for r in recs if r['stage'] == 'vision_warmup']
+  assert warm and 'loss' in warm[0] and all(f'train_acc/{t}' in warm[-1] for t, _ in evaluate.TABLE1)
 
 
 def _final_state(workdir, stage, step):

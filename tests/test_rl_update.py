@@ -397,6 +397,59 @@ def test_sft_loss_is_the_masked_mean_over_assistant_tokens():
   assert np.all(np.abs(np.asarray(g)[predicts_target]).sum(-1) > 0)
 
 
+def test_sft_focal_weights_each_token_by_its_error_as_a_constant():
+  """``focal_gamma``: the loss is mean over targets of ``(1 - p)^gamma * nll`` with the weight held constant (its
+  gradient is the weighted sum of the NLL gradients); gamma 0 is the plain loss of the test above."""
+  cfg, model = tiny_policy()
+  b = sft_batch(cfg)
+  graphdef, state = U.init_train_state(model, optax.sgd(1.0))
+  targets = list(zip(*np.nonzero(b['loss_mask_BT'])))
+  gamma = 2.0
+
+  @jax.jit
+  def manual(params, batch):
+    m = nnx.merge(graphdef, params, state.frozen)
+    logits, _ = m(batch['input_ids_BT'], attention_mask_BT=batch['attention_mask_BT'],
+                  positions_3BT=batch['positions_3BT'], pixel_values=batch['pixel_values_LC'],
+                  vision_meta=batch['vision_meta'])
+    lsm = jax.nn.log_softmax(logits, -1)
+    lp = jnp.stack([lsm[b_, t - 1, b['input_ids_BT'][b_, t]] for b_, t in targets])
+    w = jax.lax.stop_gradient((1.0 - jnp.exp(lp)) ** gamma)
+    return jnp.mean(-lp * w), jnp.mean(-lp)
+
+  (want_loss, want_nll), want_g = jax.value_and_grad(manual, has_aux=True)(state.params, b)
+  step = U.make_sft_step(graphdef, optax.sgd(1.0), U.SFTConfig(focal_gamma=gamma))
+  new_state, met = step(copy_state(state), U.put_batch(b, None))
+  assert float(met['loss']) == pytest.approx(float(want_loss), abs=WHOLE_MODEL_TOL)
+  assert float(met['nll']) == pytest.approx(float(want_nll), abs=WHOLE_MODEL_TOL)   # the NLL stays unweighted
+  assert float(met['loss']) < float(met['nll'])                                     # every weight is below 1
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want_g))
+  assert_trees_close(sgd_delta(state.params, new_state.params), want_g, rtol=0, atol=WHOLE_MODEL_TOL * scale)
+  with pytest.raises(ValueError, match='focal_gamma'):
+    U.SFTConfig(focal_gamma=-1.0)
+
+
+def test_sft_decoder_only_keeps_the_tower_and_trains_the_rest_as_all():
+  """``trainable='decoder'``: the tower's weights are frozen (not in the optimizer, no gradient through it), every
+  other weight gets the same update as under ``'all'`` -- the tower's features are the same constants either way."""
+  cfg, model = tiny_policy()
+  b = sft_batch(cfg)
+  g_all, s_all = U.init_train_state(model, optax.sgd(1.0), trainable='all')
+  g_dec, s_dec = U.init_train_state(model, optax.sgd(1.0), trainable='decoder')
+  names = ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(s_dec.params)]
+  assert names and not any(n.startswith('visual') for n in names)
+  assert any(p[0] == 'visual' for p, _ in nnx.to_flat_state(s_dec.frozen))
+  new_all, m_all = U.make_sft_step(g_all, optax.sgd(1.0))(copy_state(s_all), U.put_batch(b, None))
+  new_dec, m_dec = U.make_sft_step(g_dec, optax.sgd(1.0))(copy_state(s_dec), U.put_batch(b, None))
+  assert float(m_dec['loss']) == pytest.approx(float(m_all['loss']), abs=WHOLE_MODEL_TOL)
+  after_all = dict(nnx.to_flat_state(new_all.params))
+  for path, v in nnx.to_flat_state(new_dec.params):
+    np.testing.assert_allclose(np.asarray(v[...]), np.asarray(after_all[path][...]), rtol=0, atol=MESH_TOL,
+                               err_msg=str(path))
+  for (path, before), (_, after) in zip(nnx.to_flat_state(s_dec.frozen), nnx.to_flat_state(new_dec.frozen)):
+    np.testing.assert_array_equal(np.asarray(before[...]), np.asarray(after[...]), err_msg=str(path))
+
+
 def test_sft_steps_lower_the_loss():
   cfg, model = tiny_policy(perturb=0.0)
   b = sft_batch(cfg, seed=1)

@@ -43,10 +43,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from medad_jax.model.layers import Linear
+from medad_jax.train.vision_warmup import (TowerClassifier, answer_correct, answer_labels, fit, multi_head_loss,
+                                          norm_text, tower_logits, tower_step)
 
 log = logging.getLogger(__name__)
 
@@ -90,27 +91,13 @@ class PixelCNN(nnx.Module):
     return tuple(head(h) for head in self.heads)
 
 
-class PixelViT(nnx.Module):
+def PixelViT(vision_cfg, tokens: int, num_classes: Sequence[int], rngs: nnx.Rngs, *, hidden: int = 64):
   """The run's own vision tower (``VisionTransformer`` of its ``VisionConfig``, trained from scratch) under the same
-  kind of head as :class:`PixelCNN`: the ``M`` merged image tokens of each image (what the decoder receives),
-  flattened, a dense layer (ReLU) and one linear head per entry of ``num_classes``.
-
-  Called on ``pixel_values[B, L, P]`` (each image's processor patches) and the :class:`VisionMeta` of ``B`` such
-  images; returns a tuple of logits, one ``[B, n]`` array per head. Next to :class:`PixelCNN` on the same data it
-  separates what the tower's architecture can read from what the policy's training makes it read.
-  """
-
-  def __init__(self, vision_cfg, tokens: int, num_classes: Sequence[int], rngs: nnx.Rngs, *, hidden: int = 64):
-    from medad_jax.model.vision import VisionTransformer
-    self.tower = VisionTransformer(vision_cfg, rngs=rngs)
-    self.fc = Linear(tokens * vision_cfg.out_hidden_size, hidden, use_bias=True, rngs=rngs, init_std=0.02)
-    self.heads = nnx.List([Linear(hidden, n, use_bias=True, rngs=rngs) for n in num_classes])
-
-  def __call__(self, pv_BLP, meta):
-    B, L, P = pv_BLP.shape
-    feats = self.tower(pv_BLP.reshape(B * L, P), meta)
-    h = jax.nn.relu(self.fc(feats.reshape(B, -1)))
-    return tuple(head(h) for head in self.heads)
+  kind of head as :class:`PixelCNN`: ``train.vision_warmup.TowerClassifier``, the head the miniature's vision
+  warm-up stage trains the policy's tower under. Next to :class:`PixelCNN` on the same data it separates what the
+  tower's architecture can read from what the policy's training makes it read."""
+  from medad_jax.model.vision import VisionTransformer
+  return TowerClassifier(VisionTransformer(vision_cfg, rngs=rngs), tokens, num_classes, rngs, hidden=hidden)
 
 
 def view_to_patches(x_HWC: np.ndarray, vision_cfg) -> np.ndarray:
@@ -140,18 +127,7 @@ class TrainSettings:
 
 
 def _loss(model, x_BHWC, y_BK):
-  """Sum over heads of the mean cross-entropy over the rows labelled for that head (label -1: none)."""
-  total = 0.0
-  for k, logits in enumerate(model(x_BHWC)):
-    y = y_BK[:, k]
-    m = (y >= 0).astype(logits.dtype)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
-    total += (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
-  return total
-
-
-def _loss_vit(model, x, meta, y_BK):
-  return _loss(lambda v: model(v, meta), x, y_BK)
+  return multi_head_loss(model(x_BHWC), y_BK)
 
 
 @nnx.jit
@@ -162,20 +138,8 @@ def _step(model, opt, x, y):
 
 
 @nnx.jit
-def _step_vit(model, opt, x, meta, y):
-  loss, grads = nnx.value_and_grad(_loss_vit)(model, x, meta, y)
-  opt.update(model, grads)
-  return loss
-
-
-@nnx.jit
 def _logits(model, x):
   return model(x)
-
-
-@nnx.jit
-def _logits_vit(model, x, meta):
-  return model(x, meta)
 
 
 class _ViTInputs:
@@ -215,27 +179,20 @@ def train_classifier(x_NHWC: np.ndarray, y_NK: np.ndarray, num_classes: Sequence
     model = PixelViT(vision_cfg, vit.tokens, tuple(num_classes), nnx.Rngs(s.seed), hidden=s.hidden)
   else:
     raise ValueError(f"probe arch {s.arch!r}; expected 'cnn' or 'vit'")
-  opt = nnx.Optimizer(model, optax.adamw(s.lr, weight_decay=s.weight_decay), wrt=nnx.Param)
   if s.arch == 'vit':
     pv_NLP = vit.patches(x_NHWC)   # once, not per batch
-  rng = np.random.default_rng(s.seed)
-  bs = min(s.batch_size, len(x_NHWC))
-  for _ in range(s.epochs):
-    perm = rng.permutation(len(x_NHWC))
-    for i in range(0, len(perm) - bs + 1, bs):
-      b = perm[i:i + bs]
-      if s.arch == 'cnn':
-        _step(model, opt, jnp.asarray(x_NHWC[b]), jnp.asarray(y_NK[b]))
-      else:
-        _step_vit(model, opt, jnp.asarray(pv_NLP[b]), vit.meta(len(b)), jnp.asarray(y_NK[b]))
-  return model
+    inputs, step_fn = (lambda b: (jnp.asarray(pv_NLP[b]), vit.meta(len(b)))), tower_step
+  else:
+    inputs, step_fn = (lambda b: (jnp.asarray(x_NHWC[b]),)), _step
+  return fit(model, step_fn, inputs, y_NK, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+             weight_decay=s.weight_decay, seed=s.seed)
 
 
 def predict_logits(model, x_NHWC: np.ndarray, batch_size: int = 256, vision_cfg=None) -> list[np.ndarray]:
   """Every head's logits ``[N, n_k]`` on ``x``."""
-  if isinstance(model, PixelViT):
+  if isinstance(model, TowerClassifier):
     vit = _ViTInputs(vision_cfg, x_NHWC.shape[1:3])
-    parts = [_logits_vit(model, jnp.asarray(vit.patches(x_NHWC[i:i + batch_size])),
+    parts = [tower_logits(model, jnp.asarray(vit.patches(x_NHWC[i:i + batch_size])),
                          vit.meta(len(x_NHWC[i:i + batch_size])))
              for i in range(0, len(x_NHWC), batch_size)]
   else:
@@ -285,10 +242,6 @@ def load_run_data(config):
   return train, test, images, proc.vision_cfg
 
 
-def _norm(text: str) -> str:
-  return text.strip().lower()   # the answer prior's key (train.evaluate.prior_baseline)
-
-
 @dataclasses.dataclass
 class TaskResult:
   task: str
@@ -305,22 +258,6 @@ class TaskResult:
     return self.probe >= self.target
 
 
-def _rows(records: Sequence, tasks: Sequence[str]) -> tuple[list[str], list[tuple[int, int]]]:
-  """Rows of the probe's label matrix: one per image and occurrence (an image with two questions of one task gets
-  two rows). Returns the rows' image ids and, per record, its ``(row, task column)``."""
-  row_of: dict[tuple[str, int], int] = {}
-  seen: dict[tuple[str, str], int] = {}
-  ids, where = [], []
-  for r in records:
-    occ = seen.get((r.image_id, r.task), 0)
-    seen[(r.image_id, r.task)] = occ + 1
-    if (r.image_id, occ) not in row_of:
-      row_of[(r.image_id, occ)] = len(ids)
-      ids.append(r.image_id)
-    where.append((row_of[(r.image_id, occ)], list(tasks).index(r.task)))
-  return ids, where
-
-
 def probe(train: Sequence, test: Sequence, images: dict, tasks: Sequence[str], s: TrainSettings,
           vision_cfg=None) -> dict[str, np.ndarray]:
   """Trains one :class:`PixelCNN` with a head per task on the train questions and answers every test question:
@@ -328,24 +265,12 @@ def probe(train: Sequence, test: Sequence, images: dict, tasks: Sequence[str], s
   tasks = list(tasks)
   train = [r for r in train if r.task in tasks]
   test = [r for r in test if r.task in tasks]
-  labels = [sorted({_norm(o) for r in train if r.task == t for o in r.options}) for t in tasks]
-  index = [{t: i for i, t in enumerate(ls)} for ls in labels]
-  ids, where = _rows(train, tasks)
-  y = np.full((len(ids), len(tasks)), -1, np.int32)
-  for r, (row, k) in zip(train, where):
-    y[row, k] = index[k][_norm(r.answer_text)]
+  labels, index, ids, y = answer_labels(train, tasks)
   model = train_classifier(np.stack([images[i] for i in ids]), y, [len(ls) for ls in labels], s, vision_cfg)
   test_ids = sorted({r.image_id for r in test})
   pos = {t: i for i, t in enumerate(test_ids)}
   logits = predict_logits(model, np.stack([images[i] for i in test_ids]), vision_cfg=vision_cfg)
-  out: dict[str, list[float]] = {t: [] for t in tasks}
-  for r in test:
-    k = tasks.index(r.task)
-    # The option whose text scores highest; texts never seen in train cannot be chosen (ties: the earlier letter).
-    scores = [logits[k][pos[r.image_id], index[k][_norm(o)]] if _norm(o) in index[k] else -np.inf
-              for o in r.options]
-    out[r.task].append(float(int(np.argmax(scores)) == r.answer_index))
-  return {t: np.asarray(v) for t, v in out.items()}
+  return answer_correct(logits, pos, index, tasks, test)
 
 
 def run_probe(config, s: TrainSettings, data=None, seeds: Sequence[int] = (0,)) -> tuple[list[TaskResult], dict]:
@@ -370,7 +295,7 @@ def run_probe(config, s: TrainSettings, data=None, seeds: Sequence[int] = (0,)) 
   acc = {t: np.array([c[t].mean() for c in runs]) for t in tasks}
   acc_all = np.array([np.concatenate([c[t] for t in tasks]).mean() for c in runs])
   results = [TaskResult(t, sum(r.task == t for r in train), len(runs[0][t]),
-                        len({_norm(o) for r in train if r.task == t for o in r.options}), prior[t],
+                        len({norm_text(o) for r in train if r.task == t for o in r.options}), prior[t],
                         float(acc[t].mean()), float(acc[t].std()), max(prior[t] + MARGIN, TASK_FLOORS.get(t, 0.0)))
              for t in tasks]
   overall = {'n_train': len(train), 'n_test': len(test), 'prior': prior['overall'], 'probe': float(acc_all.mean()),

@@ -45,7 +45,10 @@ class TrainState:
     return dataclasses.replace(self, **kw)
 
 
-TRAINABLE = {'lora': nnx.LoRAParam, 'all': nnx.Param}
+# 'decoder': every weight but the vision tower's (full fine-tuning over a frozen tower, e.g. one the miniature's
+# vision warm-up has trained: gradients through a decoder that does not yet read the tower would overwrite it).
+TRAINABLE = {'lora': nnx.LoRAParam, 'all': nnx.Param,
+             'decoder': nnx.All(nnx.Param, nnx.Not(nnx.PathContains('visual')))}
 
 
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, *, trainable: str = 'lora',

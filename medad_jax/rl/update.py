@@ -205,11 +205,18 @@ class GRPOConfig:
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """Static SFT settings: the aggregation of the token NLL (``token_mean``: every target token weighs the same)
-  and gradient-accumulation slices."""
+  and gradient-accumulation slices.
+
+  ``focal_gamma`` > 0 weighs each target token's NLL by ``(1 - p)^gamma`` (``p``: the model's probability of
+  that token, a constant of the step: the focal loss's weight without its gradient). Tokens the model already
+  predicts (the template of a thought) fade out of the loss, and the few it does not -- the image-dependent
+  words that decide a thought -- keep their weight. 0: plain NLL (the paper's Eq. 1).
+  """
 
   aggregation: str = 'token_mean'
   num_microbatches: int = 1
   logits_chunk: int = 1024
+  focal_gamma: float = 0.0
 
   def __post_init__(self):
     if self.aggregation not in algo.AGGREGATION_MODES:
@@ -218,12 +225,15 @@ class SFTConfig:
       raise ValueError(f'SFTConfig.logits_chunk={self.logits_chunk}: expected >= 1')
     if self.num_microbatches < 1:
       raise ValueError(f'SFTConfig.num_microbatches={self.num_microbatches}: expected >= 1')
+    if not self.focal_gamma >= 0:
+      raise ValueError(f'SFTConfig.focal_gamma={self.focal_gamma}: expected >= 0')
 
   @classmethod
   def from_config(cls, sft) -> 'SFTConfig':
     """From the ``sft`` block of ``configs/sft.py`` / ``configs/congrpo.py``."""
     return cls(aggregation=sft.aggregation, num_microbatches=sft.num_microbatches,
-               **({'logits_chunk': sft.logits_chunk} if 'logits_chunk' in sft else {}))
+               **({'logits_chunk': sft.logits_chunk} if 'logits_chunk' in sft else {}),
+               **({'focal_gamma': float(sft.focal_gamma)} if 'focal_gamma' in sft else {}))
 
 
 # ---------------------------------------------------------------------------------------- shared pieces
@@ -364,7 +374,10 @@ def sft_loss_parts(model: nnx.Module, batch: dict, cfg: SFTConfig, frozen_vision
   h_BMD = jnp.take_along_axis(h_BTD, pos_BM[..., None].astype(jnp.int32), axis=1)
   logp_BM, _, hit_BM = chunked_token_logprobs(model, h_BMD, ids_BM, chunk=cfg.logits_chunk)
   nll_BM = -logp_BM
-  num, _ = algo.aggregate_parts(nll_BM, mask_BM, cfg.aggregation)
+  loss_BM = nll_BM
+  if cfg.focal_gamma:
+    loss_BM = nll_BM * jax.lax.stop_gradient((1.0 - jnp.exp(logp_BM)) ** cfg.focal_gamma)
+  num, _ = algo.aggregate_parts(loss_BM, mask_BM, cfg.aggregation)
   on = mask_BM > 0
   stats = {'tokens': jnp.sum(mask_BM), 'loss_num': jax.lax.stop_gradient(num),
            'nll_sum': jax.lax.stop_gradient(jnp.sum(jnp.where(on, nll_BM, 0.0))),

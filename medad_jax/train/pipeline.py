@@ -106,8 +106,26 @@ def build_data(config) -> Data:
     raise ValueError(f'config.data.source = {d.source!r}: expected synth or medad38k')
   train = tfds_builders.RecordSource(builder_dir, 'train')
   test = tfds_builders.RecordSource(builder_dir, 'test')
-  log.info('data: %d train / %d test questions in %s', len(train), len(test), builder_dir)
+  tasks = data_tasks(config)
+  if tasks:
+    train, test = (_only_tasks(s, tasks) for s in (train, test))
+    if not len(train) or not len(test):
+      raise ValueError(f'config.data.tasks = {d.tasks!r}: {builder_dir} has {len(train)} train / {len(test)} test '
+                       'questions of those tasks; expected some of each')
+  log.info('data: %d train / %d test questions in %s%s', len(train), len(test), builder_dir,
+           f' (tasks {", ".join(tasks)})' if tasks else '')
   return Data(builder_dir, train, test)
+
+
+def data_tasks(config) -> tuple[str, ...]:
+  """The tasks ``config.data.tasks`` keeps (sorted; empty: every task)."""
+  return tuple(sorted({t.strip() for t in (config.data.get('tasks') or '').split(',') if t.strip()}))
+
+
+def _only_tasks(source, tasks: tuple[str, ...]):
+  from medad_jax.data.lengths import Subset
+  records = source.iter_records() if hasattr(source, 'iter_records') else (source[i] for i in range(len(source)))
+  return Subset(source, [i for i, r in enumerate(records) if r.task in tasks])
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -138,7 +156,10 @@ def build_tokenizer(config, data: Data | None):
   if data is None:
     raise ValueError("config.model.tokenizer = 'small' needs the training data to learn its vocabulary")
   fmt = config.data.answer_format
-  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|{fmt}|v1'.encode()).hexdigest()[:12]
+  # The vocabulary is learned from the training questions: what selects them (the build, the kept tasks) is in the key.
+  tasks = ','.join(data_tasks(config))
+  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|{fmt}|v1{"|" + tasks if tasks else ""}'
+                     .encode()).hexdigest()[:12]
   path = os.path.join(cache_root(config), 'tokenizers', f'small-{config.model.vocab_size}-{key}')
   if os.path.exists(os.path.join(path, 'tokenizer_config.json')):
     tok = Qwen2Tokenizer.from_pretrained(path)

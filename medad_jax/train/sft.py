@@ -22,7 +22,7 @@ import jax
 from medad_jax import rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
 from medad_jax.rl import update as U
-from medad_jax.train import feed, pipeline as pl
+from medad_jax.train import feed, pipeline as pl, vision_warmup
 
 log = logging.getLogger(__name__)
 STAGE = 'sft'
@@ -36,10 +36,11 @@ def num_steps(config, num_examples: int) -> int:
   return pl.num_steps(s.epochs, num_examples, s.batch_size, s.max_steps)
 
 
-def init_state(run: pl.Run, total_steps: int):
-  """-> ``(graphdef, state, tx, schedule)`` of a fresh SFT run (placed on the mesh)."""
+def init_state(run: pl.Run, total_steps: int, *, warm: bool = False):
+  """-> ``(graphdef, state, tx, schedule)`` of a fresh SFT run (placed on the mesh). ``warm``: run the vision
+  warm-up stage on the base first (``vision_warmup.enabled``; False where a checkpoint replaces the weights)."""
   config = run.config
-  model = pl.build_model(config, run.model_cfg, config.seed)
+  model = vision_warmup.base_model(run, warm=warm)
   if config.sft.trainable == 'lora':
     from medad_jax.model.lora import apply_lora
     from flax import nnx
@@ -64,7 +65,9 @@ def train(run: pl.Run) -> Result:
   config, logger = run.config, run.logger
   t_start = time.time()
   total = num_steps(config, len(run.data.train))
-  graphdef, state, tx, sched = init_state(run, total)
+  ckpt = checkpointer(run)
+  # A run resuming its SFT checkpoint has its warmed-up tower in it: the warm-up runs only on a fresh start.
+  graphdef, state, tx, sched = init_state(run, total, warm=ckpt.latest_step() is None)
   mesh = run.mesh_or_none()
   step_fn = U.make_sft_step(graphdef, tx, U.SFTConfig.from_config(config.sft), mesh=mesh, lr_schedule=sched)
 
@@ -75,7 +78,6 @@ def train(run: pl.Run) -> Result:
   it = iter(ds)
 
   # ------------------------------------------------------------------------------------ checkpoint restore
-  ckpt = checkpointer(run)
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, data_state, meta = restored
@@ -109,7 +111,8 @@ def train(run: pl.Run) -> Result:
   logger.flush()
   ckpt.save(total, state, data_state=feed.iterator_state(it), meta={'stage': STAGE, 'done': True}, force=True)
   ckpt.close()
-  run.timings[STAGE] = time.time() - t_start
+  # the vision warm-up ran inside init_state: it has its own entry (vision_warmup.STAGE)
+  run.timings[STAGE] = time.time() - t_start - run.timings.get(vision_warmup.STAGE, 0.0)
   log.info('sft: %d steps in %.1f s', total - start, run.timings[STAGE])
   return Result(graphdef, state, preempted)
 

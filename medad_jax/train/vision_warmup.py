@@ -1,0 +1,268 @@
+r"""Stage 0 of the miniature, vision warm-up: the policy's own vision tower learns to see before the decoder reads it.
+
+    python -m medad_jax.launch --config=congrpo                      # on in the embedded miniature
+    python -m medad_jax.launch --config=congrpo --config.vision_warmup.enabled=False   # the tower learns only in SFT
+
+Why it exists. The paper starts from Qwen2.5-VL-3B, whose vision encoder was pretrained on image-text data at
+scale; the miniature starts from a random 4.7M model. Trained only through the decoder (SFT), the random tower
+learns the global tasks (anatomy, modality: every image token carries them) but never the lesion: WORKSPACE.md
+("pixel ceilings") measured that the SFT'd tower's features carry no more of a lesion than a random tower's, while
+the same tower trained under a direct head reads it in seconds. This stage is the miniature's stand-in for the
+pretrained encoder every real VLM starts from: before SFT, the tower (the very module the policy uses, in place)
+is trained under a small classification head on the *training split* -- for each task, which answer text is
+correct for the image -- and the head is then thrown away. The decoder still has to learn to read the tower,
+in SFT, through language; the image-shuffled control row (``eval.image_control``) shows whether it does.
+
+What it sees: every training image as the processor gives it to the policy (the same patches), one label per
+(image, task) question: the index of the correct answer's text among all option texts of that task in the train
+split (``answer_labels``). Nothing of the test split, no benchmark-specific rule: it reads any MedAD-format
+multiple-choice data. The head (:class:`TowerClassifier`): the tower's merged image tokens of one image,
+flattened, a dense layer (ReLU), one linear head per task; loss = sum over tasks of the mean cross-entropy.
+AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images. Off by default; on in the miniature;
+never useful with a pretrained checkpoint (whose tower already sees).
+
+``bench/probe.py --arch vit`` trains a fresh tower under the same head (the ceiling it measures is this stage's).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from medad_jax.model.layers import Linear
+
+log = logging.getLogger(__name__)
+
+STAGE = 'vision_warmup'
+POOLS = ('flat', 'mean', 'max')
+
+
+class TowerClassifier(nnx.Module):
+  """``tower`` (a ``VisionTransformer``, shared, not copied) under a head: its ``tokens`` merged image tokens of
+  one image, flattened, a dense layer (ReLU) and one linear head per entry of ``num_classes``.
+
+  Called on ``pixel_values[B, L, P]`` (each image's processor patches) and the ``VisionMeta`` of ``B`` such
+  images; returns a tuple of logits, one ``[B, n]`` array per head.
+  """
+
+  def __init__(self, tower: nnx.Module, tokens: int, num_classes: Sequence[int], rngs: nnx.Rngs, *,
+               hidden: int = 64, pool: str = 'flat'):
+    if pool not in POOLS:
+      raise ValueError(f'pool={pool!r}: expected one of {POOLS}')
+    self.tower, self.pool = tower, pool
+    width = tower.cfg.out_hidden_size * (tokens if pool == 'flat' else 1)
+    self.fc = Linear(width, hidden, use_bias=True, rngs=rngs, init_std=0.02)
+    self.heads = nnx.List([Linear(hidden, n, use_bias=True, rngs=rngs) for n in num_classes])
+
+  def __call__(self, pv_BLP, meta):
+    B, L, P = pv_BLP.shape
+    feats = self.tower(pv_BLP.reshape(B * L, P), meta).reshape(B, -1, self.tower.cfg.out_hidden_size)
+    # 'flat': one weight per (token, feature); 'mean': the token average (what a decoder attending uniformly reads)
+    x = {'flat': lambda: feats.reshape(B, -1), 'mean': lambda: feats.mean(1), 'max': lambda: feats.max(1)}[self.pool]()
+    h = jax.nn.relu(self.fc(x))
+    return tuple(head(h) for head in self.heads)
+
+
+def multi_head_loss(logits: Sequence[jax.Array], y_BK: jax.Array) -> jax.Array:
+  """Sum over heads of the mean cross-entropy over the rows labelled for that head (label -1: none)."""
+  total = 0.0
+  for k, lg in enumerate(logits):
+    y = y_BK[:, k]
+    m = (y >= 0).astype(lg.dtype)
+    ce = optax.softmax_cross_entropy_with_integer_labels(lg, jnp.maximum(y, 0))
+    total += (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
+  return total
+
+
+def _loss(clf, pv, meta, y):
+  return multi_head_loss(clf(pv, meta), y)
+
+
+@nnx.jit
+def tower_step(clf, opt, pv, meta, y):
+  loss, grads = nnx.value_and_grad(_loss)(clf, pv, meta, y)
+  opt.update(clf, grads)
+  return loss
+
+
+@nnx.jit
+def tower_logits(clf, pv, meta):
+  return clf(pv, meta)
+
+
+# --------------------------------------------------------------------------------------------------- labels
+
+
+def norm_text(text: str) -> str:
+  """The key an answer text is compared by (as the answer prior, ``train.evaluate.prior_baseline``)."""
+  return text.strip().lower()
+
+
+def label_rows(records: Sequence, tasks: Sequence[str]) -> tuple[list[str], list[tuple[int, int]]]:
+  """Rows of a label matrix: one per image and occurrence (an image with two questions of one task gets two
+  rows). Returns the rows' image ids and, per record, its ``(row, task column)``."""
+  row_of: dict[tuple[str, int], int] = {}
+  seen: dict[tuple[str, str], int] = {}
+  ids, where = [], []
+  for r in records:
+    occ = seen.get((r.image_id, r.task), 0)
+    seen[(r.image_id, r.task)] = occ + 1
+    if (r.image_id, occ) not in row_of:
+      row_of[(r.image_id, occ)] = len(ids)
+      ids.append(r.image_id)
+    where.append((row_of[(r.image_id, occ)], list(tasks).index(r.task)))
+  return ids, where
+
+
+def answer_labels(train: Sequence, tasks: Sequence[str]):
+  """-> ``(labels, index, ids, y)``: per task the sorted answer texts (every option text of its train questions)
+  and their positions, the label rows' image ids (:func:`label_rows`) and ``y[row, task]``, the correct text's
+  index (-1 where the row has no question of that task)."""
+  tasks = list(tasks)
+  labels = [sorted({norm_text(o) for r in train if r.task == t for o in r.options}) for t in tasks]
+  index = [{t: i for i, t in enumerate(ls)} for ls in labels]
+  ids, where = label_rows(train, tasks)
+  y = np.full((len(ids), len(tasks)), -1, np.int32)
+  for r, (row, k) in zip(train, where):
+    y[row, k] = index[k][norm_text(r.answer_text)]
+  return labels, index, ids, y
+
+
+def answer_correct(logits: Sequence[np.ndarray], row_of: dict, index: Sequence[dict], tasks: Sequence[str],
+                   records: Sequence) -> dict[str, np.ndarray]:
+  """Each question answered by the heads: the option whose text gets the highest logit of its task's head on its
+  image (``logits[k][row_of[image_id]]``; a text never seen in train cannot be chosen; ties: the earlier letter)
+  -> ``{task: correctness (1 / 0) of each of its questions, in order}``."""
+  tasks = list(tasks)
+  out: dict[str, list[float]] = {t: [] for t in tasks}
+  for r in records:
+    k = tasks.index(r.task)
+    scores = [logits[k][row_of[r.image_id], index[k][norm_text(o)]] if norm_text(o) in index[k] else -np.inf
+              for o in r.options]
+    out[r.task].append(float(int(np.argmax(scores)) == r.answer_index))
+  return {t: np.asarray(v) for t, v in out.items()}
+
+
+# -------------------------------------------------------------------------------------------------- training
+
+
+def fit(clf: nnx.Module, step_fn, inputs, y_NK: np.ndarray, *, epochs: int, batch_size: int, lr: float,
+        weight_decay: float, seed: int, on_step=None) -> nnx.Module:
+  """AdamW on ``clf`` for ``epochs`` seeded shuffled passes over the rows of ``y`` (the last partial batch of each
+  pass is dropped, a different one each pass). ``inputs(rows)`` -> the step's input arguments for those rows;
+  ``step_fn(clf, opt, *inputs, y)`` -> loss; ``on_step(step, loss)`` after each step."""
+  opt = nnx.Optimizer(clf, optax.adamw(lr, weight_decay=weight_decay), wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  bs = min(batch_size, len(y_NK))
+  step = 0
+  for _ in range(epochs):
+    perm = rng.permutation(len(y_NK))
+    for i in range(0, len(perm) - bs + 1, bs):
+      b = perm[i:i + bs]
+      loss = step_fn(clf, opt, *inputs(b), jnp.asarray(y_NK[b]))
+      step += 1
+      if on_step is not None:
+        on_step(step, loss)
+  return clf
+
+
+def num_steps(epochs: int, rows: int, batch_size: int) -> int:
+  bs = min(batch_size, rows)
+  return epochs * (rows // bs)
+
+
+def _records(source) -> list:
+  return list(source.iter_records()) if hasattr(source, 'iter_records') else [source[i] for i in range(len(source))]
+
+
+def _patches(run, records) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+  """The processor's patches of each image of ``records`` (by image id) and their one patch grid."""
+  from medad_jax.data.schema import load_image
+  patches, grids = {}, set()
+  for r in records:
+    if r.image_id not in patches:
+      pv, grid = run.processor.process_image(load_image(r))
+      patches[r.image_id] = np.asarray(pv, np.float32)
+      grids.add(tuple(int(g) for g in grid))
+  if len(grids) != 1:
+    raise ValueError(f'vision_warmup: the images come in {len(grids)} patch grids ({sorted(grids)[:4]}...); the '
+                     'warm-up batches images of one grid (set --config.vision_warmup.enabled=False)')
+  return patches, grids.pop()
+
+
+def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict:
+  """Trains ``model.visual`` in place (see the module docstring); returns the stage's summary (also logged):
+  the head's accuracy per task on the training questions (``train_acc/<task>``) and, when ``held_out`` records
+  are given (a test's check; the launcher never passes any), on those (``held_out_acc/<task>``)."""
+  from medad_jax.model.vision import vision_meta
+  from medad_jax.train.evaluate import TABLE1
+  c = run.config.vision_warmup
+  t0 = time.time()
+  train = _records(run.data.train)
+  tasks = [t for t, _ in TABLE1 if any(r.task == t for r in train)]
+  labels, index, ids, y = answer_labels(train, tasks)
+  patches, grid = _patches(run, train)
+  pv_NLP = np.stack([patches[i] for i in ids])
+  vcfg = model.visual.cfg
+  tokens = int(np.prod(grid)) // vcfg.spatial_merge_size ** 2
+  clf = TowerClassifier(model.visual, tokens, [len(ls) for ls in labels], nnx.Rngs(run.config.seed), hidden=c.hidden,
+                        pool=c.get('pool', 'flat'))
+  metas = {}
+
+  def inputs(rows, pv=None):
+    b = len(rows)
+    if b not in metas:
+      metas[b] = jax.tree.map(jnp.asarray, vision_meta(np.tile(np.asarray(grid), (b, 1)), vcfg))
+    return jnp.asarray((pv_NLP if pv is None else pv)[rows]), metas[b]
+
+  def all_logits(pv):
+    parts = [tower_logits(clf, *inputs(np.arange(s, min(s + 256, len(pv))), pv)) for s in range(0, len(pv), 256)]
+    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(tasks))]
+
+  total = num_steps(c.epochs, len(y), c.batch_size)
+  run.logger.total_steps[STAGE] = total
+  every = max(run.config.log.every_steps, total // 100)   # thousands of small steps: about 100 lines
+
+  def on_step(step, loss):
+    if step % every == 0 or step == total:
+      run.logger.log(STAGE, step, {'loss': loss})
+
+  fit(clf, tower_step, inputs, y, epochs=c.epochs, batch_size=c.batch_size, lr=c.optim.lr,
+      weight_decay=c.optim.weight_decay, seed=run.config.seed, on_step=on_step)
+  # Accuracy per task, each question answered as the probe does (the head is discarded afterwards).
+  pos = {i: n for n, i in enumerate(dict.fromkeys(ids))}
+  rows = np.array([ids.index(i) for i in pos])
+  out = {f'train_acc/{t}': float(v.mean()) for t, v in
+         answer_correct(all_logits(pv_NLP[rows]), pos, index, tasks, train).items() if len(v)}
+  if held_out is not None:
+    held = [r for r in held_out if r.task in tasks]
+    hp, hgrid = _patches(run, held)
+    if hgrid != grid:
+      raise ValueError(f'vision_warmup: held-out images have patch grid {hgrid}, the training images {grid}')
+    hpos = {i: n for n, i in enumerate(hp)}
+    out |= {f'held_out_acc/{t}': float(v.mean()) for t, v in
+            answer_correct(all_logits(np.stack(list(hp.values()))), hpos, index, tasks, held).items() if len(v)}
+  run.logger.log(STAGE, total, out)
+  run.logger.flush()
+  run.timings[STAGE] = time.time() - t0
+  log.info('vision warm-up: %d images, %d steps in %.1f s; accuracy %s', len(pos), total, run.timings[STAGE],
+           ', '.join(f'{k} {100 * v:.1f} %' for k, v in out.items()))
+  return out
+
+
+def base_model(run, *, warm: bool = True) -> nnx.Module:
+  """The policy a run starts from: ``pipeline.build_model`` (a checkpoint, or random for the miniature), with its
+  tower warmed up first when ``vision_warmup.enabled`` and ``warm`` (False: the weights are about to be replaced
+  by a checkpoint's, so the stage would be wasted)."""
+  from medad_jax.train import pipeline as pl
+  model = pl.build_model(run.config, run.model_cfg, run.config.seed)
+  if warm and run.config.get('vision_warmup') is not None and run.config.vision_warmup.enabled:
+    warm_up(run, model)
+  return model
