@@ -2,20 +2,13 @@
 
 import pytest
 
-from configs import common, congrpo
+from configs import common
+from medad_jax.testing.configs import tiny_miniature
 from medad_jax.train import pipeline as pl
 
 
 def _config(tmp_path, tasks):
-  config = congrpo.get_config(None)
-  with config.unlocked():
-    config.model.preset = 'tiny'
-    config.data.synth_images = 20
-    config.data.image_size = 56
-    config.data.read_threads = 1
-    config.data.cache_dir = str(tmp_path / 'cache')
-    config.data.tasks = tasks
-  return config
+  return tiny_miniature(str(tmp_path / 'cache'), tasks=tasks)
 
 
 def test_tasks_keep_only_their_questions_in_both_splits(tmp_path):

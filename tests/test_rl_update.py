@@ -354,25 +354,28 @@ def sft_batch(cfg, seed=0):
               vision_meta=vision_meta(GRID, cfg.vision))
 
 
+def _target_logprobs(graphdef, state, b):
+  """``(params, batch) -> [targets]``: the full model's log-prob of every assistant token of ``b`` (by hand)."""
+  targets = list(zip(*np.nonzero(b['loss_mask_BT'])))
+
+  def fn(params, batch):
+    m = nnx.merge(graphdef, params, state.frozen)
+    logits, _ = m(batch['input_ids_BT'], attention_mask_BT=batch['attention_mask_BT'],
+                  positions_3BT=batch['positions_3BT'], pixel_values=batch['pixel_values_LC'],
+                  vision_meta=batch['vision_meta'])
+    lsm = jax.nn.log_softmax(logits, -1)
+    return jnp.stack([lsm[b_, t - 1, b['input_ids_BT'][b_, t]] for b_, t in targets])
+  return fn
+
+
 def test_sft_loss_is_the_masked_mean_over_assistant_tokens():
   cfg, model = tiny_policy()
   b = sft_batch(cfg)
   graphdef, state = U.init_train_state(model, optax.sgd(1.0))
   step = U.make_sft_step(graphdef, optax.sgd(1.0))
 
-  targets = list(zip(*np.nonzero(b['loss_mask_BT'])))
-
-  @jax.jit
-  def manual(params, batch):
-    m = nnx.merge(graphdef, params, state.frozen)
-    logits, _ = m(batch['input_ids_BT'], attention_mask_BT=batch['attention_mask_BT'],
-                  positions_3BT=batch['positions_3BT'], pixel_values=batch['pixel_values_LC'],
-                  vision_meta=batch['vision_meta'])
-    lsm = jax.nn.log_softmax(logits, -1)
-    terms = [-lsm[b_, t - 1, b['input_ids_BT'][b_, t]] for b_, t in targets]
-    return jnp.mean(jnp.stack(terms))
-
-  want_loss, want_g = jax.value_and_grad(manual)(state.params, b)
+  target_logp = _target_logprobs(graphdef, state, b)
+  want_loss, want_g = jax.value_and_grad(jax.jit(lambda p, batch: -jnp.mean(target_logp(p, batch))))(state.params, b)
   new_state, met = step(copy_state(state), U.put_batch(b, None))
   assert float(met['loss']) == pytest.approx(float(want_loss), abs=WHOLE_MODEL_TOL)
   assert float(met['target_tokens']) == b['loss_mask_BT'].sum()
@@ -403,17 +406,12 @@ def test_sft_focal_weights_each_token_by_its_error_as_a_constant():
   cfg, model = tiny_policy()
   b = sft_batch(cfg)
   graphdef, state = U.init_train_state(model, optax.sgd(1.0))
-  targets = list(zip(*np.nonzero(b['loss_mask_BT'])))
+  target_logp = _target_logprobs(graphdef, state, b)
   gamma = 2.0
 
   @jax.jit
   def manual(params, batch):
-    m = nnx.merge(graphdef, params, state.frozen)
-    logits, _ = m(batch['input_ids_BT'], attention_mask_BT=batch['attention_mask_BT'],
-                  positions_3BT=batch['positions_3BT'], pixel_values=batch['pixel_values_LC'],
-                  vision_meta=batch['vision_meta'])
-    lsm = jax.nn.log_softmax(logits, -1)
-    lp = jnp.stack([lsm[b_, t - 1, b['input_ids_BT'][b_, t]] for b_, t in targets])
+    lp = target_logp(params, batch)
     w = jax.lax.stop_gradient((1.0 - jnp.exp(lp)) ** gamma)
     return jnp.mean(-lp * w), jnp.mean(-lp)
 

@@ -45,16 +45,10 @@ def test_warm_up_trains_the_policys_tower_in_place(tmp_path):
   """On 40 synthetic images (34 train) the warm-up changes every tower weight, leaves the decoder bit-identical to
   the same seed's fresh model, logs its steps with their total (the progress line's ETA), and reads modality from
   the pixels of its training images (>= 90 %; random init: the 10-way chance)."""
-  from configs import congrpo
+  from medad_jax.testing.configs import tiny_miniature
   from medad_jax.train import pipeline as pl
-  config = congrpo.get_config(None)
-  with config.unlocked():
-    config.model.preset = 'tiny'
-    config.data.synth_images = 40
-    config.data.image_size = 56
-    config.data.read_threads = 1
-    config.data.cache_dir = str(tmp_path / 'cache')
-    config.vision_warmup.epochs = 40
+  config = tiny_miniature(str(tmp_path / 'cache'), images=40)
+  config.vision_warmup.epochs = 40
   assert config.vision_warmup.enabled   # on in the miniature
   run = pl.setup(config, str(tmp_path / 'run'))
   fresh = pl.build_model(config, run.model_cfg, config.seed)
@@ -74,8 +68,7 @@ def test_warm_up_trains_the_policys_tower_in_place(tmp_path):
   assert recs[-1]['train_acc/modality_classification'] >= 0.9
   assert run.timings[vw.STAGE] > 0
   # off: the same seed's fresh model
-  with config.unlocked():
-    config.vision_warmup.enabled = False
+  config.vision_warmup.enabled = False
   off = vw.base_model(run)
   for (_, x), (_, w) in zip(nnx.to_flat_state(a), nnx.to_flat_state(nnx.state(off, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(w[...]))

@@ -1,0 +1,19 @@
+"""Small run configs for tests: the embedded miniature (``configs/congrpo.py``) shrunk to seconds."""
+
+from __future__ import annotations
+
+
+def tiny_miniature(cache_dir: str, *, images: int = 20, variant: str | None = None, **data):
+  """The miniature's config with the ``tiny`` architecture, ``images`` synthetic images of 56 px built under
+  ``cache_dir``, one read thread, and any other ``config.data`` field given as a keyword; unlocked for more edits."""
+  from configs import congrpo
+  config = congrpo.get_config(variant)
+  config.unlock()
+  config.model.preset = 'tiny'
+  config.data.synth_images = images
+  config.data.image_size = 56
+  config.data.read_threads = 1
+  config.data.cache_dir = cache_dir
+  for k, v in data.items():
+    config.data[k] = v
+  return config
