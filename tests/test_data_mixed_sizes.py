@@ -22,7 +22,8 @@ ARGS = ['model.preset=tiny', 'data.source=medad38k', 'data.policy=skip', 'data.i
         'rl.prompts_per_step=2', 'rl.group_size=2', 'rl.max_steps=1', 'sampling.max_new_tokens=8',
         'eval.max_new_tokens=8', 'eval.max_examples=4', 'eval.batch_size=4', 'ckpt.async_save=False',
         'mesh.devices=1', 'judge.backend=rule', 'eval.include_sft=False',
-        'eval.image_control=False']  # the 4 evaluated questions show one image: nothing to shuffle
+        'eval.image_control=False',  # the 4 evaluated questions show one image: nothing to shuffle
+        'vision_warmup.enabled=False']  # it batches images of one patch grid (refused below)
 
 
 def _args(workdir, data_dir, cache, extra=()):
@@ -76,3 +77,15 @@ def test_mixed_sizes_end_to_end_every_record_accounted(tmp_path, monkeypatch):
   s2 = launch.main(_args(other, data_dir, cache, [f'sft.checkpoint={workdir}', 'rl.beta=0.0', 'rl.enabled=False',
                                                    'eval.enabled=False']))
   assert not os.path.exists(os.path.join(other, 'checkpoints', 'sft')) and s2['data'] == d
+
+
+def test_vision_warmup_refuses_mixed_image_sizes_clearly(tmp_path):
+  """The warm-up stacks whole images of one patch grid: on a directory of mixed sizes it stops before any training
+  with a message that names the images' grids and the flag that turns it off."""
+  data_dir, cache, workdir = str(tmp_path / 'export'), str(tmp_path / 'cache'), str(tmp_path / 'run')
+  write_mixed_size_dir(data_dir)
+  with pytest.raises(ValueError, match=r'vision_warmup: the images come in \d+ patch grids .*'
+                                       r'--config\.vision_warmup\.enabled=False'):
+    launch.main(_args(workdir, data_dir, cache, ['vision_warmup.enabled=True']))
+  assert not os.path.isdir(os.path.join(workdir, 'checkpoints', 'sft')) or not os.listdir(
+      os.path.join(workdir, 'checkpoints', 'sft'))

@@ -43,7 +43,7 @@ def test_relaunch_with_another_config_is_refused_before_anything_is_written(tmp_
     launch.main(['launch', '--config=congrpo', f'--workdir={workdir}', '--config.model.preset=tiny',
                  '--config.sft.optim.lr=0.5'])
   msg = str(e.value)
-  assert 'sft.optim.lr: 0.003 -> 0.5' in msg and '1 key(s) differ' in msg and '--config.resume=allow' in msg
+  assert f'sft.optim.lr: {common.load("congrpo").sft.optim.lr} -> 0.5' in msg and '1 key(s) differ' in msg and '--config.resume=allow' in msg
   assert '\n' not in msg
   assert _snapshot(workdir) == before  # config.json and the summary untouched
   with pytest.raises(launch.ConfigError, match=r"model.preset: \"tiny\" -> \"mini\""):

@@ -24,7 +24,9 @@ OVERRIDES = ['model.preset=tiny', 'data.synth_images=40', 'data.image_size=56', 
              'rl.prompts_per_step=4', 'rl.group_size=8', 'rl.max_steps=20', 'rl.trainable=all', 'rl.optim.lr=3e-4', 'sampling.temperature=0.7', 'rl.beta=0.0',
              'reward.fmt=1.0', 'reward.acc=0.0', 'reward.con=0.0', 'judge.backend=rule',
              'sampling.max_new_tokens=64', 'eval.max_new_tokens=64', 'eval.batch_size=16',
-             'mesh.devices=1', 'log.tensorboard=False', 'ckpt.async_save=False']
+             'mesh.devices=1', 'log.tensorboard=False', 'ckpt.async_save=False',
+             # the recipe this test was written for: 6 epochs of all weights, no vision warm-up
+             'sft.epochs=6', 'sft.trainable=all', 'vision_warmup.enabled=False']
 
 
 def format_rate(run, model, n=16):
