@@ -231,7 +231,7 @@ def vision_warmup_config(*, epochs: int = 30, batch_size: int = 8, lr: float = 1
       'epochs': epochs,           # seeded passes over the training images
       'batch_size': batch_size,   # images per step
       'hidden': 64,               # the head's dense layer
-      'pool': 'flat',             # the head reads the merged tokens 'flat' (one weight each) or their 'mean'
+      'pool': 'flat',             # how the head reads the merged tokens: 'flat' (one weight each), 'mean' or 'max'
       'optim': ml_collections.ConfigDict({'lr': lr, 'weight_decay': 1e-4}),
   })
 
@@ -478,6 +478,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "0 / 1.0 for Con-GRPO: the update's ratio is under softmax(z / temperature), which top-k / top-p "
             'truncation would make differ from the distribution the rollouts were drawn from')
   if 'vision_warmup' in config and config.vision_warmup.enabled:
+    _choice(config, 'vision_warmup.pool', ('flat', 'mean', 'max'))  # = train.vision_warmup.POOLS
     for k in ('epochs', 'batch_size', 'hidden'):
       _positive(config, f'vision_warmup.{k}', integer=True)
     _positive(config, 'vision_warmup.optim.lr')

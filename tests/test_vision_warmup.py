@@ -81,6 +81,11 @@ def test_bad_warmup_settings_fail_before_any_work():
     config.vision_warmup.epochs = 0
   with pytest.raises(ValueError, match='vision_warmup.epochs'):
     common.validate(config)
+  config = congrpo.get_config(None)
+  with config.unlocked():
+    config.vision_warmup.pool = 'median'
+  with pytest.raises(ValueError, match='vision_warmup.pool'):
+    common.validate(config)
 
 
 def test_warm_up_reads_anomaly_detection_on_held_out_images(tmp_path):

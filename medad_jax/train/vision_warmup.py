@@ -19,7 +19,10 @@ split (``answer_labels``). Nothing of the test split, no benchmark-specific rule
 multiple-choice data. The head (:class:`TowerClassifier`): the tower's merged image tokens of one image,
 flattened, a dense layer (ReLU), one linear head per task; loss = sum over tasks of the mean cross-entropy.
 AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images. Off by default; on in the miniature;
-never useful with a pretrained checkpoint (whose tower already sees).
+never useful with a pretrained checkpoint (whose tower already sees). It runs on one device, unsharded: with
+several processes each trains its own copy on the same data, seed and order (deterministic on one kind of CPU).
+The heavy two-process launcher test (``tests/test_launch_multiprocess.py``, ``-m heavy``) now runs through it but
+has not been re-run since it was added.
 
 ``bench/probe.py --arch vit`` trains a fresh tower under the same head (the ceiling it measures is this stage's).
 """
@@ -46,7 +49,10 @@ POOLS = ('flat', 'mean', 'max')
 
 class TowerClassifier(nnx.Module):
   """``tower`` (a ``VisionTransformer``, shared, not copied) under a head: its ``tokens`` merged image tokens of
-  one image, flattened, a dense layer (ReLU) and one linear head per entry of ``num_classes``.
+  one image read by ``pool`` -- ``'flat'`` (concatenated: one weight per token and feature), ``'mean'`` (their
+  average: what a decoder attending uniformly receives) or ``'max'`` -- a dense layer (ReLU) and one linear head
+  per entry of ``num_classes``. The warm-up uses ``'flat'``: under the other two the tower does not learn where a
+  lesion is (WORKSPACE.md "pixel ceilings").
 
   Called on ``pixel_values[B, L, P]`` (each image's processor patches) and the ``VisionMeta`` of ``B`` such
   images; returns a tuple of logits, one ``[B, n]`` array per head.
@@ -64,8 +70,10 @@ class TowerClassifier(nnx.Module):
   def __call__(self, pv_BLP, meta):
     B, L, P = pv_BLP.shape
     feats = self.tower(pv_BLP.reshape(B * L, P), meta).reshape(B, -1, self.tower.cfg.out_hidden_size)
-    # 'flat': one weight per (token, feature); 'mean': the token average (what a decoder attending uniformly reads)
-    x = {'flat': lambda: feats.reshape(B, -1), 'mean': lambda: feats.mean(1), 'max': lambda: feats.max(1)}[self.pool]()
+    if self.pool == 'flat':
+      x = feats.reshape(B, -1)
+    else:
+      x = feats.mean(1) if self.pool == 'mean' else feats.max(1)
     h = jax.nn.relu(self.fc(x))
     return tuple(head(h) for head in self.heads)
 
@@ -237,8 +245,11 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   fit(clf, tower_step, inputs, y, epochs=c.epochs, batch_size=c.batch_size, lr=c.optim.lr,
       weight_decay=c.optim.weight_decay, seed=run.config.seed, on_step=on_step)
   # Accuracy per task, each question answered as the probe does (the head is discarded afterwards).
-  pos = {i: n for n, i in enumerate(dict.fromkeys(ids))}
-  rows = np.array([ids.index(i) for i in pos])
+  first_row: dict[str, int] = {}
+  for n, i in enumerate(ids):
+    first_row.setdefault(i, n)
+  pos = {i: n for n, i in enumerate(first_row)}
+  rows = np.array(list(first_row.values()))
   out = {f'train_acc/{t}': float(v.mean()) for t, v in
          answer_correct(all_logits(pv_NLP[rows]), pos, index, tasks, train).items() if len(v)}
   if held_out is not None:
