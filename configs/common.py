@@ -232,6 +232,8 @@ def vision_warmup_config(*, epochs: int = 30, batch_size: int = 8, lr: float = 1
       'batch_size': batch_size,   # images per step
       'hidden': 64,               # the head's dense layer
       'pool': 'flat',             # how the head reads the merged tokens: 'flat' (one weight each), 'mean' or 'max'
+      'then_epochs': 0,           # > 0: then this many passes under a fresh head reading by ``then_pool``
+      'then_pool': 'mean',        # (the average a decoder attending uniformly receives; WORKSPACE.md)
       'optim': ml_collections.ConfigDict({'lr': lr, 'weight_decay': 1e-4}),
   })
 
@@ -479,6 +481,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             'truncation would make differ from the distribution the rollouts were drawn from')
   if 'vision_warmup' in config and config.vision_warmup.enabled:
     _choice(config, 'vision_warmup.pool', ('flat', 'mean', 'max'))  # = train.vision_warmup.POOLS
+    _choice(config, 'vision_warmup.then_pool', ('flat', 'mean', 'max'))
+    _positive(config, 'vision_warmup.then_epochs', integer=True, allow_zero=True)
     for k in ('epochs', 'batch_size', 'hidden'):
       _positive(config, f'vision_warmup.{k}', integer=True)
     _positive(config, 'vision_warmup.optim.lr')

@@ -11,7 +11,11 @@ What a checkpoint holds (``<workdir>/checkpoints/<step>/``, one orbax ``Checkpoi
 
 The frozen base is not written (it is the checkpoint the run started from, with the SFT adapters merged into it
 for Con-GRPO): the trainer rebuilds it the same way on resume, and the stored fingerprint (per-leaf float64 sums)
-makes a mismatch fail loudly instead of resuming onto different weights.
+makes a mismatch fail loudly instead of resuming onto different weights. The exception: a base that no config
+rebuilds -- the miniature's, whose vision tower the warm-up stage trained before SFT (``train/vision_warmup.py``)
+and which SFT of the decoder then keeps frozen. A ``Checkpointer(save_frozen=True)`` writes the frozen base into
+``state/`` too (meta ``frozen_saved``), and any restore of such a step puts it back, whatever the caller rebuilt
+(a resumed SFT, ``sft.checkpoint=<run dir>``, the evaluation of a finished run, on any machine).
 
 Crash safety: orbax writes each step into a temporary directory and renames it when complete, so a ``kill -9``
 during a save leaves the previous steps intact and :meth:`Checkpointer.restore_latest` ignores the partial one.
@@ -49,10 +53,11 @@ def frozen_fingerprint(frozen: Any) -> list[float]:
   return [float(np.float64(s)) for s in sums]
 
 
-def _saved_part(state):
-  """The TrainState fields a checkpoint holds (everything but the frozen base)."""
-  return {'params': state.params, 'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng,
+def _saved_part(state, frozen: bool = False):
+  """The TrainState fields a checkpoint holds (everything but the frozen base, unless ``frozen``)."""
+  part = {'params': state.params, 'opt_state': state.opt_state, 'step': state.step, 'rng': state.rng,
           'ref_params': state.ref_params}
+  return {**part, 'frozen': state.frozen} if frozen else part
 
 
 def _abstract(tree):
@@ -80,14 +85,16 @@ class Checkpointer:
     every_steps: :meth:`maybe_save` saves when ``step % every_steps == 0``.
     async_save: write in a background thread (``wait`` / ``close`` join it).
     meta_defaults: added to every step's metadata (the run's config fingerprint, ``medad_jax.rundir``).
+    save_frozen: write the frozen base too (a base no config rebuilds: the module docstring).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, every_steps: int = 1, async_save: bool = True,
-               meta_defaults: Mapping | None = None):
+               meta_defaults: Mapping | None = None, save_frozen: bool = False):
     if keep < 1 or every_steps < 1:
       raise ValueError(f'Checkpointer: keep={keep} and every_steps={every_steps} must be >= 1')
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
+    self.save_frozen = save_frozen
     self.meta_defaults = dict(meta_defaults or {})
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=('state', 'data', 'meta'))
@@ -100,10 +107,12 @@ class Checkpointer:
     """Saves ``state`` (frozen base excluded), the iterator state and metadata as checkpoint ``step``."""
     meta = {**self.meta_defaults, **(meta or {})}
     meta.setdefault('frozen_fingerprint', frozen_fingerprint(state.frozen))
+    if self.save_frozen:
+      meta['frozen_saved'] = True
     if int(step) in self.unreadable and int(step) in self._mngr.all_steps():
       self._set_aside(int(step))
     saved = self._mngr.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_saved_part(state)),
+        state=ocp.args.StandardSave(_saved_part(state, self.save_frozen)),
         data=ocp.args.JsonSave(dict(data_state) if data_state is not None else {}),
         meta=ocp.args.JsonSave(meta)), force=force)
     if saved:
@@ -143,11 +152,15 @@ class Checkpointer:
   def restore(self, step: int, state, *, check_frozen: bool = True) -> tuple[Any, dict, dict]:
     """Checkpoint ``step`` onto the structure / shardings of ``state`` -> ``(state, data_state, meta)``.
 
-    ``state`` is a freshly built TrainState (its frozen base is kept; its other fields give the targets).
+    ``state`` is a freshly built TrainState (its other fields give the targets; its frozen base is kept, unless
+    the step holds one: ``save_frozen``).
     """
     if step not in self._mngr.all_steps():
       raise FileNotFoundError(f'{self.directory}: no checkpoint for step {step}; available: {self.all_steps()}')
-    target = _abstract(_saved_part(state))
+    # the metadata first: whether the step holds its frozen base decides the restore target
+    has_frozen = bool((self._mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+                       or {}).get('frozen_saved'))
+    target = _abstract(_saved_part(state, has_frozen))
     try:
       out = self._mngr.restore(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -155,7 +168,7 @@ class Checkpointer:
       raise ValueError(f'{self.directory}/{step}: the checkpoint does not match the current TrainState '
                        f'(different LoRA targets, optimizer or model?): {e}') from e
     meta = dict(out['meta'] or {})
-    if check_frozen and 'frozen_fingerprint' in meta:
+    if check_frozen and 'frozen_fingerprint' in meta and not has_frozen:
       now = frozen_fingerprint(state.frozen)
       was = meta['frozen_fingerprint']
       if len(now) != len(was) or not np.allclose(now, was, rtol=1e-6, atol=1e-6):
@@ -166,6 +179,8 @@ class Checkpointer:
     saved = out['state']
     new = state.replace(params=saved['params'], opt_state=saved['opt_state'], step=saved['step'],
                         rng=saved['rng'], ref_params=saved['ref_params'])
+    if has_frozen:
+      new = new.replace(frozen=saved['frozen'])
     log.info('checkpoint: restored step %d from %s', step, self.directory)
     return new, dict(out['data'] or {}), meta
 

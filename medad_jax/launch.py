@@ -119,8 +119,9 @@ def run_training(config, workdir: str) -> dict:
     if sft_res is not None:
       base = U.merge_model(sft_res.graphdef, sft_res.state)
     else:
-      # no SFT stage: the base (the miniature's random model, its tower warmed up when vision_warmup.enabled)
-      base = sft_hf if sft_hf is not None else vision_warmup.base_model(run)
+      # no SFT stage: the base (the miniature's random model, its tower warmed up when vision_warmup.enabled; a
+      # resumed run's checkpoint holds that warmed base, so the warm-up is not repeated)
+      base = sft_hf if sft_hf is not None else vision_warmup.base_model(run, warm=not congrpo.resuming(run))
     rl_res = congrpo.train(run, base)
     if rl_res.preempted:
       return {**summary, 'preempted': 'congrpo'}

@@ -123,11 +123,12 @@ class Crash(RuntimeError):
   pass
 
 
-@pytest.mark.heavy
 def test_kill_and_resume_equals_uninterrupted(smoke_run, tmp_path, monkeypatch):
   """A crash at SFT step 3 (after the step-2 checkpoint); the same command again crashes at Con-GRPO step 3; the
   third launch finishes. The final checkpoints of both stages equal the uninterrupted run's bit for bit (CPU is
-  deterministic), so parameters, optimizer moments, step, RNG and data position all resumed exactly."""
+  deterministic), so parameters, optimizer moments, step, RNG and data position all resumed exactly. With the
+  miniature's warm-up on and its tower frozen in SFT: the resumed SFT does not repeat the warm-up, the warmed
+  tower comes back from the checkpoint (``save_frozen``; before it did, this resume was refused)."""
   from medad_jax.metrics import MetricsLogger
   ref_dir, cache, _ = smoke_run
   workdir = str(tmp_path / 'run')
@@ -191,3 +192,19 @@ def test_paper_variant_names_every_missing_path(tmp_path):
   msg = str(e.value)
   assert 'config.model.checkpoint is not set' in msg and 'config.data.dir is not set' in msg
   assert '--config.' in msg and not os.path.exists(tmp_path / 'never')
+
+
+def test_rl_from_a_finished_sft_run_gets_its_warmed_tower(smoke_run, tmp_path):
+  """``--config.sft.checkpoint=<run dir>`` (how the seed sweep starts every RL variant) on a miniature run, whose
+  frozen tower the warm-up trained: Con-GRPO starts from exactly that run's SFT policy -- its frozen base (the SFT
+  weights merged, warmed tower included) equals the one the run itself trained Con-GRPO on, bit for bit."""
+  ref_dir, cache, _ = smoke_run
+  workdir = str(tmp_path / 'rl')
+  launch_main(smoke_args(workdir, cache, [f'sft.checkpoint={ref_dir}', 'rl.max_steps=2', 'eval.enabled=False',
+                                          'export=False']))
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints', 'sft'))
+  want = dict(_flatten(_final_state(ref_dir, 'congrpo', 2)['frozen']))
+  got = dict(_flatten(_final_state(workdir, 'congrpo', 2)['frozen']))
+  assert want.keys() == got.keys() and any('visual' in k for k in want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -41,7 +41,7 @@ from medad_jax.rewards import start_scoring
 from medad_jax.rl import update as U
 from medad_jax.sampling import ops
 from medad_jax.sampling.sampler import sample, trace_counts
-from medad_jax.train import feed, pipeline as pl
+from medad_jax.train import feed, pipeline as pl, vision_warmup
 
 log = logging.getLogger(__name__)
 STAGE = 'congrpo'
@@ -85,11 +85,24 @@ def make_judge(run: pl.Run, graphdef, weights, *, adapters: bool = False):
   return _make(jcfg, local_scorer=scorer)
 
 
+def resuming(run: pl.Run) -> bool:
+  """Whether this run directory already holds a Con-GRPO checkpoint (the run resumes it)."""
+  d = os.path.join(run.workdir, 'checkpoints', STAGE)
+  if not os.path.isdir(d):
+    return False
+  ckpt = Checkpointer(d)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
 def checkpointer(run: pl.Run) -> Checkpointer:
   c = run.config.ckpt
   return Checkpointer(os.path.join(run.workdir, 'checkpoints', STAGE), keep=c.keep, every_steps=c.every_steps,
                       async_save=c.async_save,
-                      meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)})
+                      meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)},
+                      save_frozen=vision_warmup.enabled(run.config))
 
 
 def _rollout_logprobs_for_variants(batch: dict, roll, gcfg: U.GRPOConfig, graphdef, state, mesh) -> None:

@@ -58,7 +58,8 @@ def checkpointer(run: pl.Run) -> Checkpointer:
   c = run.config.ckpt
   return Checkpointer(os.path.join(run.workdir, 'checkpoints', STAGE), keep=c.keep, every_steps=c.every_steps,
                       async_save=c.async_save,
-                      meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)})
+                      meta_defaults={'config_fingerprint': rundir.fingerprint(run.config)},
+                      save_frozen=vision_warmup.enabled(run.config))
 
 
 def train(run: pl.Run) -> Result:

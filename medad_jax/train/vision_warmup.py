@@ -18,7 +18,14 @@ What it sees: every training image as the processor gives it to the policy (the 
 split (``answer_labels``). Nothing of the test split, no benchmark-specific rule: it reads any MedAD-format
 multiple-choice data. The head (:class:`TowerClassifier`): the tower's merged image tokens of one image,
 flattened, a dense layer (ReLU), one linear head per task; loss = sum over tasks of the mean cross-entropy.
-AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images. Off by default; on in the miniature;
+AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images. Then, with ``then_epochs`` > 0, a second
+phase: a fresh head reading the tokens by ``then_pool`` (the miniature: their *mean*) trains the same tower for
+``then_epochs`` passes. Why: the flat head knows each token's position by its weight index, so the tower learns to
+mark the lesion in the token that holds it but not to say *where* or *what* in the features themselves; the decoder,
+whose attention averages the tokens' features (RoPE moves the scores, not the values), reads those features. Under
+the mean head the tower has to carry the findings in what a uniform average of its tokens gives (from scratch it
+cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). Measured in WORKSPACE.md ("pixel
+ceilings", last part). Off by default; on in the miniature;
 never useful with a pretrained checkpoint (whose tower already sees). It runs on one device, unsharded: with
 several processes each trains its own copy on the same data, seed and order (deterministic on one kind of CPU).
 The heavy two-process launcher test (``tests/test_launch_multiprocess.py``, ``-m heavy``) now runs through it but
@@ -51,8 +58,8 @@ class TowerClassifier(nnx.Module):
   """``tower`` (a ``VisionTransformer``, shared, not copied) under a head: its ``tokens`` merged image tokens of
   one image read by ``pool`` -- ``'flat'`` (concatenated: one weight per token and feature), ``'mean'`` (their
   average: what a decoder attending uniformly receives) or ``'max'`` -- a dense layer (ReLU) and one linear head
-  per entry of ``num_classes``. The warm-up uses ``'flat'``: under the other two the tower does not learn where a
-  lesion is (WORKSPACE.md "pixel ceilings").
+  per entry of ``num_classes``. The warm-up's first phase uses ``'flat'``: from scratch, under the other two the
+  tower does not learn where a lesion is (WORKSPACE.md "pixel ceilings"); its second phase ``'mean'``.
 
   Called on ``pixel_values[B, L, P]`` (each image's processor patches) and the ``VisionMeta`` of ``B`` such
   images; returns a tuple of logits, one ``[B, n]`` array per head.
@@ -220,8 +227,9 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   pv_NLP = np.stack([patches[i] for i in ids])
   vcfg = model.visual.cfg
   tokens = int(np.prod(grid)) // vcfg.spatial_merge_size ** 2
-  clf = TowerClassifier(model.visual, tokens, [len(ls) for ls in labels], nnx.Rngs(run.config.seed), hidden=c.hidden,
-                        pool=c.get('pool', 'flat'))
+  phases = [(c.get('pool', 'flat'), c.epochs)]
+  if c.get('then_epochs', 0) > 0:
+    phases.append((c.then_pool, c.then_epochs))
   metas = {}
 
   def inputs(rows, pv=None):
@@ -234,16 +242,23 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
     parts = [tower_logits(clf, *inputs(np.arange(s, min(s + 256, len(pv))), pv)) for s in range(0, len(pv), 256)]
     return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(tasks))]
 
-  total = num_steps(c.epochs, len(y), c.batch_size)
+  total = sum(num_steps(e, len(y), c.batch_size) for _, e in phases)
   run.logger.total_steps[STAGE] = total
   every = max(run.config.log.every_steps, total // 100)   # thousands of small steps: about 100 lines
+  done = 0
+  for n, (pool, epochs) in enumerate(phases):
+    # each phase a fresh head over the same tower; the second reads the token average (``then_pool``), which the
+    # tower, having learnt under the flat head where a lesion is, now has to carry in every token's features
+    clf = TowerClassifier(model.visual, tokens, [len(ls) for ls in labels], nnx.Rngs(run.config.seed),
+                          hidden=c.hidden, pool=pool)
 
-  def on_step(step, loss):
-    if step % every == 0 or step == total:
-      run.logger.log(STAGE, step, {'loss': loss})
+    def on_step(step, loss, done=done):
+      if (done + step) % every == 0 or done + step == total:
+        run.logger.log(STAGE, done + step, {'loss': loss})
 
-  fit(clf, tower_step, inputs, y, epochs=c.epochs, batch_size=c.batch_size, lr=c.optim.lr,
-      weight_decay=c.optim.weight_decay, seed=run.config.seed, on_step=on_step)
+    fit(clf, tower_step, inputs, y, epochs=epochs, batch_size=c.batch_size, lr=c.optim.lr,
+        weight_decay=c.optim.weight_decay, seed=run.config.seed, on_step=on_step)
+    done += num_steps(epochs, len(y), c.batch_size)
   # Accuracy per task, each question answered as the probe does (the head is discarded afterwards).
   first_row: dict[str, int] = {}
   for n, i in enumerate(ids):
@@ -268,12 +283,18 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   return out
 
 
+def enabled(config) -> bool:
+  """Whether the run's base gets the warm-up -- then no config rebuilds that base, and the SFT and Con-GRPO
+  checkpoints carry their frozen base (``Checkpointer(save_frozen=True)``)."""
+  return config.get('vision_warmup') is not None and bool(config.vision_warmup.enabled)
+
+
 def base_model(run, *, warm: bool = True) -> nnx.Module:
   """The policy a run starts from: ``pipeline.build_model`` (a checkpoint, or random for the miniature), with its
   tower warmed up first when ``vision_warmup.enabled`` and ``warm`` (False: the weights are about to be replaced
   by a checkpoint's, so the stage would be wasted)."""
   from medad_jax.train import pipeline as pl
   model = pl.build_model(run.config, run.model_cfg, run.config.seed)
-  if warm and run.config.get('vision_warmup') is not None and run.config.vision_warmup.enabled:
+  if warm and enabled(run.config):
     warm_up(run, model)
   return model
