@@ -37,15 +37,15 @@ tokenizer of ~1.4k tokens learned from the synthetic training split, medad-synth
 tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what a CNN needs to read every task above its prior), 850
 train / 150 test images (4,250 / 750 questions), answers written as the option text (``data.answer_format='option'``:
 a model trained from scratch in minutes does not learn to look up an option's letter), a vision warm-up before SFT
-(``vision_warmup``: the random tower trained under a throw-away head on the training split's answers, 30 passes --
-the stand-in for a pretrained vision encoder), SFT of every weight but that tower (``sft.trainable='decoder'``) at
+(``vision_warmup``: the random tower trained under a throw-away head on the training split's answers, 30 passes
+over its tokens flattened, then 15 over their mean -- the stand-in for a pretrained vision encoder), SFT of every weight but that tower (``sft.trainable='decoder'``) at
 lr 1e-3 (cosine, 30 warmup steps, batch 8, 2 epochs = 1,062 steps), Con-GRPO with fresh rank-8 LoRA adapters at
 lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens, the ``local`` judge = the frozen SFT
 policy (RL adapters off) reading the question and the thought in its own format (``judge.prompt_format='policy'``),
 greedy evaluation of pi_SFT and of the final policy on the whole test split, next to the blind answer-prior
 baseline, and the final policy again on shuffled images (``eval.image_control``). Measured 2026-12-01 on a quiet
-2-core Xeon (AVX-512, AMX), seed 0: 607 s (setup 8 s, warm-up 53 s, SFT 355 s, Con-GRPO 75 s, evaluation of three
-rows 116 s); SFT 67.60 %, SFT + Con-GRPO 71.20 %, shuffled-image control 32.00 % (chance 25 %, answer prior 45.73 %;
+2-core Xeon (AVX-512, AMX), seed 0: 718 s (setup 4 s, warm-up 97 s, SFT 401 s, Con-GRPO 81 s, evaluation of three
+rows 136 s); SFT 78.27 %, SFT + Con-GRPO 78.13 %, shuffled-image control 23.60 % (chance 25 %, answer prior 45.73 %;
 WORKSPACE.md "The embedded default run" has the three-seed table and what the rows do not show yet).
 """
 
