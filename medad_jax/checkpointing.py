@@ -104,7 +104,8 @@ class Checkpointer:
 
   def save(self, step: int, state, *, data_state: Mapping | None = None, meta: Mapping | None = None,
            force: bool = False) -> bool:
-    """Saves ``state`` (frozen base excluded), the iterator state and metadata as checkpoint ``step``."""
+    """Saves ``state`` (frozen base excluded unless ``save_frozen``), the iterator state and metadata as checkpoint
+    ``step``."""
     meta = {**self.meta_defaults, **(meta or {})}
     meta.setdefault('frozen_fingerprint', frozen_fingerprint(state.frozen))
     if self.save_frozen:

@@ -208,3 +208,35 @@ def test_rl_from_a_finished_sft_run_gets_its_warmed_tower(smoke_run, tmp_path):
   assert want.keys() == got.keys() and any('visual' in k for k in want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_rl_only_resumes_without_repeating_the_warm_up(smoke_run, tmp_path, monkeypatch):
+  """RL-only (no SFT) of the miniature: its base is the random model with the warmed-up tower. A crash at Con-GRPO
+  step 3; the relaunch does not run the warm-up again (the checkpoint holds that base) and ends bit for bit where
+  an uninterrupted RL-only run ends."""
+  from medad_jax.metrics import MetricsLogger
+  from medad_jax.train import vision_warmup
+  _, cache, _ = smoke_run
+  ref, workdir = str(tmp_path / 'ref'), str(tmp_path / 'run')
+  extra = ['eval.enabled=False', 'export=False', 'vision_warmup.epochs=2', 'vision_warmup.then_epochs=1']
+  rl_only = lambda d: ['--config=congrpo:rl_only', *smoke_args(d, cache, extra)[1:]]  # noqa: E731
+  launch_main(rl_only(ref))
+  real_log, warmups = MetricsLogger.log, []
+
+  def log(self, st, step, metrics):
+    if st == 'congrpo' and step == 3:
+      raise Crash('simulated crash in congrpo at step 3')
+    return real_log(self, st, step, metrics)
+
+  monkeypatch.setattr(MetricsLogger, 'log', log)
+  with pytest.raises(Crash):
+    launch_main(rl_only(workdir))
+  monkeypatch.setattr(MetricsLogger, 'log', real_log)
+  real_warm = vision_warmup.warm_up
+  monkeypatch.setattr(vision_warmup, 'warm_up', lambda *a, **k: warmups.append(1) or real_warm(*a, **k))
+  launch_main(rl_only(workdir))
+  assert warmups == []
+  want, got = dict(_flatten(_final_state(ref, 'congrpo', 4))), dict(_flatten(_final_state(workdir, 'congrpo', 4)))
+  assert want.keys() == got.keys() and any('/frozen/' in k and 'visual' in k for k in want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
