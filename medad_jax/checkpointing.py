@@ -33,6 +33,8 @@ does not do.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import signal
@@ -74,6 +76,30 @@ def _short(e: BaseException, limit: int = 300) -> str:
   text = ' '.join(str(e).split())
   text = text if len(text) <= limit else text[:limit - 3] + '...'
   return f'{type(e).__name__}: {text}'
+
+
+class _SiblingReadErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" dumps of a failed restore's sibling reads.
+
+  When one array of a damaged step fails, orbax abandons the other reads of that step; each failed one is later
+  reported by asyncio as a ~3,000-character TensorStore spec. The failure is already logged in one line by
+  :meth:`Checkpointer.restore_latest`, so these copies are dropped (only while a restore that failed is
+  cleaned up, and only that asyncio message).
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Task exception was never retrieved')
+
+
+@contextlib.contextmanager
+def _quiet_sibling_reads():
+  logger, quiet = logging.getLogger('asyncio'), _SiblingReadErrors()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    gc.collect()  # the abandoned tasks are reported when collected: collect them here, under the filter
+    logger.removeFilter(quiet)
 
 
 class Checkpointer:
@@ -195,7 +221,8 @@ class Checkpointer:
     failures: list[tuple[int, BaseException]] = []
     for step in sorted(self._mngr.all_steps(), reverse=True):
       try:
-        out = self.restore(step, state, **kw)
+        with _quiet_sibling_reads():
+          out = self.restore(step, state, **kw)
       except FrozenBaseMismatch:
         raise
       except Exception as e:  # noqa: BLE001 -- orbax / TensorStore raise many types for damaged files
