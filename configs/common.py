@@ -252,6 +252,9 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'logits_chunk': 1024,       # target tokens whose LM-head logits exist at once (rl/update.py)
       'aggregation': 'token_mean',
       'focal_gamma': 0.0,         # > 0: each target token's NLL weighed by (1 - p)^gamma (rl/update.py SFTConfig)
+      'group_by_length': 0,       # k > 0: every k batches' examples regrouped by length (less padding; the
+                                  # examples of an epoch are the same; distributed.length_grouped)
+      'length_buckets': '',       # padded sequence lengths, e.g. '128,160,192,256' ('': pipeline.SFT_LENGTH_BUCKETS)
       'optim': optim_config(lr),
   })
 
@@ -425,6 +428,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, 'sft.batch_size', integer=True)
     if config.sft.batch_size % config.sft.num_microbatches:
       _fail('sft.num_microbatches', config.sft.num_microbatches, f'a divisor of sft.batch_size={config.sft.batch_size}')
+    _positive(config, 'sft.group_by_length', allow_zero=True, integer=True)
+    text = config.sft.length_buckets or ''
+    try:
+      buckets = [int(x) for x in text.split(',') if x.strip()]
+    except ValueError:
+      buckets = None
+    if buckets is None or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+      _fail('sft.length_buckets', text, "comma-separated positive token counts in ascending order, e.g. "
+            "'128,160,192,256' (or '' for the default buckets)")
   if 'rl' in config:
     _choice(config, 'rl.ratio_to', RATIO_TO)
     _choice(config, 'rl.aggregation', AGGREGATIONS)

@@ -571,9 +571,39 @@ class Slot:
   pad: bool
 
 
+def length_grouped(order, lengths, *, global_batch: int, group: int, seed: int):
+  """``order`` (a grain ``MapDataset`` of record indices, already shuffled) regrouped by length, as
+  Hugging Face's ``LengthGroupedSampler`` does: each run of ``group`` global batches' indices is sorted by
+  ``lengths[index]`` (stably), cut into its ``group`` batches, and those batches are put in a seeded random order
+  (so the steps do not climb from short to long within a run). A batch then holds examples of similar length and
+  is padded to a smaller bucket. A pure function of the position: the iterator state stays "global batches read",
+  and the order does not depend on the process count. A last, shorter run (finite ``order``) is sorted as a whole.
+
+  Hand-written (grain has no length grouping): ~20 lines of index arithmetic over grain's own ``MapDataset``.
+  """
+  import functools
+
+  import grain
+  lengths = np.asarray(lengths)
+  run = group * global_batch
+  total = len(order)
+
+  @functools.lru_cache(maxsize=8)   # grain's read threads ask for positions of the same run
+  def run_order(r: int) -> np.ndarray:
+    lo = r * run
+    idx = np.asarray([order[p] for p in range(lo, min(lo + run, total))], np.int64)
+    idx = idx[np.argsort(lengths[idx], kind='stable')]
+    full = len(idx) // global_batch
+    perm = np.random.default_rng([seed, r]).permutation(full)
+    head = idx[:full * global_batch].reshape(full, global_batch)[perm].reshape(-1)
+    return np.concatenate([head, idx[full * global_batch:]])
+
+  return grain.MapDataset.range(total).map(lambda p: int(run_order(p // run)[p % run]))
+
+
 def process_dataset(source, *, name: str, global_batch: int, shard_index: int, shard_count: int, preprocess,
                     seed: int = 0, shuffle: bool = True, num_epochs: int | None = 1, pad_last: bool = False,
-                    read_threads: int = 4):
+                    read_threads: int = 4, lengths=None, group_by_length: int = 0):
   """This process's slice of every *global* batch of ``source``, as a grain ``IterDataset`` of lists.
 
   The global order does not depend on the process count: the records are shuffled (``seed``) and repeated
@@ -586,6 +616,9 @@ def process_dataset(source, *, name: str, global_batch: int, shard_index: int, s
   elements carry ``'pad': True`` (every other element ``'pad': False``), so every process runs the same number of
   batches. The iterator's state (``get_state`` / ``set_state``) is the number of global batches read, the same
   on every process.
+
+  ``group_by_length`` > 0 (with ``lengths``, tokens per record of ``source``): every ``group_by_length`` global
+  batches of the shuffled order hold the same examples, regrouped by length (:func:`length_grouped`).
   """
   import grain
   if global_batch % shard_count:
@@ -600,6 +633,11 @@ def process_dataset(source, *, name: str, global_batch: int, shard_index: int, s
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  if group_by_length:
+    if lengths is None or len(lengths) != n:
+      raise ValueError(f'{name}: grouping by length needs one length per record ({n}), got '
+                       f'{None if lengths is None else len(lengths)}')
+    ds = length_grouped(ds, lengths, global_batch=global_batch, group=group_by_length, seed=seed)
   total = len(ds) if num_epochs is not None else None
   if pad_last and total is not None and total % global_batch:
     padded = -(-total // global_batch) * global_batch

@@ -80,9 +80,11 @@ def record_lengths(records: Sequence[MedADRecord], processor, answer_format: str
 
 
 def enforce(source: Sequence[MedADRecord], processor, *, max_prompt_len: int, max_target_len: int,
-            policy: str = 'strict', answer_format: str = 'letter', split: str = '') -> tuple[Sequence, list[Skipped]]:
+            policy: str = 'strict', answer_format: str = 'letter', split: str = '',
+            lengths_out: list[int] | None = None) -> tuple[Sequence, list[Skipped]]:
   """``source`` without the records over a limit, and one ``Skipped`` per dropped record (``policy='skip'``);
-  under ``'strict'`` the first such record raises ``RecordError``."""
+  under ``'strict'`` the first such record raises ``RecordError``. ``lengths_out``: gets each kept record's
+  prompt + target tokens, in the order of the returned sequence (what ``sft.group_by_length`` sorts by)."""
   if policy not in POLICIES:
     raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}')
   it = source.iter_records() if hasattr(source, 'iter_records') else (source[i] for i in range(len(source)))
@@ -99,6 +101,8 @@ def enforce(source: Sequence[MedADRecord], processor, *, max_prompt_len: int, ma
                           'tokens (never truncated: a cut target loses </answer>)', f'{t} tokens')
       if err is None:
         keep.append(base + k)
+        if lengths_out is not None:
+          lengths_out.append(p + t)
         continue
       err = err.at(f'{split} record {r.id!r}'.strip())
       if policy == 'strict':
@@ -125,15 +129,18 @@ def data_report(load_report: dict[str, Any] | None, length_skips: Sequence[Skipp
 
 def apply_limits(data_config, data, processor) -> dict[str, Any]:
   """The length limits of ``data_config`` (``config.data``) on a built dataset's ``train`` / ``test`` splits ->
-  ``{'train': ..., 'test': ..., 'report': data_report(...)}`` for the trainer's ``Data``."""
+  ``{'train': ..., 'test': ..., 'report': data_report(...), 'lengths': {split: tokens per kept record}}`` for the
+  trainer's ``Data``."""
   import tensorflow_datasets as tfds
   meta = tfds.builder_from_directory(data.builder_dir).info.metadata or {}
   policy = data_config.get('policy', 'strict')
-  out, skipped = {}, []
+  out, skipped, lengths = {}, [], {}
   for split in ('train', 'test'):
+    lengths[split] = []
     out[split], sk = enforce(getattr(data, split), processor, max_prompt_len=data_config.max_prompt_len,
                              max_target_len=data_config.max_target_len, policy=policy,
-                             answer_format=data_config.answer_format, split=split)
+                             answer_format=data_config.answer_format, split=split, lengths_out=lengths[split])
     skipped += sk
   out['report'] = data_report(meta.get('load_report'), skipped, {s: len(out[s]) for s in ('train', 'test')})
+  out['lengths'] = lengths
   return out

@@ -33,12 +33,20 @@ def shard(run: pl.Run) -> tuple[int, int]:
 
 
 def dataset(run: pl.Run, source, *, name: str, global_batch: int, preprocess, seed: int, shuffle: bool = True,
-            num_epochs: int | None = None, pad_last: bool = False):
+            num_epochs: int | None = None, pad_last: bool = False, lengths=None, group_by_length: int = 0):
   """This process's slice of every global batch of ``source`` (``distributed.process_dataset``)."""
   i, n = shard(run)
   return distributed.process_dataset(source, name=name, global_batch=global_batch, shard_index=i, shard_count=n,
                                      preprocess=preprocess, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-                                     pad_last=pad_last, read_threads=run.config.data.read_threads)
+                                     pad_last=pad_last, read_threads=run.config.data.read_threads,
+                                     lengths=lengths, group_by_length=group_by_length)
+
+
+def length_buckets(config) -> tuple[int, ...]:
+  """The SFT sequence-length buckets: ``config.sft.length_buckets`` (comma-separated, ascending) or the pipeline's
+  default :data:`pipeline.SFT_LENGTH_BUCKETS`."""
+  text = (config.sft.get('length_buckets') or '') if 'sft' in config else ''
+  return tuple(int(x) for x in text.split(',') if x.strip()) or pl.SFT_LENGTH_BUCKETS
 
 
 # ----------------------------------------------------------------------------------------------------- SFT
@@ -51,14 +59,15 @@ def sft_batch(run: pl.Run, examples: list[dict]) -> dict:
   decodes only its own images."""
   cfg = run.model_cfg
   buckets = run.patch_buckets
+  lengths = length_buckets(run.config)
   if distributed.process_count() == 1:
-    return pl.sft_batch(examples, cfg, patch_buckets=buckets)
+    return pl.sft_batch(examples, cfg, buckets=lengths, patch_buckets=buckets)
   from medad_jax.sampling.prompts import pick_bucket
   need = distributed.agree_max({
       'tokens': max(len(ex['input_ids']) for ex in examples),
       'targets': max(1, max(int(np.asarray(ex['loss_mask'])[1:].astype(bool).sum()) for ex in examples)),
       'patches': max(int(np.asarray(ex['image_grid_thw']).reshape(-1, 3).prod(-1).max()) for ex in examples)})
-  T = pick_bucket(need['tokens'], pl.SFT_LENGTH_BUCKETS, 'SFT example length (tokens)')
+  T = pick_bucket(need['tokens'], lengths, 'SFT example length (tokens)')
   M = pick_bucket(need['targets'], pl.TARGET_LENGTH_BUCKETS, 'target tokens of one example')
   L = pick_bucket(need['patches'], buckets, 'image patches per image')
   local = pl.sft_batch(examples, cfg, buckets=(T,), patch_buckets=(L,))

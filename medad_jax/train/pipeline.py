@@ -81,6 +81,7 @@ class Data:
   train: Sequence[MedADRecord]
   test: Sequence[MedADRecord]
   report: dict = dataclasses.field(default_factory=dict)  # used / skipped-by-reason counts (data/lengths.py)
+  lengths: dict = dataclasses.field(default_factory=dict)  # split -> prompt + target tokens per record (same order)
 
 
 def build_data(config) -> Data:

@@ -75,7 +75,8 @@ def train(run: pl.Run) -> Result:
   # ---------------------------------------------------------------------------------------------- data
   # This process's rows of every global batch (the same batches for any process count; medad_jax/train/feed.py).
   ds = feed.dataset(run, run.data.train, name=STAGE, global_batch=config.sft.batch_size, seed=config.seed,
-                    preprocess=pl.sft_preprocess(run.processor, config.data.answer_format))
+                    preprocess=pl.sft_preprocess(run.processor, config.data.answer_format),
+                    lengths=run.data.lengths.get('train'), group_by_length=config.sft.get('group_by_length', 0))
   it = iter(ds)
 
   # ------------------------------------------------------------------------------------ checkpoint restore
