@@ -83,8 +83,8 @@ class _SiblingReadErrors(logging.Filter):
 
   When one array of a damaged step fails, orbax abandons the other reads of that step; each failed one is later
   reported by asyncio as a ~3,000-character TensorStore spec. The failure is already logged in one line by
-  :meth:`Checkpointer.restore_latest`, so these copies are dropped (only while a restore that failed is
-  cleaned up, and only that asyncio message).
+  :meth:`Checkpointer.restore_latest`, so these copies are dropped: only that asyncio message, and only while
+  ``restore_latest`` tries a step (every try, failed or not, ends with a ``gc.collect()`` under the filter).
   """
 
   def filter(self, record: logging.LogRecord) -> bool:
