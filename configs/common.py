@@ -234,6 +234,8 @@ def vision_warmup_config(*, epochs: int = 30, batch_size: int = 8, lr: float = 1
       'pool': 'flat',             # how the head reads the merged tokens: 'flat' (one weight each), 'mean' or 'max'
       'then_epochs': 0,           # > 0: then this many passes under a fresh head reading by ``then_pool``
       'then_pool': 'mean',        # (the average a decoder attending uniformly receives; WORKSPACE.md)
+      'then_position': False,     # True: in that phase each merged token also learns its own row and column
+                                  # (two linear heads shared by all tokens): the position pretext
       'optim': ml_collections.ConfigDict({'lr': lr, 'weight_decay': 1e-4}),
   })
 
@@ -495,6 +497,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'vision_warmup.pool', ('flat', 'mean', 'max'))  # = train.vision_warmup.POOLS
     _choice(config, 'vision_warmup.then_pool', ('flat', 'mean', 'max'))
     _positive(config, 'vision_warmup.then_epochs', integer=True, allow_zero=True)
+    if not isinstance(config.vision_warmup.get('then_position', False), bool):
+      _fail('vision_warmup.then_position', config.vision_warmup.then_position, 'True or False')
     for k in ('epochs', 'batch_size', 'hidden'):
       _positive(config, f'vision_warmup.{k}', integer=True)
     _positive(config, 'vision_warmup.optim.lr')

@@ -61,28 +61,63 @@ class TowerClassifier(nnx.Module):
   per entry of ``num_classes``. The warm-up's first phase uses ``'flat'``: from scratch, under the other two the
   tower does not learn where a lesion is (WORKSPACE.md "pixel ceilings"); its second phase ``'mean'``.
 
+  With ``position=(rows, cols)`` (the merged token grid, tokens in raster order as the tower returns them) two more
+  linear heads, shared by all tokens, read each token's own row and column from its features alone
+  (:meth:`position_loss`): the position pretext of the warm-up's second phase.
+
   Called on ``pixel_values[B, L, P]`` (each image's processor patches) and the ``VisionMeta`` of ``B`` such
   images; returns a tuple of logits, one ``[B, n]`` array per head.
   """
 
   def __init__(self, tower: nnx.Module, tokens: int, num_classes: Sequence[int], rngs: nnx.Rngs, *,
-               hidden: int = 64, pool: str = 'flat'):
+               hidden: int = 64, pool: str = 'flat', position: tuple[int, int] | None = None):
     if pool not in POOLS:
       raise ValueError(f'pool={pool!r}: expected one of {POOLS}')
-    self.tower, self.pool = tower, pool
+    if position is not None and position[0] * position[1] != tokens:
+      raise ValueError(f'position grid {position} does not hold the {tokens} merged tokens of an image')
+    self.tower, self.pool, self.position = tower, pool, position
     width = tower.cfg.out_hidden_size * (tokens if pool == 'flat' else 1)
     self.fc = Linear(width, hidden, use_bias=True, rngs=rngs, init_std=0.02)
     self.heads = nnx.List([Linear(hidden, n, use_bias=True, rngs=rngs) for n in num_classes])
+    if position is not None:
+      self.row_head = Linear(tower.cfg.out_hidden_size, position[0], use_bias=True, rngs=rngs)
+      self.col_head = Linear(tower.cfg.out_hidden_size, position[1], use_bias=True, rngs=rngs)
 
-  def __call__(self, pv_BLP, meta):
+  def features(self, pv_BLP, meta):
+    """The tower's merged tokens, ``[B, T, D]``."""
     B, L, P = pv_BLP.shape
-    feats = self.tower(pv_BLP.reshape(B * L, P), meta).reshape(B, -1, self.tower.cfg.out_hidden_size)
+    return self.tower(pv_BLP.reshape(B * L, P), meta).reshape(B, -1, self.tower.cfg.out_hidden_size)
+
+  def read(self, feats_BTD):
+    B = feats_BTD.shape[0]
     if self.pool == 'flat':
-      x = feats.reshape(B, -1)
+      x = feats_BTD.reshape(B, -1)
     else:
-      x = feats.mean(1) if self.pool == 'mean' else feats.max(1)
+      x = feats_BTD.mean(1) if self.pool == 'mean' else feats_BTD.max(1)
     h = jax.nn.relu(self.fc(x))
     return tuple(head(h) for head in self.heads)
+
+  def position_logits(self, feats_BTD):
+    """Each token's row and column logits, ``[B, T, rows]`` and ``[B, T, cols]``."""
+    return self.row_head(feats_BTD), self.col_head(feats_BTD)
+
+  def position_loss(self, feats_BTD):
+    """Mean cross-entropy of each token's row plus that of its column (:func:`token_positions`)."""
+    rows, cols = token_positions(*self.position)
+    lr, lc = self.position_logits(feats_BTD)
+    B = feats_BTD.shape[0]
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return (ce(lr, jnp.broadcast_to(rows, (B, rows.size))).mean()
+            + ce(lc, jnp.broadcast_to(cols, (B, cols.size))).mean())
+
+  def __call__(self, pv_BLP, meta):
+    return self.read(self.features(pv_BLP, meta))
+
+
+def token_positions(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column of each of the ``rows x cols`` merged tokens, in the raster order the tower returns them."""
+  t = np.arange(rows * cols)
+  return (t // cols).astype(np.int32), (t % cols).astype(np.int32)
 
 
 def multi_head_loss(logits: Sequence[jax.Array], y_BK: jax.Array) -> jax.Array:
@@ -97,7 +132,11 @@ def multi_head_loss(logits: Sequence[jax.Array], y_BK: jax.Array) -> jax.Array:
 
 
 def _loss(clf, pv, meta, y):
-  return multi_head_loss(clf(pv, meta), y)
+  feats = clf.features(pv, meta)
+  loss = multi_head_loss(clf.read(feats), y)
+  if clf.position is not None:
+    loss += clf.position_loss(feats)
+  return loss
 
 
 @nnx.jit
@@ -110,6 +149,11 @@ def tower_step(clf, opt, pv, meta, y):
 @nnx.jit
 def tower_logits(clf, pv, meta):
   return clf(pv, meta)
+
+
+@nnx.jit
+def tower_position_logits(clf, pv, meta):
+  return clf.position_logits(clf.features(pv, meta))
 
 
 # --------------------------------------------------------------------------------------------------- labels
@@ -227,9 +271,14 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   pv_NLP = np.stack([patches[i] for i in ids])
   vcfg = model.visual.cfg
   tokens = int(np.prod(grid)) // vcfg.spatial_merge_size ** 2
-  phases = [(c.get('pool', 'flat'), c.epochs)]
+  m = vcfg.spatial_merge_size
+  merged = (int(grid[1]) // m, int(grid[2]) // m) if int(grid[0]) == 1 else None   # one frame: the token grid
+  phases = [(c.get('pool', 'flat'), c.epochs, False)]
   if c.get('then_epochs', 0) > 0:
-    phases.append((c.then_pool, c.then_epochs))
+    phases.append((c.then_pool, c.then_epochs, bool(c.get('then_position', False))))
+  if any(p for _, _, p in phases) and merged is None:
+    raise ValueError(f'vision_warmup.then_position: the images have {grid[0]} temporal patches; the position '
+                     'pretext reads a single frame\'s token grid')
   metas = {}
 
   def inputs(rows, pv=None):
@@ -242,15 +291,16 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
     parts = [tower_logits(clf, *inputs(np.arange(s, min(s + 256, len(pv))), pv)) for s in range(0, len(pv), 256)]
     return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(tasks))]
 
-  total = sum(num_steps(e, len(y), c.batch_size) for _, e in phases)
+  total = sum(num_steps(e, len(y), c.batch_size) for _, e, _ in phases)
   run.logger.total_steps[STAGE] = total
   every = max(run.config.log.every_steps, total // 100)   # thousands of small steps: about 100 lines
   done = 0
-  for n, (pool, epochs) in enumerate(phases):
+  for n, (pool, epochs, position) in enumerate(phases):
     # each phase a fresh head over the same tower; the second reads the token average (``then_pool``), which the
-    # tower, having learnt under the flat head where a lesion is, now has to carry in every token's features
+    # tower, having learnt under the flat head where a lesion is, now has to carry in every token's features --
+    # with ``then_position`` together with each token's own place in the grid (the position pretext)
     clf = TowerClassifier(model.visual, tokens, [len(ls) for ls in labels], nnx.Rngs(run.config.seed),
-                          hidden=c.hidden, pool=pool)
+                          hidden=c.hidden, pool=pool, position=merged if position else None)
 
     def on_step(step, loss, done=done):
       if (done + step) % every == 0 or done + step == total:
@@ -267,6 +317,12 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   rows = np.array(list(first_row.values()))
   out = {f'train_acc/{t}': float(v.mean()) for t, v in
          answer_correct(all_logits(pv_NLP[rows]), pos, index, tasks, train).items() if len(v)}
+  if clf.position is not None:   # the pretext: each token's row and column read from its features alone
+    rr, cc = token_positions(*clf.position)
+    parts = [tower_position_logits(clf, *inputs(rows[s:s + 256])) for s in range(0, len(rows), 256)]
+    for k, (name, want) in enumerate((('token_row', rr), ('token_col', cc))):
+      got = np.concatenate([np.asarray(p[k]).argmax(-1) for p in parts])
+      out[f'train_acc/{name}'] = float((got == want).mean())
   if held_out is not None:
     held = [r for r in held_out if r.task in tasks]
     hp, hgrid = _patches(run, held)
