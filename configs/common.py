@@ -497,8 +497,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, 'vision_warmup.pool', ('flat', 'mean', 'max'))  # = train.vision_warmup.POOLS
     _choice(config, 'vision_warmup.then_pool', ('flat', 'mean', 'max'))
     _positive(config, 'vision_warmup.then_epochs', integer=True, allow_zero=True)
-    if not isinstance(config.vision_warmup.get('then_position', False), bool):
-      _fail('vision_warmup.then_position', config.vision_warmup.then_position, 'True or False')
     for k in ('epochs', 'batch_size', 'hidden'):
       _positive(config, f'vision_warmup.{k}', integer=True)
     _positive(config, 'vision_warmup.optim.lr')
