@@ -75,7 +75,6 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
     config.vision_warmup.enabled = True  # the random tower learns to see first (no pretrained encoder here)
     config.vision_warmup.then_epochs = 15  # then 15 passes under a mean-pool head: the findings in the features
                                            # a decoder's attention averages (WORKSPACE.md "pixel ceilings")
-    config.vision_warmup.then_position = True  # ...and each token its own place: where a lesion is, in its features
   if 'sft' in config:
     config.sft.trainable = 'decoder'     # every weight but the warmed-up tower (SFT through a decoder that does
                                          # not yet read the lesion would overwrite it; WORKSPACE.md)

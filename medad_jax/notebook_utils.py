@@ -379,6 +379,44 @@ def sweep_outputs(sweep_dir: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- policies
 
 
+def answer_confusion(records: Sequence, rows: Sequence[Mapping], task: str) -> tuple[list[str], np.ndarray]:
+  """How a policy's answers to one task's questions fall against the right ones, by option *text*: ``records`` the
+  test records, ``rows`` an evaluation dump (``eval/completions/<policy>-seed<k>.jsonl``: ``id``, ``answer``,
+  ``predicted`` letters). Returns the texts (sorted; ``'(none)'`` where no answer was parsed, which includes an
+answer naming a text that is not among that question's options) and
+  ``counts[right, said]``. A policy that uses only a few of a task's answers shows as empty columns (WORKSPACE.md
+  "pixel ceilings": the lesion regions)."""
+  by_id = {r.id: r for r in records}
+  pairs = []
+  for row in rows:
+    if row.get('task') != task:
+      continue
+    if row['id'] not in by_id:
+      raise KeyError(f'completion {row["id"]!r} is not among the {len(by_id)} records given (another split or run?)')
+    rec = by_id[row['id']]
+
+    def text(letter):
+      k = ord(letter) - ord('A') if isinstance(letter, str) and len(letter) == 1 else -1
+      return rec.options[k] if 0 <= k < len(rec.options) else '(none)'
+    pairs.append((text(row['answer']), text(row.get('predicted'))))
+  labels = sorted({t for p in pairs for t in p})
+  index = {t: i for i, t in enumerate(labels)}
+  counts = np.zeros((len(labels), len(labels)), np.int64)
+  for right, said in pairs:
+    counts[index[right], index[said]] += 1
+  return labels, counts
+
+
+def run_answer_confusion(run_dir: str, task: str, policy: str = 'sft_con-grpo', seed: int = 0):
+  """:func:`answer_confusion` of a finished run directory's dump ``eval/completions/<policy>-seed<seed>.jsonl``
+  against its own test split (rebuilt from its config, as :func:`run_context`)."""
+  from medad_jax.metrics import read_jsonl
+  run = run_context(run_dir)
+  records = [run.data.test[i] for i in range(len(run.data.test))]
+  return answer_confusion(records, read_jsonl(os.path.join(run_dir, 'eval', 'completions',
+                                                           f'{policy}-seed{seed}.jsonl')), task)
+
+
 def run_context(run_dir: str):
   """A ``train.pipeline.Run`` for a finished run directory, built without writing into it (no config copy, no
   metrics logger): its config, data, tokenizer, model config and processor, on one device."""

@@ -187,6 +187,31 @@ def test_image_control_rows_compare_the_shuffled_row_with_the_prior(tmp_path):
                                                       weights=(1, 1, 1), policies={'SFT': [0.5]}))])[1] == []
 
 
+def test_answer_confusion_by_hand():
+  """Rows: the right answer's text, columns: what was said (by option text, whatever its letter in each question);
+  other tasks' rows are ignored, an unparsed answer is '(none)', a completion of an unknown record is refused."""
+  from medad_jax.data.schema import MedADRecord
+
+  def rec(i, options, answer):
+    return MedADRecord(id=i, image_id=i, image=b'', modality='CT', anatomy='Chest', task='lesion_localization',
+                       question='q?', options=tuple(options), answer=answer, source='test', split='test')
+  records = [rec('a', ('Left Upper', 'No lesion'), 'A'), rec('b', ('No lesion', 'Left Upper'), 'B'),
+             rec('c', ('Center Region', 'Left Upper'), 'A')]
+  rows = [{'id': 'a', 'task': 'lesion_localization', 'answer': 'A', 'predicted': 'A'},     # right
+          {'id': 'b', 'task': 'lesion_localization', 'answer': 'B', 'predicted': 'A'},     # said No lesion
+          {'id': 'c', 'task': 'lesion_localization', 'answer': 'A', 'predicted': 'B'},     # centre said Left Upper
+          {'id': 'c', 'task': 'lesion_localization', 'answer': 'A', 'predicted': None},    # no answer
+          {'id': 'x', 'task': 'anomaly_detection', 'answer': 'A', 'predicted': 'A'}]       # another task
+  labels, counts = nu.answer_confusion(records, rows, 'lesion_localization')
+  assert labels == ['(none)', 'Center Region', 'Left Upper', 'No lesion']
+  np.testing.assert_array_equal(counts, [[0, 0, 0, 0],
+                                         [1, 0, 1, 0],
+                                         [0, 0, 1, 1],
+                                         [0, 0, 0, 0]])
+  with pytest.raises(KeyError, match="'z' is not among the 3 records"):
+    nu.answer_confusion(records, [{'id': 'z', 'task': 'lesion_localization', 'answer': 'A'}], 'lesion_localization')
+
+
 def test_load_run_errors_name_the_file(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'nothing: no config.json'):
     nu.load_run(str(tmp_path / 'nothing'))

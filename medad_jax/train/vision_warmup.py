@@ -24,8 +24,9 @@ phase: a fresh head reading the tokens by ``then_pool`` (the miniature: their *m
 mark the lesion in the token that holds it but not to say *where* or *what* in the features themselves; the decoder,
 whose attention averages the tokens' features (RoPE moves the scores, not the values), reads those features. Under
 the mean head the tower has to carry the findings in what a uniform average of its tokens gives (from scratch it
-cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (on in the
-miniature) the second phase adds a position pretext: two linear heads shared by all tokens read each merged token's
+cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (off by
+default: over three seeds it moved the miniature's table by less than the seeds' spread) the second phase adds a
+position pretext: two linear heads shared by all tokens read each merged token's
 own row and column from its features alone (cross-entropy, added to the task loss). Why: the decoder cannot tell
 the image tokens' places apart by their positions -- at the miniature's width M-RoPE turns the height and width
 sections by at most ~0.03 rad per token (``rope_theta`` 1e6, head dimension 64), nothing across a 3 x 3 grid -- so
