@@ -382,10 +382,9 @@ def sweep_outputs(sweep_dir: str) -> dict[str, str]:
 def answer_confusion(records: Sequence, rows: Sequence[Mapping], task: str) -> tuple[list[str], np.ndarray]:
   """How a policy's answers to one task's questions fall against the right ones, by option *text*: ``records`` the
   test records, ``rows`` an evaluation dump (``eval/completions/<policy>-seed<k>.jsonl``: ``id``, ``answer``,
-  ``predicted`` letters). Returns the texts (sorted; ``'(none)'`` where no answer was parsed, which includes an
-answer naming a text that is not among that question's options) and
-  ``counts[right, said]``. A policy that uses only a few of a task's answers shows as empty columns (WORKSPACE.md
-  "pixel ceilings": the lesion regions)."""
+  ``predicted`` letters). Returns the texts (sorted; ``'(none)'`` where no answer was parsed, which includes
+  an answer naming a text that is not among that question's options) and ``counts[right, said]``. A policy that
+  uses only a few of a task's answers shows as empty columns (WORKSPACE.md "pixel ceilings": the lesion regions)."""
   by_id = {r.id: r for r in records}
   pairs = []
   for row in rows:

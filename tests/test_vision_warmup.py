@@ -50,8 +50,8 @@ def test_token_positions_by_hand():
 
 def test_position_loss_by_hand():
   """With zero position heads every token's row and column are uniform over the grid: the loss is ln(rows) +
-  ln(cols); a row head whose bias names each token's own row cuts the row term to ~0; a grid that does not hold
-  the tokens is refused."""
+  ln(cols); features that carry each token's row, read by a row head that weighs them, cut the row term to ~0;
+  a grid that does not hold the tokens is refused."""
   import jax.numpy as jnp
   from medad_jax.model.config import Qwen25VLConfig
   from medad_jax.model.vision import VisionTransformer

@@ -24,15 +24,15 @@ phase: a fresh head reading the tokens by ``then_pool`` (the miniature: their *m
 mark the lesion in the token that holds it but not to say *where* or *what* in the features themselves; the decoder,
 whose attention averages the tokens' features (RoPE moves the scores, not the values), reads those features. Under
 the mean head the tower has to carry the findings in what a uniform average of its tokens gives (from scratch it
-cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (off by
-default: over three seeds it moved the miniature's table by less than the seeds' spread) the second phase adds a
-position pretext: two linear heads shared by all tokens read each merged token's
-own row and column from its features alone (cross-entropy, added to the task loss). Why: the decoder cannot tell
-the image tokens' places apart by their positions -- at the miniature's width M-RoPE turns the height and width
-sections by at most ~0.03 rad per token (``rope_theta`` 1e6, head dimension 64), nothing across a 3 x 3 grid -- so
+cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (off, also
+in the miniature: over three seeds it moved the table by less than the seeds' spread) the second phase adds a
+position pretext: two linear heads shared by all tokens read each merged token's own row and column from its
+features alone (cross-entropy, added to the task loss). Why: the decoder cannot tell the image tokens' places apart
+by their positions -- at the miniature's width M-RoPE turns the height section by at most 0.032 rad per token and
+the width section by at most 1.8e-4 (``rope_theta`` 1e6, head dimension 64), nothing across a 3 x 3 grid -- so
 *where* a lesion is must be written in the lesion token's features, and a token that knows its own place can write
 it; the tower itself has 2D RoPE, i.e. relative positions only. Measured in WORKSPACE.md ("pixel ceilings", last
-parts). Off by default; on in the miniature;
+parts). The warm-up itself is off by default and on in the miniature;
 never useful with a pretrained checkpoint (whose tower already sees). It runs on one device, unsharded: with
 several processes each trains its own copy on the same data, seed and order (deterministic on one kind of CPU).
 The heavy two-process launcher test (``tests/test_launch_multiprocess.py``, ``-m heavy``) now runs through it but
@@ -277,8 +277,8 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   patches, grid = _patches(run, train)
   pv_NLP = np.stack([patches[i] for i in ids])
   vcfg = model.visual.cfg
-  tokens = int(np.prod(grid)) // vcfg.spatial_merge_size ** 2
   m = vcfg.spatial_merge_size
+  tokens = int(np.prod(grid)) // m ** 2
   merged = (int(grid[1]) // m, int(grid[2]) // m) if int(grid[0]) == 1 else None   # one frame: the token grid
   phases = [(c.get('pool', 'flat'), c.epochs, False)]
   if c.get('then_epochs', 0) > 0:
