@@ -83,6 +83,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
     config.sft.optim.lr = 1e-3
     config.sft.optim.schedule = 'cosine'
     config.sft.optim.warmup_steps = 30
+    config.sft.length_buckets = '128,144,160,176,192,256'  # the examples are 96-164 tokens: padded to the next 16
+                                         # instead of 128 / 192 (the same batches; SFT 1.18x faster, WORKSPACE.md)
   if 'lora' in config:
     config.lora.rank = 8
     config.lora.alpha = 16.0

@@ -29,10 +29,17 @@ Answer formats (``answer_format``, the policy's ``data.answer_format``; ``'polic
   the score of letter k is log p(letter k as the next token).
 ``'option'``
   the policy was taught to answer with the option *text* (``<answer>Chest</answer>``), so the score of letter k is
-  the log-prob of the whole continuation ``{option k's text}</answer>`` after ``<answer>`` (summed over its tokens;
-  one teacher-forced forward over the N x K rows). The option texts are read from the question's ``A. …`` lines.
+  the log-prob of the whole continuation ``{option k's text}</answer>`` after ``<answer>`` (summed over its tokens).
+  The option texts are read from the question's ``A. …`` lines. The K continuations of a prompt share its context
+  (question + thought, ~100-150 tokens; a continuation is ~5), so the context runs once per prompt and its keys /
+  values are the shared ``prefix`` of the K continuation rows (``model/text.py``, the sampler's and the update's
+  prompt sharing): one forward of N context rows and one of N x K short rows, instead of N x K full rows.
+  ``python -m medad_jax.bench judge`` times it against transformers over the full rows (WORKSPACE "Benchmarks");
+  ``tests/test_local_judge.py`` checks the scores against a plain forward of each full row at the whole-model
+  tolerance.
 
-Axis letters: N prompts (padded to R rows), T tokens (a bucket), V vocabulary, K letters, C continuation tokens.
+Axis letters: N prompts (padded to R rows), T tokens (a bucket), V vocabulary, K letters, C continuation tokens,
+P context rows (= prompts, padded), B = P x K continuation rows.
 """
 
 from __future__ import annotations
@@ -81,25 +88,29 @@ def _letter_logprobs(graphdef, states, ids_NT, mask_NT, positions_3NT, letter_id
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'adapters'))
-def _continuation_logprobs(graphdef, states, ids_NT, mask_NT, positions_3NT, cont_NC, *, adapters: bool):
-  """Sum of log p(token) over the last C tokens of each left-padded row where ``cont_NC`` is 1 -> ``[N]`` float32.
-
-  Only the last C positions' logits are computed (the continuation sits at the right end of each row)."""
+def _shared_context_logprobs(graphdef, states, ids_PT, mask_PT, positions_3PT, own_BC, own_mask_BC, own_pos_3BC,
+                             score_BC, *, adapters: bool):
+  """Each context row ``p`` (left-padded) once, its keys/values the shared prefix of rows ``p*K .. p*K+K-1``, which
+  hold the rest of each full row (right-padded ``own_BC``: the context's last token, then the continuation).
+  -> ``[B]`` float32: the sum of log p(token c | everything before it) over the own tokens where ``score_BC`` is 1
+  (never the first own token: it is predicted inside the context)."""
   model = nnx.merge(graphdef, *states)
-  C = cont_NC.shape[1]
 
   def forward():
-    h_NTD, _ = model.model(model.embed(ids_NT), attention_mask_BT=mask_NT, positions_3BT=positions_3NT)
-    return model.logits(h_NTD[:, -C - 1:-1])  # position t predicts token t + 1
+    _, prefix = model.model(model.embed(ids_PT), attention_mask_BT=mask_PT, positions_3BT=positions_3PT,
+                            return_kv=True)
+    h_BCD, _ = model.model(model.embed(own_BC), attention_mask_BT=own_mask_BC, positions_3BT=own_pos_3BC,
+                           prefix=prefix)
+    return model.logits(h_BCD[:, :-1])  # own position c predicts own token c + 1
 
   if adapters:
-    logits_NCV = forward()
+    logits_BCV = forward()
   else:
     with lora_disabled():
-      logits_NCV = forward()
-  logp_NCV = jax.nn.log_softmax(logits_NCV.astype(jnp.float32), axis=-1)
-  tok_NC = jnp.take_along_axis(logp_NCV, ids_NT[:, -C:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(cont_NC > 0, tok_NC, 0.0), axis=-1)
+      logits_BCV = forward()
+  logp_BCV = jax.nn.log_softmax(logits_BCV.astype(jnp.float32), axis=-1)
+  tok_BC = jnp.take_along_axis(logp_BCV, own_BC[:, 1:, None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(score_BC[:, 1:] > 0, tok_BC, 0.0), axis=-1)
 
 
 class FlaxLetterScorer:
@@ -160,14 +171,19 @@ class FlaxLetterScorer:
     return self._pad([self.tokenizer.encode(self.render(p), add_special_tokens=False) for p in prompts])
 
   def encode_options(self, prompts: Sequence[str], letters: Sequence[str]) -> dict[str, np.ndarray]:
-    """``'option'`` format: N x K rows ``policy prompt + option text + </answer>`` (row ``n * K + k``), left-padded
-    as :meth:`encode`, plus ``cont_NC``: 1 on the last C tokens that belong to the continuation.
+    """``'option'`` format: per prompt, the full rows ``policy prompt + option k's text + </answer>`` split into
+    the tokens all K rows share (the context row, left-padded as :meth:`encode`: ``ids_NT``, ``mask_NT``,
+    ``positions_3NT``) and each row's own rest (row ``n * K + k``: ``own_BC``, ``own_mask_BC``, ``own_pos_3BC``,
+    right-padded to a multiple of 8; positions continue the context's), with ``score_BC`` 1 on the continuation's
+    tokens -- those ending past the context text (a token straddling the boundary counts with it). The shared part
+    stops one token before the shortest context tokenisation, so every scored token is predicted by an own token.
 
     A prompt whose question has no ``A. …`` option lines raises ``ValueError``; a letter beyond the question's
     options gets a row of its own with an empty continuation, scored ``-inf`` by :meth:`__call__`."""
     from medad_jax.judge.prompt import parse_options
     from medad_jax.rewards import ANSWER_CLOSE
-    rows, conts = [], []
+    K = len(letters)
+    shared, owns, conts = [], [], []
     for i, p in enumerate(prompts):
       parts = split_judge_prompt(p)
       options = parse_options(parts[0]) if parts is not None else None
@@ -175,25 +191,40 @@ class FlaxLetterScorer:
         raise ValueError(f"FlaxLetterScorer(answer_format='option'): prompt {i} has no question with 'A. ...' "
                          f'option lines to score: {p[:120]!r}')
       context = policy_prompt(*parts)
-      for k, _ in enumerate(letters):
+      full, n_ctx = [], []
+      for k in range(K):
         if k >= len(options):
-          rows.append(self.tokenizer.encode(context, add_special_tokens=False))
+          full.append(self.tokenizer.encode(context, add_special_tokens=False))
+          n_ctx.append(len(full[-1]))
           conts.append(0)
           continue
-        text = context + options[k].strip() + ANSWER_CLOSE
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        # Tokens ending past the context are the continuation (a token straddling the boundary counts with it).
-        n_ctx = sum(1 for _, end in enc['offset_mapping'] if end <= len(context))
-        rows.append(list(enc['input_ids']))
-        conts.append(len(enc['input_ids']) - n_ctx)
-    out = self._pad(rows)
-    C = max(8, -(-max(conts) // 8) * 8)  # a multiple of 8: few compiled shapes
-    cont = np.zeros((out['ids_NT'].shape[0], C), np.int32)
-    for i, c in enumerate(conts):
-      if c:
-        cont[i, C - c:] = 1
-    out['cont_NC'] = cont
-    out['has_option'] = np.asarray(conts, np.int32) > 0
+        enc = self.tokenizer(context + options[k].strip() + ANSWER_CLOSE, add_special_tokens=False,
+                             return_offsets_mapping=True)
+        full.append(list(enc['input_ids']))
+        n_ctx.append(sum(1 for _, end in enc['offset_mapping'] if end <= len(context)))
+        conts.append(len(full[-1]) - n_ctx[-1])
+      s = min(n_ctx)
+      while s > 0 and any(f[:s] != full[0][:s] for f in full[1:]):  # a BPE merge across the context's end
+        s -= 1
+      s -= 1  # the last shared token goes with each row, to predict the continuation's first token
+      if s < 1:
+        raise ValueError(f'FlaxLetterScorer: prompt {i} shares fewer than 2 tokens across its options: {p[:120]!r}')
+      shared.append(full[0][:s])
+      owns += [f[s:] for f in full]
+    out = self._pad(shared)
+    P = out['ids_NT'].shape[0]
+    C = max(8, -(-max(len(o) for o in owns) // 8) * 8)  # a multiple of 8: few compiled shapes
+    own = np.full((P * K, C), self.cfg.pad_token_id, np.int32)
+    own_mask = np.zeros((P * K, C), np.int32)
+    own_mask[:, 0] = 1  # padding prompts' rows hold one pad token, so no row is empty
+    score = np.zeros((P * K, C), np.int32)
+    ctx_len = out['mask_NT'].sum(1)
+    for b, (o, c) in enumerate(zip(owns, conts)):
+      own[b, :len(o)], own_mask[b, :len(o)] = o, 1
+      score[b, len(o) - c:len(o)] = 1
+    pos = ctx_len[np.arange(P * K) // K, None] + np.arange(C)[None]  # text tokens: the same t / h / w position
+    out.update(own_BC=own, own_mask_BC=own_mask, own_pos_3BC=np.broadcast_to(pos, (3, P * K, C)).astype(np.int32),
+               score_BC=score, has_option=np.asarray(conts, np.int32) > 0)
     return out
 
   def _pad(self, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
@@ -215,8 +246,9 @@ class FlaxLetterScorer:
       return np.zeros((0, len(letters)), np.float32)
     if self.answer_format == 'option':
       enc = self.encode_options(prompts, letters)
-      out = _continuation_logprobs(self.graphdef, tuple(self.weights()), enc['ids_NT'], enc['mask_NT'],
-                                   enc['positions_3NT'], enc['cont_NC'], adapters=self.adapters)
+      out = _shared_context_logprobs(self.graphdef, tuple(self.weights()), enc['ids_NT'], enc['mask_NT'],
+                                     enc['positions_3NT'], enc['own_BC'], enc['own_mask_BC'], enc['own_pos_3BC'],
+                                     enc['score_BC'], adapters=self.adapters)
       N, K = len(prompts), len(letters)
       scores = np.asarray(out, np.float32)[:N * K]
       return np.where(enc['has_option'], scores, -np.inf).reshape(N, K)
