@@ -88,9 +88,10 @@ lora_matmul.defvjp(_lora_fwd, _lora_bwd)
 def dense_matmul(x, w):
   """``x @ w`` whose backward materialises the output gradient once before its two consumers (``dX``, ``dW``), as
   :func:`lora_matmul`'s does. Without the barrier XLA:CPU fuses the gradient's producer (e.g. the SiLU gate's
-  backward) into a transposed copy for ``dW`` that runs far below memory bandwidth: 17 % of the miniature's SFT
-  step (``bench opprofile``'s classes on that step); with it the step is 1.34x faster (19.2 -> 14.4 s for 60 steps of
-  the embedded run's SFT, same batches; WORKSPACE.md "The embedded default run"). The forward is ``x @ w``."""
+  backward) into a transposed copy for ``dW`` that runs far below memory bandwidth: 14 % of the miniature's SFT
+  step's op time (``bench opprofile``'s classes on that step); with it the step is 1.34x faster (19.2 -> 14.4 s
+  for 60 steps of the embedded run's SFT, same batches; WORKSPACE.md "The embedded default run"). The forward is
+  ``x @ w``."""
   return x @ w
 
 
