@@ -102,6 +102,7 @@ def test_the_configured_buckets_pad_the_sft_batch(tmp_path):
     config.data.image_size = 56
     config.data.read_threads = 1
     config.data.cache_dir = str(tmp_path / 'cache')
+    config.sft.length_buckets = ''   # the pipeline's default buckets (the miniature sets its own)
   run = pl.setup(config, str(tmp_path / 'run'))
   assert len(run.data.lengths['train']) == len(run.data.train)
   examples = [pl.sft_preprocess(run.processor, config.data.answer_format)(run.data.train[i]) for i in range(4)]
