@@ -11,8 +11,10 @@ from medad_jax.rl import update as U
 def all_specs():
   specs = ['sft', 'sft:paper', 'eval', 'eval:paper', 'eval:hf', 'eval:paper,endpoint']
   for v in congrpo.VARIANTS:
-    specs += [f'congrpo:{v}', f'congrpo:paper,{v}' if v != 'paper' else 'congrpo']
-  return specs
+    specs += [f'congrpo:{v}']
+    if v not in ('paper', 'quick'):   # 'quick' is the miniature's learning check (refused with 'paper', below)
+      specs += [f'congrpo:paper,{v}']
+  return specs + ['congrpo']
 
 
 @pytest.mark.parametrize('spec', all_specs())
@@ -22,6 +24,22 @@ def test_every_variant_builds_locked_and_valid(spec):
   with pytest.raises(AttributeError):
     cfg.not_a_key = 1
   assert cfg.stage == spec.split(':')[0]
+
+
+def test_the_quick_check_is_the_miniature_cut_short():
+  """``quick`` (``tests/test_quick_run.py``): the default miniature with two tasks, fewer warm-up passes and 300
+  SFT steps; everything else -- data, tower, SFT recipe but its learning rate -- as the default."""
+  base, quick = common.load('congrpo:sft_only'), common.load('congrpo:sft_only,quick')
+  assert quick.data.tasks == 'anomaly_detection,lesion_localization' and base.data.tasks == ''
+  assert (quick.vision_warmup.epochs, quick.vision_warmup.then_epochs, quick.sft.max_steps) == (10, 5, 300)
+  for key in ('model', 'data.synth_images', 'data.image_size', 'data.synth_lesion_scale', 'sft.trainable',
+              'sft.batch_size', 'vision_warmup.then_pool'):
+    a, b = base, quick
+    for part in key.split('.'):
+      a, b = a[part], b[part]
+    assert a == b, key
+  with pytest.raises(ValueError, match="'quick'.*'paper'"):
+    common.load('congrpo:paper,quick')
 
 
 def test_paper_defaults_section_4_1():
