@@ -17,7 +17,7 @@ def test_a_quick_run_reads_anomaly_detection_from_the_pixels(tmp_path):
   must reach the prior + 8 points. Measured on a 2-core Xeon (AVX-512): 72.0 % alone and 73.3 % under the suite's
   8 fake devices (float order differs); seeds 1 and 2: 82.0 and 74.0 % (WORKSPACE.md "pixel ceilings", last part).
   The same policy shown other test images (``evaluate.ImageShuffled``) must fall back to at most the prior + 3
-  (measured 52.7 %): the answers come from the pixels. ~3.5 minutes under pytest."""
+  (measured 52.7 and 53.3 %): the answers come from the pixels. ~3.5 minutes under pytest."""
   from configs import congrpo
   from medad_jax.judge import make_judge
   from medad_jax.rl import update as U
