@@ -3,6 +3,8 @@ random weights through the launcher's own stages (the vision warm-up inside SFT'
 decoder) answers the anomaly-detection questions of the test split by generating its thought and answer, and it
 must beat the blind answer prior there -- by reading the images, not the question."""
 
+import logging
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -45,6 +47,6 @@ def test_a_quick_run_reads_anomaly_detection_from_the_pixels(tmp_path):
   control = evaluate.run_eval(run, gen, judge, name='control', records=evaluate.ImageShuffled(test),
                               completions_dir=None).per_seed[0]['anomaly_detection']
   run.logger.close()
-  print(f'anomaly detection: {acc:.4f}, images shuffled {control:.4f}, prior {prior:.4f}')
+  logging.getLogger(__name__).info('anomaly detection: %.4f, images shuffled %.4f, prior %.4f', acc, control, prior)
   assert acc >= prior + MARGIN, (acc, prior)
   assert control <= prior + 0.03, (control, acc, prior)
