@@ -257,6 +257,8 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'group_by_length': 0,       # k > 0: every k batches' examples regrouped by length (less padding; the
                                   # examples of an epoch are the same; distributed.length_grouped)
       'length_buckets': '',       # padded sequence lengths, e.g. '128,160,192,256' ('': pipeline.SFT_LENGTH_BUCKETS)
+      'task_repeats': '',         # e.g. 'anomaly_detection=3,lesion_localization=3': each question of a named task
+                                  # that many times per epoch, the rest once (a data-mixture weight; pipeline.sft_records)
       'optim': optim_config(lr),
   })
 
@@ -439,6 +441,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if buckets is None or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
       _fail('sft.length_buckets', text, "comma-separated positive token counts in ascending order, e.g. "
             "'128,160,192,256' (or '' for the default buckets)")
+    if config.sft.get('task_repeats'):
+      from medad_jax.data.schema import parse_task_repeats
+      try:
+        parse_task_repeats(config.sft.task_repeats)
+      except ValueError as e:
+        _fail('sft.task_repeats', config.sft.task_repeats, f"comma-separated TASK=COUNT, e.g. "
+              f"'anomaly_detection=3,lesion_localization=3' ({e})")
   if 'rl' in config:
     _choice(config, 'rl.ratio_to', RATIO_TO)
     _choice(config, 'rl.aggregation', AGGREGATIONS)

@@ -28,3 +28,42 @@ def test_tasks_keep_only_their_questions_in_both_splits(tmp_path):
 def test_unknown_task_fails_before_any_work(tmp_path):
   with pytest.raises(ValueError, match=r'data\.tasks.*unknown.*lesion_detection'):
     common.validate(_config(tmp_path, 'anomaly_detection,lesion_detection'))
+
+
+def test_task_repeats_weigh_the_sft_epoch_by_task(tmp_path):
+  """``sft.task_repeats``: each question of a named task appears that many times in an SFT epoch (with its length),
+  every other question once; the evaluation's test split is untouched."""
+  import collections
+  import types
+  config = _config(tmp_path, '')
+  data = pl.build_data(config)
+  n = len(data.train)
+  data.lengths['train'] = list(range(n))
+  config.sft.task_repeats = 'lesion_localization=3, anomaly_detection=2'
+  source, lengths = pl.sft_records(types.SimpleNamespace(config=config, data=data))
+  tasks = [data.train[i].task for i in range(n)]
+  count = collections.Counter(tasks)
+  assert len(source) == n + 2 * count['lesion_localization'] + count['anomaly_detection']
+  got = collections.Counter(source[i].id for i in range(len(source)))
+  for i in range(n):
+    want = {'lesion_localization': 3, 'anomaly_detection': 2}.get(tasks[i], 1)
+    assert got[data.train[i].id] == want, (tasks[i], got[data.train[i].id])
+  assert sorted(lengths) == sorted(i for i in range(n) for _ in range(
+      {'lesion_localization': 3, 'anomaly_detection': 2}.get(tasks[i], 1)))
+  assert all(source[k].id == data.train[lengths[k]].id for k in range(len(source)))
+  config.sft.task_repeats = ''
+  assert pl.sft_records(types.SimpleNamespace(config=config, data=data))[0] is data.train
+
+
+@pytest.mark.parametrize('text, match', [
+    ('lesion_detection=2', r"sft\.task_repeats.*'lesion_detection=2' is not TASK=COUNT"),
+    ('anomaly_detection=0', r"sft\.task_repeats.*count of 'anomaly_detection' is '0'"),
+    ('anomaly_detection=1.5', r"sft\.task_repeats.*count of 'anomaly_detection' is '1\.5'"),
+    ('anomaly_detection', r"sft\.task_repeats.*'anomaly_detection' is not TASK=COUNT"),
+    ('anomaly_detection=2,anomaly_detection=3', r"sft\.task_repeats.*named twice"),
+])
+def test_bad_task_repeats_fail_before_any_work(tmp_path, text, match):
+  config = _config(tmp_path, '')
+  config.sft.task_repeats = text
+  with pytest.raises(ValueError, match=match):
+    common.validate(config)

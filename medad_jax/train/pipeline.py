@@ -123,10 +123,42 @@ def data_tasks(config) -> tuple[str, ...]:
   return tuple(sorted({t.strip() for t in (config.data.get('tasks') or '').split(',') if t.strip()}))
 
 
+def _record_tasks(source) -> list[str]:
+  """The task of each question of ``source``, in order (each image's example read once where the source can)."""
+  from medad_jax.data.lengths import Subset
+  if isinstance(source, Subset):
+    inner = _record_tasks(source.source)
+    return [inner[i] for i in source.indices]
+  records = source.iter_records() if hasattr(source, 'iter_records') else (source[i] for i in range(len(source)))
+  return [r.task for r in records]
+
+
 def _only_tasks(source, tasks: tuple[str, ...]):
   from medad_jax.data.lengths import Subset
-  records = source.iter_records() if hasattr(source, 'iter_records') else (source[i] for i in range(len(source)))
-  return Subset(source, [i for i, r in enumerate(records) if r.task in tasks])
+  return Subset(source, [i for i, t in enumerate(_record_tasks(source)) if t in tasks])
+
+
+def sft_task_repeats(config) -> dict[str, int]:
+  """``config.sft.task_repeats`` parsed (:func:`medad_jax.data.schema.parse_task_repeats`)."""
+  from medad_jax.data.schema import parse_task_repeats
+  text = (config.sft.get('task_repeats') or '') if 'sft' in config else ''
+  try:
+    return parse_task_repeats(text)
+  except ValueError as e:
+    raise ValueError(f'config.sft.task_repeats = {text!r}: {e}') from None
+
+
+def sft_records(run: 'Run'):
+  """-> ``(source, lengths)`` an SFT epoch reads: the train split, each question of a task in
+  ``sft.task_repeats`` repeated that many times (a data-mixture weight: the shuffled epoch holds the copies, so
+  they land in different batches), and its tokens per record (None where the run has no lengths)."""
+  from medad_jax.data.lengths import Subset
+  source, lengths = run.data.train, run.data.lengths.get('train')
+  repeats = sft_task_repeats(run.config)
+  if not repeats:
+    return source, lengths
+  index = [i for i, t in enumerate(_record_tasks(source)) for _ in range(repeats.get(t, 1))]
+  return Subset(source, index), None if lengths is None else [lengths[i] for i in index]
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer

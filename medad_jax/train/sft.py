@@ -7,8 +7,9 @@ step (``medad_jax.rl.update.make_sft_step``: masked NLL over the assistant token
 the grain input pipeline -> checkpoint restore -> the loop (log, checkpoint, SIGTERM) -> a final checkpoint marked
 ``done`` that later stages (and a resumed run) restore instead of training again.
 
-Steps: ``sft.epochs * len(train) // sft.batch_size`` (batches never straddle a partial remainder: the data repeats
-and the step count decides), capped by ``sft.max_steps`` when that is > 0.
+Steps: ``sft.epochs * len(epoch) // sft.batch_size`` (batches never straddle a partial remainder: the data repeats
+and the step count decides), capped by ``sft.max_steps`` when that is > 0. An epoch is the train split, with the
+questions of the tasks in ``sft.task_repeats`` repeated (``pipeline.sft_records``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def checkpointer(run: pl.Run) -> Checkpointer:
 def train(run: pl.Run) -> Result:
   config, logger = run.config, run.logger
   t_start = time.time()
-  total = num_steps(config, len(run.data.train))
+  records, lengths = pl.sft_records(run)
+  total = num_steps(config, len(records))
   ckpt = checkpointer(run)
   # A run resuming its SFT checkpoint has its warmed-up tower in it: the warm-up runs only on a fresh start.
   graphdef, state, tx, sched = init_state(run, total, warm=ckpt.latest_step() is None)
@@ -74,9 +76,9 @@ def train(run: pl.Run) -> Result:
 
   # ---------------------------------------------------------------------------------------------- data
   # This process's rows of every global batch (the same batches for any process count; medad_jax/train/feed.py).
-  ds = feed.dataset(run, run.data.train, name=STAGE, global_batch=config.sft.batch_size, seed=config.seed,
+  ds = feed.dataset(run, records, name=STAGE, global_batch=config.sft.batch_size, seed=config.seed,
                     preprocess=pl.sft_preprocess(run.processor, config.data.answer_format),
-                    lengths=run.data.lengths.get('train'), group_by_length=config.sft.get('group_by_length', 0))
+                    lengths=lengths, group_by_length=config.sft.get('group_by_length', 0))
   it = iter(ds)
 
   # ------------------------------------------------------------------------------------ checkpoint restore
@@ -124,7 +126,7 @@ def restore_finished(run: pl.Run, run_dir: str) -> Result:
   d = os.path.join(run_dir, 'checkpoints', STAGE)
   if not os.path.isdir(d):
     raise FileNotFoundError(f'config.sft.checkpoint = {run_dir!r}: no SFT checkpoints under {d}')
-  total = num_steps(run.config, len(run.data.train))
+  total = num_steps(run.config, len(pl.sft_records(run)[0]))
   graphdef, state, _, _ = init_state(run, total)
   ckpt = Checkpointer(d, keep=run.config.ckpt.keep)
   try:
