@@ -67,3 +67,30 @@ def test_bad_task_repeats_fail_before_any_work(tmp_path, text, match):
   config.sft.task_repeats = text
   with pytest.raises(ValueError, match=match):
     common.validate(config)
+
+
+def test_the_sft_trainer_reads_the_weighted_epoch(tmp_path, monkeypatch):
+  """``sft.train`` (the launcher's SFT) feeds the repeated epoch and counts its steps from it."""
+  from medad_jax.train import feed, sft
+  config = _config(tmp_path, '')
+  config.sft.task_repeats = 'lesion_localization=3'
+  config.sft.batch_size, config.sft.epochs, config.sft.max_steps = 4, 1, 2
+  config.vision_warmup.enabled = False
+  config.mesh.devices = 1
+  config.log.tensorboard = False
+  run = pl.setup(config, str(tmp_path / 'run'))
+  n = len(run.data.train)
+  lesion = sum(run.data.train[i].task == 'lesion_localization' for i in range(n))
+  seen = []
+  real = feed.dataset
+
+  def spy(run_, source, **kw):
+    seen.append((len(source), kw['lengths']))
+    return real(run_, source, **kw)
+
+  monkeypatch.setattr(feed, 'dataset', spy)
+  sft.train(run)
+  run.logger.close()
+  assert run.logger.total_steps['sft'] == 2
+  assert [s[0] for s in seen] == [n + 2 * lesion] and lesion > 0
+  assert seen[0][1] is None or len(seen[0][1]) == n + 2 * lesion
