@@ -42,17 +42,18 @@ tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what a CNN needs to re
 train / 150 test images (4,250 / 750 questions), answers written as the option text
 (``data.answer_format='option'``: a model trained from scratch in minutes does not learn to look up an option's
 letter), a vision warm-up before SFT (``vision_warmup``: the random tower trained under a throw-away head on the
-training split's answers, 30 passes over its tokens flattened, then 15 over their mean -- the stand-in for a
-pretrained vision encoder), SFT of every weight but that tower (``sft.trainable='decoder'``) at lr 1e-3 (cosine, 30
-warmup steps, batch 8, 2 epochs = 1,062 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8 LoRA adapters at lr 1e-3 for 30 steps of
+training split's answers, 30 passes over its tokens flattened, then 15 over their mean with a position pretext --
+the stand-in for a pretrained vision encoder), SFT of every weight but that tower (``sft.trainable='decoder'``) at lr
+1e-3 (cosine, 30 warmup steps, batch 8, one epoch in which the anomaly, lesion and pathology questions come three
+times = 1,168 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8 LoRA adapters at lr 1e-3 for 30 steps of
 4 prompts x G = 8 (groups without reward variance redrawn: ``rl.dynamic_sampling``), completions of at most 96
 tokens, the ``local`` judge = the frozen SFT policy (RL adapters off) reading the question and the thought in its
 own format (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test
 split, next to the blind answer-prior baseline, and the final policy again on shuffled images
-(``eval.image_control``). Measured 2026-12-02 on a quiet 2-core Xeon (AVX-512, AMX), seed 0, in one run: 563 s
-(setup 5 s, warm-up 93 s, SFT 291 s, Con-GRPO 89 s, evaluation of three rows 86 s); SFT 79.07 %, SFT + Con-GRPO
-78.40 %, shuffled-image control 23.87 % (chance 25 %, answer prior 45.73 %; WORKSPACE.md "The embedded default run"
-has the three-seed table and what the rows do not show yet).
+(``eval.image_control``). Three training seeds on a 2-core AMD EPYC (AVX-512, no AMX): pi_SFT 80.00 +- 1.21 %,
+SFT + Con-GRPO 79.78 +- 1.20 %, shuffled-image control 24.98 % (chance 25 %, answer prior 45.73 %); seed 0 alone
+in 770 s (warm-up 117 s, SFT 438 s, Con-GRPO 107 s, evaluation of three rows 100 s) (WORKSPACE.md "The embedded default run" has the table and what it does not
+reach yet).
 """
 
 import ml_collections
