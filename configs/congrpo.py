@@ -30,7 +30,8 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).
   Miniature only:
   quick         a ~3-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
-                and lesion localisation only, a warm-up of 10 + 5 passes, 300 SFT steps at lr 2e-3; the evaluation
+                and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 300 SFT
+                steps of plain epochs at lr 2e-3; the evaluation
                 on their test questions (WORKSPACE.md "The embedded default run").
 
 Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.reward.con=0.5``.
