@@ -29,9 +29,9 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   Consistency reward:
   evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).
   Miniature only:
-  quick         a ~3-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
-                and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 300 SFT
-                steps of plain epochs at lr 2e-3 (400 steps); the evaluation
+  quick         a ~4-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
+                and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 400 SFT
+                steps of plain epochs at lr 2e-3; the evaluation
                 on their test questions (WORKSPACE.md "The embedded default run").
 
 Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.reward.con=0.5``.
@@ -115,7 +115,7 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_quick(config: ml_collections.ConfigDict) -> None:
-  """The miniature cut to a learning check of the whole policy in ~3 minutes on 2 cores (the CI test
+  """The miniature cut to a learning check of the whole policy in ~4-5 minutes on 2 cores (the CI test
   ``tests/test_quick_run.py``): the same data, tower and SFT recipe, fewer tasks, passes and steps.
 
   Anomaly detection on its 150 test questions (prior 57.3 %; WORKSPACE.md): after 300 SFT steps 72.0, 82.0 and

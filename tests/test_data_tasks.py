@@ -32,7 +32,7 @@ def test_unknown_task_fails_before_any_work(tmp_path):
 
 def test_task_repeats_weigh_the_sft_epoch_by_task(tmp_path):
   """``sft.task_repeats``: each question of a named task appears that many times in an SFT epoch (with its length),
-  every other question once; the evaluation's test split is untouched."""
+  every other question once; with no repeats the train split itself."""
   import collections
   import types
   config = _config(tmp_path, '')

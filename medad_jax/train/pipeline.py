@@ -150,8 +150,8 @@ def sft_task_repeats(config) -> dict[str, int]:
 
 def sft_records(run: 'Run'):
   """-> ``(source, lengths)`` an SFT epoch reads: the train split, each question of a task in
-  ``sft.task_repeats`` repeated that many times (a data-mixture weight: the shuffled epoch holds the copies, so
-  they land in different batches), and its tokens per record (None where the run has no lengths)."""
+  ``sft.task_repeats`` repeated that many times (a data-mixture weight: the copies are spread over the epoch by
+  its shuffle), and its tokens per record (None where the run has no lengths)."""
   from medad_jax.data.lengths import Subset
   source, lengths = run.data.train, run.data.lengths.get('train')
   repeats = sft_task_repeats(run.config)
