@@ -57,6 +57,33 @@ def test_progress_line_has_stage_step_rewards_kl_rate_and_eta(tmp_path, caplog):
   assert re.search(r'it/s \| ETA \d+:\d\d:\d\d$', lines[-1])
 
 
+def test_progress_rate_is_measured_over_a_window_of_steps(tmp_path, caplog, monkeypatch):
+  # One step a second, but step 60 comes after a 10 s pause (a checkpoint) and step 61 right after it: the rate of
+  # the last interval alone would read 0.1 it/s, then 100 it/s. The progress line reads the last RATE_WINDOW
+  # intervals: one pause moves it a little, not tenfold.
+  clock = {'t': 0.0}
+  monkeypatch.setattr(M.time, 'time', lambda: clock['t'])
+  with caplog.at_level(logging.INFO, logger='medad_jax.metrics'):
+    lg = M.MetricsLogger(str(tmp_path), total_steps={'sft': 200}, tensorboard=False)
+    for s in range(1, 101):
+      clock['t'] += {60: 10.0, 61: 0.01}.get(s, 1.0)
+      lg.log('sft', s, {'loss': jnp.float32(1.0)})
+    lg.flush()
+    clock['t'] += 1.0
+    lg.log('sft', 1, {'loss': jnp.float32(1.0)})   # the stage starts again (a resumed run): the window restarts
+    clock['t'] += 1.0
+    lg.log('sft', 2, {'loss': jnp.float32(1.0)})
+    lg.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('[sft]')]
+  rates = [float(re.search(r'\| ([\d.]+) it/s', x).group(1)) if 'it/s' in x else None for x in lines]
+  assert rates[0] is None and len(rates) == 102
+  assert all(0.8 <= r <= 1.0 for r in rates[1:100]), rates
+  assert rates[58] == 1.0 and rates[59] < 0.9 and rates[60] < 0.9    # steps 60, 61 (the window holds the pause)
+  assert rates[100] is None and rates[101] == 1.0                    # after the restart
+  eta = re.search(r'ETA (\d+):(\d\d):(\d\d)$', lines[98]).groups()  # step 99 of 200: ~101 s left
+  assert 95 <= int(eta[1]) * 60 + int(eta[2]) <= 126
+
+
 def test_non_scalar_metric_is_refused(tmp_path):
   lg = M.MetricsLogger(str(tmp_path), tensorboard=False)
   lg.log('sft', 1, {'loss': jnp.zeros(3)})

@@ -463,6 +463,32 @@ def test_sft_steps_lower_the_loss():
   assert float(met['lr']) == pytest.approx(1e-2)
 
 
+def test_a_batch_without_targets_skips_the_update_and_the_step_keeps_its_buffers():
+  # A batch with no target token (every loss-mask entry 0) leaves the weights and AdamW's moments as they were and
+  # still counts the step; a normal batch moves them. The skip is a branch of the step, so the donated weights and
+  # moments are updated in place: the compiled step holds no copy of them (a select of new-or-old per leaf made
+  # XLA copy every moment array first, 19 ms of the miniature's 400 ms SFT step).
+  cfg, model = tiny_policy(perturb=0.0)
+  tx, _ = U.make_optimizer(1e-2)
+  graphdef, state = U.init_train_state(model, tx)
+  step = U.make_sft_step(graphdef, tx)
+  b = sft_batch(cfg, seed=1)
+  state, met = step(state, U.put_batch(b, None))
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  empty = dict(b, loss_mask_BT=np.zeros_like(b['loss_mask_BT']))
+  hlo = step.lower(state, U.put_batch(empty, None)).compile().as_text()
+  copies = [ln for ln in hlo.splitlines() if ' copy(' in ln and ('opt_state' in ln or 'params' in ln)]
+  assert not copies, copies[:3]
+  state, met = step(state, U.put_batch(empty, None))
+  assert int(state.step) == 2 and float(met['target_tokens']) == 0 and float(met['update_norm']) == 0
+  after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+  state, met = step(state, U.put_batch(b, None))
+  assert float(met['update_norm']) > 0
+  moved = jax.tree.map(np.asarray, state.params)
+  assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before[0]), jax.tree.leaves(moved)))
+
+
 def test_bad_batches_and_configs_fail_clearly(setup):
   _, graphdef, state, batch, gcfg, step = setup
   with pytest.raises(KeyError, match="missing key 'rewards_B'"):

@@ -149,7 +149,7 @@ def build(args):
 def parse_args(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog='python -m medad_jax.bench opprofile', description=__doc__.split('\n')[0])
   p.add_argument('--what', choices=('decode', 'update'), default='update')
-  p.add_argument('--configs', default='small', help='one preset of the peers benchmark: tiny, small, base100m')
+  p.add_argument('--configs', default='small', help='one preset of the peers benchmark: tiny, small, mini, base100m')
   p.add_argument('--prompts', type=int, default=8)
   p.add_argument('--group', type=int, default=8)
   p.add_argument('--prompt-len', type=int, default=64)

@@ -72,7 +72,7 @@ def base100m() -> Qwen25VLConfig:
 
 
 PRESETS = {'tiny': lambda: Qwen25VLConfig.tiny(tie_word_embeddings=True), 'small': Qwen25VLConfig.small,
-           'base100m': base100m}
+           'mini': Qwen25VLConfig.mini, 'base100m': base100m}
 
 
 def text_params(t: TextConfig) -> int:

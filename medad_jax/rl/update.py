@@ -246,12 +246,15 @@ def _frozen_vision(params) -> bool:
 
 def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple[TrainState, jax.Array]:
   """One optax step; skipped (state kept, step still counted) when the batch had no token to learn from."""
-  updates, new_opt = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jnp.where(has_tokens, new, old)  # noqa: E731
-  new_params = jax.tree.map(keep, new_params, state.params)
-  new_opt = jax.tree.map(keep, new_opt, state.opt_state)
-  return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), optax.tree.norm(updates)
+  def apply(params, opt_state):
+    updates, new_opt = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt, optax.tree.norm(updates)
+
+  def skip(params, opt_state):
+    return params, opt_state, jnp.zeros((), jnp.float32)
+
+  new_params, new_opt, upd_norm = jax.lax.cond(has_tokens, apply, skip, state.params, state.opt_state)
+  return state.replace(params=new_params, opt_state=new_opt, step=state.step + 1), upd_norm
 
 
 def _split_microbatches(tree, k: int, what: str = 'batch', unit: int = 1):
