@@ -48,9 +48,9 @@ Update step (the jitted SFT step or Con-GRPO update; its peak is at the start of
 * the LM head: only ``logits_chunk`` positions' fp32 logits exist at a time (``rl/update.py``
   ``chunked_token_logprobs``, rematerialised): :data:`LOGITS_CHUNK_BUFFERS` ``[chunk, V]`` fp32 buffers, fitted to
   the layer-independent part of XLA's temp. SFT scores only the target positions (``target_len``).
-* gradients of the trainable parameters, 2 more copies of the AdamW moments (XLA copies the donated moments that
-  the update's skip-step select ``where(has_tokens, new, old)`` reads), and with microbatching the scan's gradient
-  accumulator.
+* gradients of the trainable parameters and, with microbatching, the scan's gradient accumulator. (The AdamW
+  moments are updated in place: the step's skip of a batch without targets is a ``lax.cond``, not a per-leaf
+  select, which made XLA copy both moments -- ``rl/update.py`` ``_apply_updates``.)
 * FSDP: the all-gathered weights XLA keeps from the forward for the backward; counted as every decoder matrix and
   the embedding in the compute dtype, an upper bound. Without FSDP but with ``param_dtype != dtype``: one layer's
   weights cast to the compute dtype.
@@ -63,7 +63,7 @@ and Con-GRPO on the tiny preset in fp32 and bf16, with remat, with microbatching
 mesh; the 3B at the paper's shapes is in WORKSPACE.md ("Memory and FLOPs plan"). Not validated: microbatched SFT
 in bf16 (XLA:CPU's temp does not fall with the microbatch count there: tiny 2.68 MiB at 1 microbatch, 2.67 MiB at
 2; on the small preset at 8 microbatches XLA's total was 0.37 GiB against 0.15 GiB planned), FSDP meshes (XLA:CPU's
-temp was 16% below to 37% above the plan), full fine-tuning (the plan counts gradients, moment copies and activations as
+temp was 16% below to 37% above the plan), full fine-tuning (the plan counts gradients and activations as
 live together; XLA:CPU's temp was 23-68% lower).
 
 Rollout (the compiled sampler): the KV cache in the group layout the sampler uses, ``2 * layers * (P*T + B*N) * K
@@ -632,7 +632,6 @@ def plan(cfg: Qwen25VLConfig, w: Workload, mesh: MeshShape, *, remat: str | None
     terms.append(Term('reference copy of the parameters', pc.trainable_device * pb, 'state', 'full fine-tuning'))
   terms += [
       Term('gradients', pc.trainable_device * tb, 'update'),
-      Term('AdamW moment copies (XLA, skip-step select)', 2 * pc.trainable_device * tb, 'update'),
   ]
   if w.num_microbatches > 1:
     terms.append(Term('gradient accumulator (microbatch scan)', pc.trainable_device * tb, 'update'))

@@ -206,9 +206,9 @@ def attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS:
 
 def _weighted_values(w_BKJTS: jax.Array, v_BKSH: jax.Array, t: str) -> jax.Array:
   """``sum_s w[b,k,j,(t,)s] v[b,k,s,h]`` -> ``[B, (T,) K, J, H]``. With one query per row (``t == ''``, decode) a
-  multiply-and-sum over the keys, not a dot: XLA:CPU lowers that batched dot (J = 2 rows per batch element) with a
-  transposed layout, and the sampler's attention took 1.22 ms per layer against 0.43 ms this way (32 rows x 96
-  own + 128 prefix slots, the miniature's evaluation batch; 0.31 -> 0.25 ms for 4 prompts x G=8: WORKSPACE.md).
+  multiply-and-sum over the keys, not a dot: XLA:CPU ran that batched dot (J = 2 rows per batch element) in a
+  transposed layout at ~2 GFLOP/s. ``python -m medad_jax.bench opprofile --what decode --configs mini --prompts 16
+  --group 2 --prompt-len 150 --new-tokens 96``: one decode call 1.79 -> 1.13 s (WORKSPACE.md "Where the time goes").
   The scores stay dots (as a multiply-and-sum they were slower)."""
   if t:
     return jnp.einsum('bkjts,bksh->btkjh', w_BKJTS, v_BKSH)
