@@ -489,6 +489,24 @@ def test_a_batch_without_targets_skips_the_update_and_the_step_keeps_its_buffers
   assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before[0]), jax.tree.leaves(moved)))
 
 
+def test_the_skip_branch_runs_full_fine_tuning_in_bfloat16():
+  # The skip's two branches must agree in dtype: full fine-tuning of bf16 weights has bf16 updates, whose norm
+  # is reported as float32 either way.
+  cfg = tiny_cfg().replace(dtype='bfloat16', param_dtype='bfloat16')
+  model = Qwen25VL(cfg, rngs=nnx.Rngs(0))
+  tx, _ = U.make_optimizer(1e-2)
+  graphdef, state = U.init_train_state(model, tx, trainable='all')
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype('bfloat16')}
+  step = U.make_sft_step(graphdef, tx)
+  b = sft_batch(cfg, seed=1)
+  before = jax.tree.map(np.asarray, state.params)
+  state, met = step(state, U.put_batch(dict(b, loss_mask_BT=np.zeros_like(b['loss_mask_BT'])), None))
+  assert met['update_norm'].dtype == jnp.float32 and float(met['update_norm']) == 0
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
+  state, met = step(state, U.put_batch(b, None))
+  assert met['update_norm'].dtype == jnp.float32 and float(met['update_norm']) > 0
+
+
 def test_bad_batches_and_configs_fail_clearly(setup):
   _, graphdef, state, batch, gcfg, step = setup
   with pytest.raises(KeyError, match="missing key 'rewards_B'"):

@@ -248,7 +248,7 @@ def _apply_updates(tx, state: TrainState, grads, has_tokens: jax.Array) -> tuple
   """One optax step; skipped (state kept, step still counted) when the batch had no token to learn from."""
   def apply(params, opt_state):
     updates, new_opt = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_opt, optax.tree.norm(updates)
+    return optax.apply_updates(params, updates), new_opt, optax.tree.norm(updates).astype(jnp.float32)
 
   def skip(params, opt_state):
     return params, opt_state, jnp.zeros((), jnp.float32)
