@@ -156,3 +156,37 @@ def test_default_pipeline_over_tfds_source(built):
   assert b['image'].shape == (4, 56, 56, 3) and b['image'].dtype == np.uint8
   assert all(p.split('\n')[1].startswith('A. ') for p in b['prompt'])
   assert all(t.startswith('<think>') and t.endswith('</answer>') for t in b['target'])
+
+
+_RACE = r'''
+import os, sys, time
+from medad_jax.data import synth, tfds_builders
+go = sys.argv[2]
+while not os.path.exists(go):   # both processes imported: start the build together
+  time.sleep(0.01)
+print(tfds_builders.build_synth(synth.SynthConfig(num_images=60, seed=7, image_size=56), sys.argv[1]))
+'''
+
+
+def test_two_processes_building_the_same_dataset_share_one_build(tmp_path):
+  """A sweep's seeds side by side share the data cache: the second process waits for the first one's build and
+  reuses it (without the lock, TFDS failed in one of them on renaming its build onto the other's)."""
+  import os
+  import subprocess
+  import sys
+  import time
+  data_dir, go = str(tmp_path / 'tfds'), str(tmp_path / 'go')
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [os.getcwd(), os.environ.get('PYTHONPATH')]))}
+  procs = [subprocess.Popen([sys.executable, '-c', _RACE, data_dir, go], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  time.sleep(1.0)
+  deadline = time.time() + 120
+  open(go, 'w').close()
+  outs = [p.communicate(timeout=max(1.0, deadline - time.time())) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  dirs = {out.strip().splitlines()[-1] for out, _ in outs}
+  assert len(dirs) == 1
+  src = tfds_builders.RecordSource(dirs.pop(), 'train')
+  assert len(src) > 0
+  assert not [d for d in os.listdir(os.path.dirname(src.builder_dir)) if d.startswith('incomplete')]

@@ -29,6 +29,7 @@ import logging
 import time
 from typing import Iterable, Sequence
 
+import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
@@ -277,13 +278,24 @@ def _config(builder_cls, config: tfds.core.BuilderConfig):
   return config.name if known is not None else config
 
 
+def _build_lock(data_dir: str, builder_cls, config) -> filelock.FileLock:
+  """An inter-process lock on one build (builder + config name) in ``data_dir``: processes that share a cache
+  (a sweep's seeds side by side, one per host of a shared file system) build it once; the others wait, then reuse
+  it. Without it the second finisher failed inside TFDS on renaming its build onto the first one's."""
+  name = config if isinstance(config, str) else config.name
+  lock_dir = epath.Path(data_dir) / builder_cls.name
+  lock_dir.mkdir(parents=True, exist_ok=True)
+  return filelock.FileLock(str(lock_dir / f'{name}.lock'))
+
+
 def build_synth(cfg: synth.SynthConfig, data_dir: str) -> str:
   """Builds (or reuses) the ``array_record`` dataset for ``cfg``; returns its builder directory."""
-  b = MedadSynth(config=_config(MedadSynth, synth_builder_config(cfg)), data_dir=data_dir,
-                 file_format='array_record')
-  if b.is_prepared():
-    log.info('data: reusing the medad-synth build at %s', b.data_dir)
-  b.download_and_prepare()
+  config = _config(MedadSynth, synth_builder_config(cfg))
+  with _build_lock(data_dir, MedadSynth, config):
+    b = MedadSynth(config=config, data_dir=data_dir, file_format='array_record')
+    if b.is_prepared():
+      log.info('data: reusing the medad-synth build at %s', b.data_dir)
+    b.download_and_prepare()
   return str(b.data_dir)
 
 
@@ -309,10 +321,12 @@ def build_medad38k(manual_dir: str, data_dir: str, policy: str = 'strict', check
   """Builds (or reuses, for the same directory contents and settings) the dataset of the MedAD directory
   ``manual_dir``; returns its builder directory."""
   cfg = medad38k_config(manual_dir, policy, check_images, max_image_pixels, max_aspect_ratio)
-  b = Medad38k(config=_config(Medad38k, cfg), data_dir=data_dir, file_format='array_record')
-  if b.is_prepared():
-    log.info('data: reusing the build of %s at %s', cfg.source, b.data_dir)
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  config = _config(Medad38k, cfg)
+  with _build_lock(data_dir, Medad38k, config):
+    b = Medad38k(config=config, data_dir=data_dir, file_format='array_record')
+    if b.is_prepared():
+      log.info('data: reusing the build of %s at %s', cfg.source, b.data_dir)
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return str(b.data_dir)
 
 
