@@ -277,6 +277,8 @@ def rl_config(*, lr: float = 1e-6, epochs: int = 1, prompts_per_step: int = 8, g
       'epochs': epochs,
       'max_steps': -1,             # > 0 caps the number of rollout batches (for quick runs)
       'prompts_per_step': prompts_per_step,
+      'task_repeats': '',          # e.g. 'anomaly_detection=3': each question of a named task that many times among
+                                   # the prompts, the rest once (a data-mixture weight; pipeline.rl_records)
       'group_size': group_size,
       'inner_iterations': 1,       # mu: updates per rollout batch
       'beta': beta,
@@ -441,12 +443,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if buckets is None or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
       _fail('sft.length_buckets', text, "comma-separated positive token counts in ascending order, e.g. "
             "'128,160,192,256' (or '' for the default buckets)")
-    if config.sft.get('task_repeats'):
+  for stage in ('sft', 'rl'):
+    if stage in config and config[stage].get('task_repeats'):
       from medad_jax.data.schema import parse_task_repeats
       try:
-        parse_task_repeats(config.sft.task_repeats)
+        parse_task_repeats(config[stage].task_repeats)
       except ValueError as e:
-        _fail('sft.task_repeats', config.sft.task_repeats, f"comma-separated TASK=COUNT, e.g. "
+        _fail(f'{stage}.task_repeats', config[stage].task_repeats, f"comma-separated TASK=COUNT, e.g. "
               f"'anomaly_detection=3,lesion_localization=3' ({e})")
   if 'rl' in config:
     _choice(config, 'rl.ratio_to', RATIO_TO)

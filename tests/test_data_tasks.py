@@ -62,11 +62,33 @@ def test_task_repeats_weigh_the_sft_epoch_by_task(tmp_path):
     ('anomaly_detection', r"sft\.task_repeats.*'anomaly_detection' is not TASK=COUNT"),
     ('anomaly_detection=2,anomaly_detection=3', r"sft\.task_repeats.*named twice"),
 ])
-def test_bad_task_repeats_fail_before_any_work(tmp_path, text, match):
+@pytest.mark.parametrize('stage', ['sft', 'rl'])
+def test_bad_task_repeats_fail_before_any_work(tmp_path, text, match, stage):
   config = _config(tmp_path, '')
-  config.sft.task_repeats = text
-  with pytest.raises(ValueError, match=match):
+  config[stage].task_repeats = text
+  with pytest.raises(ValueError, match=match.replace('sft', stage)):
     common.validate(config)
+
+
+def test_rl_task_repeats_weigh_the_prompts_by_task(tmp_path):
+  """``rl.task_repeats``: Con-GRPO's prompt source holds each question of a named task that many times, the rest
+  once; the SFT epoch is not touched by it (and the reverse)."""
+  import collections
+  import types
+  config = _config(tmp_path, '')
+  config.sft.task_repeats = ''
+  data = pl.build_data(config)
+  run = types.SimpleNamespace(config=config, data=data)
+  n = len(data.train)
+  assert pl.rl_records(run) is data.train
+  config.rl.task_repeats = 'pathology_characterization=4'
+  source = pl.rl_records(run)
+  assert pl.sft_records(run)[0] is data.train
+  got = collections.Counter(source[i].id for i in range(len(source)))
+  for i in range(n):
+    r = data.train[i]
+    assert got[r.id] == (4 if r.task == 'pathology_characterization' else 1), r.task
+  assert len(source) > n
 
 
 def test_the_sft_trainer_reads_the_weighted_epoch(tmp_path, monkeypatch):
@@ -94,3 +116,32 @@ def test_the_sft_trainer_reads_the_weighted_epoch(tmp_path, monkeypatch):
   assert run.logger.total_steps['sft'] == 2
   assert [s[0] for s in seen] == [n + 2 * lesion] and lesion > 0
   assert seen[0][1] is None or len(seen[0][1]) == n + 2 * lesion
+
+
+def test_the_congrpo_trainer_draws_prompts_from_the_weighted_source(tmp_path, monkeypatch):
+  """``congrpo.train`` (the launcher's Con-GRPO) builds its prompt stream from ``rl.task_repeats``'s mixture and
+  counts its steps from it (stopped at the stream's creation: what it reads is the point, not a step)."""
+  from medad_jax.train import congrpo, feed
+  config = _config(tmp_path, '')
+  config.rl.task_repeats = 'lesion_localization=3'
+  config.rl.max_steps, config.rl.epochs = -1, 1
+  config.mesh.devices = 1
+  config.log.tensorboard = False
+  run = pl.setup(config, str(tmp_path / 'run'))
+  n = len(run.data.train)
+  lesion = sum(run.data.train[i].task == 'lesion_localization' for i in range(n))
+  seen = []
+
+  class Seen(Exception):
+    pass
+
+  def spy(run_, source, **kw):
+    seen.append(len(source))
+    raise Seen
+
+  monkeypatch.setattr(feed, 'dataset', spy)
+  with pytest.raises(Seen):
+    congrpo.train(run, pl.build_model(config, run.model_cfg, config.seed))
+  run.logger.close()
+  assert seen == [n + 2 * lesion] and lesion > 0
+  assert congrpo.num_steps(config, n + 2 * lesion) > congrpo.num_steps(config, n)

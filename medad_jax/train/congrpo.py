@@ -324,7 +324,8 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
   config, logger = run.config, run.logger
   t_start = time.time()
   rl, G = config.rl, config.rl.group_size
-  total = num_steps(config, len(run.data.train))
+  records = pl.rl_records(run)
+  total = num_steps(config, len(records))
   mesh = run.mesh_or_none()
 
   # ------------------------------------------------------------------------------------ policy and judge
@@ -346,7 +347,7 @@ def train(run: pl.Run, base_model: nnx.Module) -> Result:
   # This process's prompts of every global batch of rl.prompts_per_step (medad_jax/train/feed.py).
   shard, n_shards = feed.shard(run)
   per_process = rl.prompts_per_step // n_shards
-  ds = feed.dataset(run, run.data.train, name=STAGE, global_batch=rl.prompts_per_step, seed=config.seed + 1,
+  ds = feed.dataset(run, records, name=STAGE, global_batch=rl.prompts_per_step, seed=config.seed + 1,
                     preprocess=pl.prompt_preprocess(run.processor))
   it = iter(ds)
   scoring = Scoring(run, judge, weights, G)

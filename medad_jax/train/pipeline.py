@@ -138,27 +138,44 @@ def _only_tasks(source, tasks: tuple[str, ...]):
   return Subset(source, [i for i, t in enumerate(_record_tasks(source)) if t in tasks])
 
 
-def sft_task_repeats(config) -> dict[str, int]:
-  """``config.sft.task_repeats`` parsed (:func:`medad_jax.data.schema.parse_task_repeats`)."""
+def task_repeats(config, stage: str = 'sft') -> dict[str, int]:
+  """``config.<stage>.task_repeats`` parsed (:func:`medad_jax.data.schema.parse_task_repeats`); ``stage`` is
+  ``'sft'`` (the SFT epoch) or ``'rl'`` (Con-GRPO's prompts)."""
   from medad_jax.data.schema import parse_task_repeats
-  text = (config.sft.get('task_repeats') or '') if 'sft' in config else ''
+  text = (config[stage].get('task_repeats') or '') if stage in config else ''
   try:
     return parse_task_repeats(text)
   except ValueError as e:
-    raise ValueError(f'config.sft.task_repeats = {text!r}: {e}') from None
+    raise ValueError(f'config.{stage}.task_repeats = {text!r}: {e}') from None
+
+
+def sft_task_repeats(config) -> dict[str, int]:
+  """``config.sft.task_repeats`` parsed."""
+  return task_repeats(config, 'sft')
+
+
+def task_mixture(source, lengths, repeats: dict[str, int]):
+  """-> ``(source, lengths)`` with each record of a task in ``repeats`` that many times (a data-mixture weight:
+  a shuffled epoch spreads the copies), the others once; ``source`` itself when ``repeats`` is empty."""
+  from medad_jax.data.lengths import Subset
+  if not repeats:
+    return source, lengths
+  index = [i for i, t in enumerate(_record_tasks(source)) for _ in range(repeats.get(t, 1))]
+  return Subset(source, index), None if lengths is None else [lengths[i] for i in index]
 
 
 def sft_records(run: 'Run'):
   """-> ``(source, lengths)`` an SFT epoch reads: the train split, each question of a task in
   ``sft.task_repeats`` repeated that many times (a data-mixture weight: the copies are spread over the epoch by
   its shuffle), and its tokens per record (None where the run has no lengths)."""
-  from medad_jax.data.lengths import Subset
-  source, lengths = run.data.train, run.data.lengths.get('train')
-  repeats = sft_task_repeats(run.config)
-  if not repeats:
-    return source, lengths
-  index = [i for i, t in enumerate(_record_tasks(source)) for _ in range(repeats.get(t, 1))]
-  return Subset(source, index), None if lengths is None else [lengths[i] for i in index]
+  return task_mixture(run.data.train, run.data.lengths.get('train'), task_repeats(run.config, 'sft'))
+
+
+def rl_records(run: 'Run'):
+  """The questions Con-GRPO draws its prompts from: the train split, each question of a task in
+  ``rl.task_repeats`` that many times (tasks the SFT policy has already learned give groups of equal rewards,
+  which carry no advantage and which dynamic sampling draws again)."""
+  return task_mixture(run.data.train, None, task_repeats(run.config, 'rl'))[0]
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer

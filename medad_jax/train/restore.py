@@ -49,7 +49,7 @@ def policy_from_run(run: pl.Run):
   if config.stage == 'congrpo' and config.rl.enabled and os.path.isdir(rl_dir):
     base = U.merge_model(sft_res.graphdef, sft_res.state) if sft_res else pl.build_model(config, run.model_cfg,
                                                                                          config.seed)
-    graphdef, state, _, _ = congrpo.init_state(run, base, congrpo.num_steps(config, len(run.data.train)))
+    graphdef, state, _, _ = congrpo.init_state(run, base, congrpo.num_steps(config, len(pl.rl_records(run))))
     ckpt = Checkpointer(rl_dir, keep=config.ckpt.keep)
     try:
       out = ckpt.restore_latest(state)
