@@ -35,6 +35,7 @@ def test_the_quick_check_is_the_miniature_cut_short():
   # the default's task mixture and position pretext are not part of what the check measured: plain epochs, no pretext
   assert (base.sft.epochs, base.vision_warmup.then_position) == (1, True) and base.sft.task_repeats
   assert (quick.sft.epochs, quick.sft.task_repeats, quick.vision_warmup.then_position) == (2, '', False)
+  assert base.rl.task_repeats == base.sft.task_repeats and quick.rl.task_repeats == ''
   for key in ('model', 'data.synth_images', 'data.image_size', 'data.synth_lesion_scale', 'sft.trainable',
               'sft.batch_size', 'vision_warmup.then_pool'):
     a, b = base, quick
