@@ -76,7 +76,7 @@ def test_rl_task_repeats_weigh_the_prompts_by_task(tmp_path):
   import collections
   import types
   config = _config(tmp_path, '')
-  config.sft.task_repeats = ''
+  config.sft.task_repeats = config.rl.task_repeats = ''   # the miniature's default sets both
   data = pl.build_data(config)
   run = types.SimpleNamespace(config=config, data=data)
   n = len(data.train)
@@ -91,18 +91,25 @@ def test_rl_task_repeats_weigh_the_prompts_by_task(tmp_path):
   assert len(source) > n
 
 
-def test_the_sft_trainer_reads_the_weighted_epoch(tmp_path, monkeypatch):
-  """``sft.train`` (the launcher's SFT) feeds the repeated epoch and counts its steps from it."""
-  from medad_jax.train import feed, sft
+def _run_with_lesion_repeats(tmp_path, stage: str):
+  """-> ``(run, n, lesion)``: a tiny run whose ``<stage>.task_repeats`` triples lesion localisation, its train
+  questions and how many of them are lesion localisation."""
   config = _config(tmp_path, '')
-  config.sft.task_repeats = 'lesion_localization=3'
+  config[stage].task_repeats = 'lesion_localization=3'
   config.sft.batch_size, config.sft.epochs, config.sft.max_steps = 4, 1, 2
+  config.rl.max_steps, config.rl.epochs = -1, 1
   config.vision_warmup.enabled = False
   config.mesh.devices = 1
   config.log.tensorboard = False
   run = pl.setup(config, str(tmp_path / 'run'))
   n = len(run.data.train)
-  lesion = sum(run.data.train[i].task == 'lesion_localization' for i in range(n))
+  return run, n, sum(run.data.train[i].task == 'lesion_localization' for i in range(n))
+
+
+def test_the_sft_trainer_reads_the_weighted_epoch(tmp_path, monkeypatch):
+  """``sft.train`` (the launcher's SFT) feeds the repeated epoch and counts its steps from it."""
+  from medad_jax.train import feed, sft
+  run, n, lesion = _run_with_lesion_repeats(tmp_path, 'sft')
   seen = []
   real = feed.dataset
 
@@ -122,14 +129,8 @@ def test_the_congrpo_trainer_draws_prompts_from_the_weighted_source(tmp_path, mo
   """``congrpo.train`` (the launcher's Con-GRPO) builds its prompt stream from ``rl.task_repeats``'s mixture and
   counts its steps from it (stopped at the stream's creation: what it reads is the point, not a step)."""
   from medad_jax.train import congrpo, feed
-  config = _config(tmp_path, '')
-  config.rl.task_repeats = 'lesion_localization=3'
-  config.rl.max_steps, config.rl.epochs = -1, 1
-  config.mesh.devices = 1
-  config.log.tensorboard = False
-  run = pl.setup(config, str(tmp_path / 'run'))
-  n = len(run.data.train)
-  lesion = sum(run.data.train[i].task == 'lesion_localization' for i in range(n))
+  run, n, lesion = _run_with_lesion_repeats(tmp_path, 'rl')
+  config = run.config
   seen = []
 
   class Seen(Exception):

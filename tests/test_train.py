@@ -26,7 +26,8 @@ OVERRIDES = ['model.preset=tiny', 'data.synth_images=40', 'data.image_size=56', 
              'sampling.max_new_tokens=64', 'eval.max_new_tokens=64', 'eval.batch_size=16',
              'mesh.devices=1', 'log.tensorboard=False', 'ckpt.async_save=False',
              # the recipe this test was written for: 6 plain epochs of all weights, no vision warm-up
-             'sft.epochs=6', 'sft.trainable=all', 'vision_warmup.enabled=False', 'sft.task_repeats=']
+             'sft.epochs=6', 'sft.trainable=all', 'vision_warmup.enabled=False', 'sft.task_repeats=',
+             'rl.task_repeats=']
 
 
 def format_rate(run, model, n=16):
