@@ -149,11 +149,6 @@ def task_repeats(config, stage: str = 'sft') -> dict[str, int]:
     raise ValueError(f'config.{stage}.task_repeats = {text!r}: {e}') from None
 
 
-def sft_task_repeats(config) -> dict[str, int]:
-  """``config.sft.task_repeats`` parsed."""
-  return task_repeats(config, 'sft')
-
-
 def task_mixture(source, lengths, repeats: dict[str, int]):
   """-> ``(source, lengths)`` with each record of a task in ``repeats`` that many times (a data-mixture weight:
   a shuffled epoch spreads the copies), the others once; ``source`` itself when ``repeats`` is empty."""
