@@ -164,7 +164,9 @@ from medad_jax.data import synth, tfds_builders
 go = sys.argv[2]
 while not os.path.exists(go):   # both processes imported: start the build together
   time.sleep(0.01)
-print(tfds_builders.build_synth(synth.SynthConfig(num_images=60, seed=7, image_size=56), sys.argv[1]))
+path = tfds_builders.build_synth(synth.SynthConfig(num_images=60, seed=7, image_size=56), sys.argv[1])
+with open(sys.argv[3], 'w') as f:   # the builder directory, for the parent to compare
+  f.write(path)
 '''
 
 
@@ -177,15 +179,16 @@ def test_two_processes_building_the_same_dataset_share_one_build(tmp_path):
   import time
   data_dir, go = str(tmp_path / 'tfds'), str(tmp_path / 'go')
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [os.getcwd(), os.environ.get('PYTHONPATH')]))}
-  procs = [subprocess.Popen([sys.executable, '-c', _RACE, data_dir, go], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  results = [str(tmp_path / f'result{i}') for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, '-c', _RACE, data_dir, go, results[i]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
   time.sleep(1.0)
   deadline = time.time() + 120
   open(go, 'w').close()
   outs = [p.communicate(timeout=max(1.0, deadline - time.time())) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
-  dirs = {out.strip().splitlines()[-1] for out, _ in outs}
+  dirs = {open(r).read() for r in results}
   assert len(dirs) == 1
   src = tfds_builders.RecordSource(dirs.pop(), 'train')
   assert len(src) > 0

@@ -22,6 +22,7 @@ data configuration"; nothing is downloaded) are replaced by ours: what is built 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import json
@@ -278,10 +279,13 @@ def _config(builder_cls, config: tfds.core.BuilderConfig):
   return config.name if known is not None else config
 
 
-def _build_lock(data_dir: str, builder_cls, config) -> filelock.FileLock:
-  """An inter-process lock on one build (builder + config name) in ``data_dir``: processes that share a cache
-  (a sweep's seeds side by side, one per host of a shared file system) build it once; the others wait, then reuse
-  it. Without it the second finisher failed inside TFDS on renaming its build onto the first one's."""
+def _build_lock(data_dir: str, builder_cls, config):
+  """An inter-process lock on one build (builder + config name) in ``data_dir``: processes that share a local
+  cache (a sweep's seeds side by side) build it once; the others wait, then reuse it. Without it the second
+  finisher failed inside TFDS on renaming its build onto the first one's. A cache on an object store
+  (``gs://...``) has no file locks: none is taken there (processes sharing such a cache still race)."""
+  if '://' in str(data_dir):
+    return contextlib.nullcontext()
   name = config if isinstance(config, str) else config.name
   lock_dir = epath.Path(data_dir) / builder_cls.name
   lock_dir.mkdir(parents=True, exist_ok=True)
