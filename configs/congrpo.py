@@ -52,9 +52,9 @@ tokens, the ``local`` judge = the frozen SFT policy (RL adapters off) reading th
 own format (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test
 split, next to the blind answer-prior baseline, and the final policy again on shuffled images
 (``eval.image_control``). Three training seeds on a 2-core AMD EPYC (AVX-512, no AMX): pi_SFT 80.00 +- 1.21 %,
-SFT + Con-GRPO 79.78 +- 1.20 %, shuffled-image control 24.98 % (chance 25 %, answer prior 45.73 %); seed 0 alone
-in 770 s (warm-up 117 s, SFT 438 s, Con-GRPO 107 s, evaluation of three rows 100 s) (WORKSPACE.md "The embedded default run" has the table and what it does not
-reach yet).
+SFT + Con-GRPO 80.98 +- 0.79 %, shuffled-image control 25.42 % (chance 25 %, answer prior 45.73 %); seed 0 alone
+in 689 s (warm-up 105 s, SFT 372 s, Con-GRPO 108 s, evaluation of three rows 99 s) (WORKSPACE.md "The embedded
+default run" has the table and what it does not reach yet).
 """
 
 import ml_collections
