@@ -29,10 +29,10 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   Consistency reward:
   evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).
   Miniature only:
-  quick         a ~4-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
-                and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 400 SFT
-                steps of plain epochs at lr 2e-3; the evaluation
-                on their test questions (WORKSPACE.md "The embedded default run").
+  quick         a ~3-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
+                and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 300 SFT
+                steps at lr 2e-3 in which 3 of every 4 examples ask for anomaly detection; the evaluation on their
+                test questions (WORKSPACE.md "The embedded default run").
 
 Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.reward.con=0.5``.
 
@@ -118,22 +118,20 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_quick(config: ml_collections.ConfigDict) -> None:
-  """The miniature cut to a learning check of the whole policy in ~4-5 minutes on 2 cores (the CI test
-  ``tests/test_quick_run.py``): the same data, tower and SFT recipe, fewer tasks, passes and steps.
-
-  Anomaly detection on its 150 test questions (prior 57.3 %; WORKSPACE.md): after 300 SFT steps 72.0, 82.0 and
-  74.0 % for seeds 0, 1, 2 on a Xeon, but 60.7 % for seed 0 on an AMD EPYC (another float order); after 400 steps
-  76.0 % there. Fewer steps are not reliable (seed 0 on the Xeon: 200 steps 68.0, 250 steps 61.3)."""
+  """The miniature cut to a learning check of the whole policy in ~3 minutes on 2 cores (the CI test
+  ``tests/test_quick_run.py`` runs ``--config=congrpo:sft_only,quick`` through the launcher): the same data, tower
+  and SFT recipe, two tasks, fewer passes and steps (WORKSPACE.md "The embedded default run", the ``quick`` part,
+  has the measurements of each setting)."""
   config.data.tasks = 'anomaly_detection,lesion_localization'  # 2 of the 5 questions per image; the region labels
-                                         # train the tower's warm-up on presence too
+                                         # train the tower's warm-up on presence too (anomaly detection alone does not)
   config.vision_warmup.epochs = 10       # 10 + 5 passes instead of 30 + 15
   config.vision_warmup.then_epochs = 5
-  config.sft.max_steps = 400             # instead of the default's 1,168 (300 read 72-73 % on a Xeon, 60.7 on an
-                                         # AMD EPYC: the route is found late; 400 read 76.0 there)
-  config.sft.epochs = 2                  # (400 steps of the two tasks' plain epochs, as measured: the default's
-  config.sft.task_repeats = ''           # task mixtures and position pretext were not part of this check's
+  config.vision_warmup.then_position = False
+  config.sft.max_steps = 300             # instead of the default's 1,168
+  config.sft.epochs = 2                  # (not reached: an epoch is 425 steps)
+  config.sft.task_repeats = 'anomaly_detection=3'  # 3 of every 4 examples ask for anomaly detection, the task the
+                                         # check reads (the lesion questions are there for the warm-up's labels)
   config.rl.task_repeats = ''
-  config.vision_warmup.then_position = False  # measurements)
   config.sft.optim.lr = 2e-3
   config.rl.max_steps = 10
 
