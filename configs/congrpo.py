@@ -29,7 +29,7 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   Consistency reward:
   evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).
   Miniature only:
-  quick         a ~3-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
+  quick         a ~3.5-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
                 and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 300 SFT
                 steps at lr 2e-3 in which 3 of every 4 examples ask for anomaly detection; the evaluation on their
                 test questions (WORKSPACE.md "The embedded default run").
@@ -118,7 +118,7 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_quick(config: ml_collections.ConfigDict) -> None:
-  """The miniature cut to a learning check of the whole policy in ~3 minutes on 2 cores (the CI test
+  """The miniature cut to a learning check of the whole policy in ~3.5 minutes on 2 cores (the CI test
   ``tests/test_quick_run.py`` runs ``--config=congrpo:sft_only,quick`` through the launcher): the same data, tower
   and SFT recipe, two tasks, fewer passes and steps (WORKSPACE.md "The embedded default run", the ``quick`` part,
   has the measurements of each setting)."""
