@@ -9,17 +9,13 @@ import os
 
 import pytest
 
+from medad_jax.metrics import read_jsonl
 from medad_jax.testing import multiprocess
 
 pytestmark = pytest.mark.slow
 
 MARGIN = 0.08   # accuracy points over the prior: ~2 binomial standard errors on 150 questions (SE ~0.04)
 CONTROL = 0.03  # the image-shuffled control may exceed the prior by at most this
-
-
-def _rows(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def test_a_quick_run_reads_anomaly_detection_from_the_pixels(tmp_path):
@@ -43,12 +39,12 @@ def test_a_quick_run_reads_anomaly_detection_from_the_pixels(tmp_path):
   with open(run / 'eval' / 'results.json') as f:
     policies = {p['name']: p for p in json.load(f)['policies']}
   prior, sft, control = (policies[n]['mean']['anomaly_detection'] for n in (PRIOR_NAME, 'SFT', control_name('SFT')))
-  answered = _rows(os.path.join(run, 'eval', 'completions', 'sft-seed0.jsonl'))
+  answered = read_jsonl(os.path.join(run, 'eval', 'completions', 'sft-seed0.jsonl'))
   assert sum(r['task'] == 'anomaly_detection' for r in answered) == 150 and len(answered) == 300
   assert prior == pytest.approx(86 / 150)
   with open(run / 'summary.json') as f:
     assert set(json.load(f)['seconds']) >= {'vision_warmup', 'sft', 'eval'}
-  steps = [r['step'] for r in _rows(os.path.join(run, 'metrics.jsonl')) if r.get('stage') == 'sft']
+  steps = [r['step'] for r in read_jsonl(os.path.join(run, 'metrics.jsonl')) if r.get('stage') == 'sft']
   assert max(steps) == 300
 
   assert sft >= prior + MARGIN, (sft, prior, log)
