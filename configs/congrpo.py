@@ -29,16 +29,18 @@ Variants (comma-separated after the colon; combine with ``paper`` for full scale
   Consistency reward:
   evidence      the evidence-aware R_con (five rubric parts; ``judge.con_mode='evidence'``).
   Miniature only:
-  quick         a ~3.5-minute learning check of the whole policy (CI runs it with ``sft_only``): anomaly detection
-                and lesion localisation only, a warm-up of 10 + 5 passes without the position pretext, 300 SFT
-                steps at lr 2e-3 in which 3 of every 4 examples ask for anomaly detection; the evaluation on their
-                test questions (WORKSPACE.md "The embedded default run").
+  quick         a ~2-minute learning check of the whole policy (CI runs it with ``sft_only``): the ``micro``
+                decoder (2 layers of width 128) under the miniature's tower, anomaly detection and lesion
+                localisation only, a warm-up of 10 + 5 passes without the position pretext, 400 SFT steps at lr
+                3e-3 in which 3 of every 4 examples ask for anomaly detection; the evaluation on their test
+                questions (WORKSPACE.md "The embedded default run").
 
 Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.reward.con=0.5``.
 
 Miniature (the default, no variant): what differs from the paper because of scale, set in ``apply_miniature``: the
 ``mini`` Qwen2.5-VL architecture (4.7M parameters, randomly initialised: there is no pretrained base), a BPE
-tokenizer of ~1.4k tokens learned from the synthetic training split, medad-synth with 1,000 images of 84 px (9 image
+tokenizer of ~1.5k tokens learned from the synthetic training split's conversations as the chat template renders
+them, medad-synth with 1,000 images of 84 px (9 image
 tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what a CNN needs to read every task above its prior), 850
 train / 150 test images (4,250 / 750 questions), answers written as the option text
 (``data.answer_format='option'``: a model trained from scratch in minutes does not learn to look up an option's
@@ -51,10 +53,10 @@ times = 1,168 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8
 tokens, the ``local`` judge = the frozen SFT policy (RL adapters off) reading the question and the thought in its
 own format (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test
 split, next to the blind answer-prior baseline, and the final policy again on shuffled images
-(``eval.image_control``). Three training seeds on a 2-core AMD EPYC (AVX-512, no AMX): pi_SFT 80.00 +- 1.21 %,
-SFT + Con-GRPO 80.98 +- 0.79 %, shuffled-image control 25.42 % (chance 25 %, answer prior 45.73 %); seed 0 alone
-in 689 s (warm-up 105 s, SFT 372 s, Con-GRPO 108 s, evaluation of three rows 99 s) (WORKSPACE.md "The embedded
-default run" has the table and what it does not reach yet).
+(``eval.image_control``). Three training seeds on a 2-core AMD EPYC with AVX-512 switched off
+(``XLA_FLAGS=--xla_cpu_max_isa=AVX2``): pi_SFT 80.44 +- 2.30 %, SFT + Con-GRPO 80.44 +- 1.64 %, shuffled-image
+control 24.67 % (chance 25 %, answer prior 45.73 %); 753-834 s a seed in slow hours of that machine (WORKSPACE.md
+"The embedded default run" has the table, the times and what it does not reach yet).
 """
 
 import ml_collections
@@ -94,8 +96,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
     config.sft.optim.lr = 1e-3
     config.sft.optim.schedule = 'cosine'
     config.sft.optim.warmup_steps = 30
-    config.sft.length_buckets = '128,144,160,176,192,256'  # the examples are 96-164 tokens: padded to the next 16
-                                         # instead of 128 / 192 (the same batches; SFT 1.18x faster, WORKSPACE.md)
+    config.sft.length_buckets = '96,112,128,144,160,192,256'  # the examples are 76-146 tokens: padded to the
+                                         # next 16 (the same batches as any bucket list; WORKSPACE.md)
   if 'lora' in config:
     config.lora.rank = 8
     config.lora.alpha = 16.0
@@ -118,21 +120,22 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
 
 
 def apply_quick(config: ml_collections.ConfigDict) -> None:
-  """The miniature cut to a learning check of the whole policy in ~3.5 minutes on 2 cores (the CI test
+  """The miniature cut to a learning check of the whole policy in ~2 minutes on 2 cores (the CI test
   ``tests/test_quick_run.py`` runs ``--config=congrpo:sft_only,quick`` through the launcher): the same data, tower
-  and SFT recipe, two tasks, fewer passes and steps (WORKSPACE.md "The embedded default run", the ``quick`` part,
-  has the measurements of each setting)."""
+  and SFT recipe, two tasks, fewer passes and steps, and the ``micro`` decoder (WORKSPACE.md "The embedded default
+  run", the ``quick`` parts, has the measurements of each setting)."""
+  config.model.preset = 'micro'          # mini's vision tower under a 2-layer decoder of width 128: SFT ~3x faster
   config.data.tasks = 'anomaly_detection,lesion_localization'  # 2 of the 5 questions per image; the region labels
                                          # train the tower's warm-up on presence too (anomaly detection alone does not)
   config.vision_warmup.epochs = 10       # 10 + 5 passes instead of 30 + 15
   config.vision_warmup.then_epochs = 5
   config.vision_warmup.then_position = False
-  config.sft.max_steps = 300             # instead of the default's 1,168
+  config.sft.max_steps = 400             # instead of the default's 1,168
   config.sft.epochs = 2                  # (not reached: an epoch is 425 steps)
   config.sft.task_repeats = 'anomaly_detection=3'  # 3 of every 4 examples ask for anomaly detection, the task the
                                          # check reads (the lesion questions are there for the warm-up's labels)
   config.rl.task_repeats = ''
-  config.sft.optim.lr = 2e-3
+  config.sft.optim.lr = 3e-3
   config.rl.max_steps = 10
 
 

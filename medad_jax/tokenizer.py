@@ -270,10 +270,13 @@ def train_small_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: 
   """Learns a small byte-level BPE with Qwen2's pipeline and special-token strings.
 
   The added tokens (:data:`SMALL_SPECIAL_TOKENS` then :data:`SMALL_TAG_TOKENS`) take the last ids, after the
-  learned vocabulary, as in Qwen. Their strings are removed from the training text so no merge spells them.
+  learned vocabulary, as in Qwen. Their strings cut the training text into the segments an encoding sees (an added
+  token splits the text before BPE runs), so no merge spells them and each segment -- e.g. ``assistant`` right after
+  ``<|im_start|>``, ``Chest`` right after ``<answer>`` -- is learned as it is encoded, without a space before it.
 
   Args:
-    texts: training strings (e.g. every question and SFT target of the synthetic benchmark).
+    texts: training strings (e.g. every conversation of the synthetic benchmark's training split as the chat
+      template renders it).
     vocab_size: total size including the 256 byte tokens and the 11 added tokens; the result may be smaller when
       the corpus runs out of pairs seen ``min_frequency`` times.
 
@@ -294,7 +297,7 @@ def train_small_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: 
   for i, t in enumerate(texts):
     if not isinstance(t, str):
       raise TypeError(f'texts[{i}] is {type(t).__name__}, expected str')
-    corpus.append(strip.sub(' ', t))
+    corpus.extend(seg for seg in strip.split(t) if seg)
   if not any(s.strip() for s in corpus):
     raise ValueError('texts is empty (or only whitespace / special tokens): nothing to learn a vocabulary from')
 

@@ -1,10 +1,13 @@
 """Experiment configs: every variant builds, paper defaults, overrides change behaviour, bad keys/values fail."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import common, congrpo, eval as eval_cfg, sft
+from medad_jax.model.config import Qwen25VLConfig
 from medad_jax.rl import update as U
 
 
@@ -27,17 +30,21 @@ def test_every_variant_builds_locked_and_valid(spec):
 
 
 def test_the_quick_check_is_the_miniature_cut_short():
-  """``quick`` (``tests/test_quick_run.py``): the default miniature with two tasks, fewer warm-up passes and 300
-  SFT steps in which anomaly detection weighs 3; everything else -- data, tower, SFT recipe but its learning rate
-  -- as the default."""
+  """``quick`` (``tests/test_quick_run.py``): the default miniature with the ``micro`` decoder under the same
+  tower, two tasks, fewer warm-up passes and 400 SFT steps in which anomaly detection weighs 3; everything else --
+  data, tower, SFT recipe but its learning rate -- as the default."""
   base, quick = common.load('congrpo:sft_only'), common.load('congrpo:sft_only,quick')
   assert quick.data.tasks == 'anomaly_detection,lesion_localization' and base.data.tasks == ''
-  assert (quick.vision_warmup.epochs, quick.vision_warmup.then_epochs, quick.sft.max_steps) == (10, 5, 300)
+  assert (quick.vision_warmup.epochs, quick.vision_warmup.then_epochs, quick.sft.max_steps) == (10, 5, 400)
   # the default's lesion-task weights and position pretext are not part of what the check measured
   assert (base.sft.epochs, base.vision_warmup.then_position) == (1, True) and base.sft.task_repeats
   assert (quick.sft.task_repeats, quick.vision_warmup.then_position) == ('anomaly_detection=3', False)
   assert base.rl.task_repeats == base.sft.task_repeats and quick.rl.task_repeats == ''
-  for key in ('model', 'data.synth_images', 'data.image_size', 'data.synth_lesion_scale', 'sft.trainable',
+  assert (base.model.preset, quick.model.preset) == ('mini', 'micro')
+  mini, micro = (Qwen25VLConfig.preset(n) for n in ('mini', 'micro'))
+  assert micro.vision == dataclasses.replace(mini.vision, out_hidden_size=micro.text.hidden_size)
+  assert (micro.text.num_layers, micro.text.hidden_size, micro.text.head_dim) == (2, 128, mini.text.head_dim)
+  for key in ('model.tokenizer', 'model.vocab_size', 'data.synth_images', 'data.image_size', 'data.synth_lesion_scale', 'sft.trainable',
               'sft.batch_size', 'vision_warmup.then_pool'):
     a, b = base, quick
     for part in key.split('.'):

@@ -247,6 +247,13 @@ def test_small_tokenizer_size_round_trip_and_determinism(small_tok):
   assert len(small_tok.encode(SMALL_CORPUS[7])) < 0.5 * len(SMALL_CORPUS[7].encode())
 
 
+def test_small_tokenizer_learns_each_segment_as_it_is_encoded(small_tok):
+  # An added token splits the text before BPE runs, so the word right after one has no space before it; the
+  # training text is cut there too, and 'effusion' (only ever after <answer>) is one learned token.
+  assert small_tok.tokenize('<answer>effusion</answer>') == ['<answer>', 'effusion', '</answer>']
+  assert small_tok.tokenize('<think>Case 3')[:2] == ['<think>', 'Case']
+
+
 def test_small_tokenizer_config_and_template(small_tok, qwen_tok):
   ids = T.token_ids_for_config(small_tok, vocab_multiple=64)
   assert ids['vocab_size'] % 64 == 0 and len(small_tok) <= ids['vocab_size'] < len(small_tok) + 64
@@ -279,3 +286,21 @@ def test_config_ids_need_the_control_tokens():
   bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab={'a': 0}, merges=[])))
   with pytest.raises(KeyError, match=r"no token '<\|image_pad\|>'"):
     T.token_ids_for_config(bare)
+
+
+def test_the_miniature_tokenizer_learns_the_conversation_the_model_reads():
+  """``pipeline.corpus_texts`` renders each training record through the chat template, so the template's words
+  (system turn, roles) and each answer right after ``<answer>`` are learned whole, not left to single bytes."""
+  from medad_jax.data import synth
+  from medad_jax.data.schema import format_question, format_target
+  from medad_jax.processor import render_prompt, render_target
+  from medad_jax.train.pipeline import corpus_texts
+  records = [r for _, rs in synth.generate(synth.SynthConfig(num_images=30, seed=0, image_size=56)) for r in rs]
+  tok = T.train_small_tokenizer(corpus_texts(records, 'option'), 2048)
+  r = records[0]
+  prompt = tok.tokenize(render_prompt(format_question(r)))
+  assert prompt[:3] == ['<|im_start|>', 'system', 'Ċ'] and prompt[-3:] == ['<|im_start|>', 'assistant', 'Ċ']
+  assert ['You', 'Ġare', 'Ġa', 'Ġhelpful', 'Ġassistant', '.'] == prompt[3:9]
+  target = tok.tokenize(render_target(format_target(r, 'option')))
+  answer = target[target.index('<answer>') + 1:target.index('</answer>')]
+  assert tok.convert_tokens_to_string(answer) == r.answer_text and len(answer) <= 2, answer

@@ -166,9 +166,21 @@ class Qwen25VLConfig:
     )
 
   @classmethod
+  def micro(cls, vocab_size: int = 2048) -> 'Qwen25VLConfig':
+    """:meth:`mini`'s vision tower under a 2-layer decoder of width 128 (head dimension 64 and M-RoPE sections as
+    in ``mini``, GQA 2:1): the policy of the CI learning check (``--config=congrpo:quick``), ~1/8 of ``mini``'s
+    decoder compute per token."""
+    m, v = cls.mini(vocab_size), vocab_size
+    return dataclasses.replace(
+        m, text=dataclasses.replace(m.text, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=384),
+        vision=dataclasses.replace(m.vision, out_hidden_size=128))
+
+  @classmethod
   def preset(cls, name: str) -> 'Qwen25VLConfig':
     presets = {'qwen2_5_vl_3b': cls.qwen2_5_vl_3b, 'qwen2_5_vl_7b': cls.qwen2_5_vl_7b, 'tiny': cls.tiny,
-               'small': cls.small, 'mini': cls.mini}
+               'small': cls.small, 'mini': cls.mini,
+               'micro': cls.micro}
     if name not in presets:
       raise ValueError(f'unknown model preset {name!r}; expected one of {sorted(presets)}')
     return presets[name]()

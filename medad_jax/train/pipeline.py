@@ -177,13 +177,16 @@ def rl_records(run: 'Run'):
 
 
 def corpus_texts(records: Sequence[MedADRecord], answer_format: str = 'letter') -> list[str]:
-  """The strings the small tokenizer learns from: every question (with options) and SFT target."""
+  """The strings the small tokenizer learns from: every training conversation as the model reads it -- the chat
+  template's prompt (system turn, roles, question with options) and the SFT target. Learning from the bare question
+  and target left the template's words to single bytes (``assistant`` was 5 tokens, the system turn 17)."""
+  from medad_jax.processor import render_prompt, render_target
   out = []
   for i in range(len(records)):
     r = records[i]
-    out.append(format_question(r))
+    out.append(render_prompt(format_question(r)))
     if r.cot is not None:
-      out.append(format_target(r, answer_format))
+      out.append(render_target(format_target(r, answer_format)))
   return out
 
 
@@ -203,7 +206,7 @@ def build_tokenizer(config, data: Data | None):
   fmt = config.data.answer_format
   # The vocabulary is learned from the training questions: what selects them (the build, the kept tasks) is in the key.
   tasks = ','.join(data_tasks(config))
-  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|{fmt}|v1{"|" + tasks if tasks else ""}'
+  key = hashlib.sha1(f'{data.builder_dir}|{config.model.vocab_size}|{fmt}|v2{"|" + tasks if tasks else ""}'
                      .encode()).hexdigest()[:12]
   path = os.path.join(cache_root(config), 'tokenizers', f'small-{config.model.vocab_size}-{key}')
   if os.path.exists(os.path.join(path, 'tokenizer_config.json')):
