@@ -44,8 +44,8 @@ def test_the_quick_check_is_the_miniature_cut_short():
   mini, micro = (Qwen25VLConfig.preset(n) for n in ('mini', 'micro'))
   assert micro.vision == dataclasses.replace(mini.vision, out_hidden_size=micro.text.hidden_size)
   assert (micro.text.num_layers, micro.text.hidden_size, micro.text.head_dim) == (2, 128, mini.text.head_dim)
-  for key in ('model.tokenizer', 'model.vocab_size', 'data.synth_images', 'data.image_size', 'data.synth_lesion_scale', 'sft.trainable',
-              'sft.batch_size', 'vision_warmup.then_pool'):
+  for key in ('model.tokenizer', 'model.vocab_size', 'data.synth_images', 'data.image_size',
+              'data.synth_lesion_scale', 'sft.trainable', 'sft.batch_size', 'vision_warmup.then_pool'):
     a, b = base, quick
     for part in key.split('.'):
       a, b = a[part], b[part]

@@ -167,8 +167,8 @@ class Qwen25VLConfig:
 
   @classmethod
   def micro(cls, vocab_size: int = 2048) -> 'Qwen25VLConfig':
-    """:meth:`mini`'s vision tower under a 2-layer decoder of width 128 (head dimension 64 and M-RoPE sections as
-    in ``mini``, GQA 2:1): the policy of the CI learning check (``--config=congrpo:quick``); its decoder layers hold
+    """:meth:`mini`'s vision tower (its merger projecting to 128) under a 2-layer decoder of width 128 (head
+    dimension 64 and M-RoPE sections as in ``mini``, GQA 2:1): the policy of the CI learning check (``--config=congrpo:quick``); its decoder layers hold
     1/8 of ``mini``'s weights (2 x 196,608 against 4 x 786,432)."""
     m, v = cls.mini(vocab_size), vocab_size
     return dataclasses.replace(
