@@ -564,7 +564,8 @@ def missing_paths(config: ml_collections.ConfigDict) -> list[str]:
       out.append(f'config.{key} = {v!r} does not exist ({what})')
 
   evaluates_other = config.stage == 'eval' and config.eval.policy in ('hf', 'endpoint')
-  if (config.model.preset not in ('tiny', 'micro', 'mini', 'small') and not evaluates_other) or config.model.checkpoint:
+  from medad_jax.model.config import RANDOM_INIT_PRESETS
+  if (config.model.preset not in RANDOM_INIT_PRESETS and not evaluates_other) or config.model.checkpoint:
     need('model.checkpoint', 'a local Hugging Face Qwen2.5-VL directory with config.json and *.safetensors')
   if config.stage == 'eval' and config.eval.policy == 'run':
     need('workdir', 'the run directory whose trained policy is evaluated')

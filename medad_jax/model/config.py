@@ -186,6 +186,11 @@ class Qwen25VLConfig:
     return presets[name]()
 
 
+# The presets a run builds with random weights (no public checkpoint has their shapes); the others need
+# ``model.checkpoint`` (configs/common.py).
+RANDOM_INIT_PRESETS = ('tiny', 'micro', 'mini', 'small')
+
+
 # ---------------------------------------------------------------------- HF config.json
 
 
