@@ -110,7 +110,7 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
                                          # each (from the same SFT, 3 seeds: 79.8 +- 1.2 -> 81.0 +- 0.8 %, WORKSPACE.md)
     # no DAPO dynamic sampling (``rl.dynamic_sampling``, redrawing groups without reward variance): from the same
     # three SFT policies, without it the final policy reads 80.9 +- 2.2 % against 80.4 +- 1.6 with it (lesion 61.1
-    # against 59.3), and Con-GRPO draws 30 batches instead of ~60 (WORKSPACE.md "The embedded default run")
+    # against 59.3), and Con-GRPO draws 30 batches instead of 65-73 (WORKSPACE.md "The embedded default run")
     config.sampling.max_new_tokens = 96  # the synthetic CoTs are 40-60 tokens
     config.rl.overlong_buffer = 24       # DAPO's overlong buffer: the last quarter of the budget
   config.eval.batch_size = 32
