@@ -40,23 +40,22 @@ Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.re
 Miniature (the default, no variant): what differs from the paper because of scale, set in ``apply_miniature``: the
 ``mini`` Qwen2.5-VL architecture (4.7M parameters, randomly initialised: there is no pretrained base), a BPE
 tokenizer of ~1.5k tokens learned from the synthetic training split's conversations as the chat template renders
-them, medad-synth with 1,000 images of 84 px (9 image
-tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what a CNN needs to read every task above its prior), 850
-train / 150 test images (4,250 / 750 questions), answers written as the option text
-(``data.answer_format='option'``: a model trained from scratch in minutes does not learn to look up an option's
-letter), a vision warm-up before SFT (``vision_warmup``: the random tower trained under a throw-away head on the
-training split's answers, 30 passes over its tokens flattened, then 15 over their mean with a position pretext --
-the stand-in for a pretrained vision encoder), SFT of every weight but that tower (``sft.trainable='decoder'``) at lr
-1e-3 (cosine, 30 warmup steps, batch 8, one epoch in which the anomaly, lesion and pathology questions come three
-times = 1,168 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8 LoRA adapters at lr 1e-3 for 30 steps of
-4 prompts x G = 8, completions of at most 96
-tokens, the ``local`` judge = the frozen SFT policy (RL adapters off) reading the question and the thought in its
-own format (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test
-split, next to the blind answer-prior baseline, and the final policy again on shuffled images
-(``eval.image_control``). Three training seeds on a 2-core AMD EPYC with AVX-512 switched off
-(``XLA_FLAGS=--xla_cpu_max_isa=AVX2``): pi_SFT 80.44 +- 2.30 %, SFT + Con-GRPO 80.89 +- 2.18 %, shuffled-image
-control 24.98 % (chance 25 %, answer prior 45.73 %); 688 s for seed 0 from scratch on that machine (WORKSPACE.md
-"The embedded default run" has the table, the times and what it does not reach yet).
+them, medad-synth with 1,000 images of 84 px (9 image tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what
+a CNN needs to read every task above its prior), 850 train / 150 test images (4,250 / 750 questions), answers
+written as the option text (``data.answer_format='option'``: a model trained from scratch in minutes does not learn
+to look up an option's letter), a vision warm-up before SFT (``vision_warmup``: the random tower trained under a
+throw-away head on the training split's answers, 30 passes over its tokens flattened, then 15 over their mean with a
+position pretext -- the stand-in for a pretrained vision encoder), SFT of every weight but that tower
+(``sft.trainable='decoder'``) at lr 1e-3 (cosine, 30 warmup steps, batch 8, one epoch in which the anomaly, lesion
+and pathology questions come three times = 1,168 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8
+LoRA adapters at lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens, the ``local`` judge =
+the frozen SFT policy (RL adapters off) reading the question and the thought in its own format
+(``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test split,
+next to the blind answer-prior baseline, and the final policy again on shuffled images (``eval.image_control``).
+Three training seeds on a 2-core AMD EPYC with AVX-512 switched off (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``): pi_SFT
+80.44 +- 2.30 %, SFT + Con-GRPO 80.89 +- 2.18 %, shuffled-image control 24.98 % (chance 25 %, answer prior 45.73 %);
+688 s for seed 0 from scratch on that machine (WORKSPACE.md "The embedded default run" has the table, the times and
+what it does not reach yet).
 """
 
 import ml_collections

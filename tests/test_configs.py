@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import common, congrpo, eval as eval_cfg, sft
-from medad_jax.model.config import Qwen25VLConfig
+from medad_jax.model.config import RANDOM_INIT_PRESETS, Qwen25VLConfig
 from medad_jax.rl import update as U
 
 
@@ -145,7 +145,6 @@ def test_paper_variant_names_each_missing_path(tmp_path):
                                      'directory: JSONL annotations + images)']
   assert common.missing_paths(common.load('congrpo')) == []   # the embedded miniature needs nothing
   assert common.missing_paths(common.load('congrpo:sft_only,quick')) == []   # nor its micro-decoder check
-  from medad_jax.model.config import RANDOM_INIT_PRESETS
   for name in RANDOM_INIT_PRESETS:   # each names a preset; the public architectures are not among them
     assert Qwen25VLConfig.preset(name).text.num_layers <= 8, name
   assert not {'qwen2_5_vl_3b', 'qwen2_5_vl_7b'} & set(RANDOM_INIT_PRESETS)

@@ -168,8 +168,9 @@ class Qwen25VLConfig:
   @classmethod
   def micro(cls, vocab_size: int = 2048) -> 'Qwen25VLConfig':
     """:meth:`mini`'s vision tower (its merger projecting to 128) under a 2-layer decoder of width 128 (head
-    dimension 64 and M-RoPE sections as in ``mini``, GQA 2:1): the policy of the CI learning check (``--config=congrpo:quick``); its decoder layers hold
-    1/8 of ``mini``'s weights (2 x 196,608 against 4 x 786,432)."""
+    dimension 64 and M-RoPE sections as in ``mini``, GQA 2:1): the policy of the CI learning check
+    (``--config=congrpo:quick``); its decoder layers hold 1/8 of ``mini``'s weights (2 x 196,608 against
+    4 x 786,432)."""
     m, v = cls.mini(vocab_size), vocab_size
     return dataclasses.replace(
         m, text=dataclasses.replace(m.text, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -179,8 +180,7 @@ class Qwen25VLConfig:
   @classmethod
   def preset(cls, name: str) -> 'Qwen25VLConfig':
     presets = {'qwen2_5_vl_3b': cls.qwen2_5_vl_3b, 'qwen2_5_vl_7b': cls.qwen2_5_vl_7b, 'tiny': cls.tiny,
-               'small': cls.small, 'mini': cls.mini,
-               'micro': cls.micro}
+               'small': cls.small, 'mini': cls.mini, 'micro': cls.micro}
     if name not in presets:
       raise ValueError(f'unknown model preset {name!r}; expected one of {sorted(presets)}')
     return presets[name]()
