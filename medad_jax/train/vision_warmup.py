@@ -160,8 +160,14 @@ def tower_logits(clf, pv, meta):
 
 
 @nnx.jit
-def tower_position_logits(clf, pv, meta):
-  return clf.position_logits(clf.features(pv, meta))
+def tower_readout(clf, pv, meta):
+  """The heads' logits and, with the position pretext, each token's row and column logits: one program for the
+  end-of-stage readout (each separately jitted function and chunk shape was a compile of its own, ~3 s each)."""
+  feats = clf.features(pv, meta)
+  return clf.read(feats), (clf.position_logits(feats) if clf.position is not None else None)
+
+
+READOUT_CHUNK = 256   # images per readout call; the last chunk is padded to it (one compiled shape)
 
 
 # --------------------------------------------------------------------------------------------------- labels
@@ -307,9 +313,18 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
       metas[b] = jax.tree.map(jnp.asarray, vision_meta(np.tile(np.asarray(grid), (b, 1)), vcfg))
     return jnp.asarray((pv_NLP if pv is None else pv)[rows]), metas[b]
 
-  def all_logits(pv):
-    parts = [tower_logits(clf, *inputs(np.arange(s, min(s + 256, len(pv))), pv)) for s in range(0, len(pv), 256)]
-    return [np.concatenate([np.asarray(p[k]) for p in parts]) for k in range(len(tasks))]
+  def readout(pv):
+    """-> (logits per task, row logits, column logits or None) of the images ``pv``, in chunks of one shape."""
+    n, C = len(pv), READOUT_CHUNK
+    parts = []
+    for s in range(0, n, C):
+      rows = np.minimum(np.arange(s, s + C), n - 1)   # the last chunk repeats its last image (rows dropped below)
+      parts.append(jax.device_get(tower_readout(clf, *inputs(rows, pv))))
+    cat = lambda xs: np.concatenate(xs)[:n]  # noqa: E731
+    logits = [cat([p[0][k] for p in parts]) for k in range(len(tasks))]
+    if parts[0][1] is None:
+      return logits, None, None
+    return logits, cat([p[1][0] for p in parts]), cat([p[1][1] for p in parts])
 
   total = sum(num_steps(e, len(y), c.batch_size) for _, e, _ in phases)
   run.logger.total_steps[STAGE] = total
@@ -335,14 +350,13 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
     first_row.setdefault(i, n)
   pos = {i: n for n, i in enumerate(first_row)}
   rows = np.array(list(first_row.values()))
+  logits, row_logits, col_logits = readout(pv_NLP[rows])
   out = {f'train_acc/{t}': float(v.mean()) for t, v in
-         answer_correct(all_logits(pv_NLP[rows]), pos, index, tasks, train).items() if len(v)}
+         answer_correct(logits, pos, index, tasks, train).items() if len(v)}
   if clf.position is not None:   # the pretext: each token's row and column read from its features alone
     rr, cc = token_positions(*clf.position)
-    parts = [tower_position_logits(clf, *inputs(rows[s:s + 256])) for s in range(0, len(rows), 256)]
-    for k, (name, want) in enumerate((('token_row', rr), ('token_col', cc))):
-      got = np.concatenate([np.asarray(p[k]).argmax(-1) for p in parts])
-      out[f'train_acc/{name}'] = float((got == want).mean())
+    for name, want, lg in (('token_row', rr, row_logits), ('token_col', cc, col_logits)):
+      out[f'train_acc/{name}'] = float((lg.argmax(-1) == want).mean())
   if held_out is not None:
     held = [r for r in held_out if r.task in tasks]
     hp, hgrid = _patches(run, held)
@@ -350,7 +364,7 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
       raise ValueError(f'vision_warmup: held-out images have patch grid {hgrid}, the training images {grid}')
     hpos = {i: n for n, i in enumerate(hp)}
     out |= {f'held_out_acc/{t}': float(v.mean()) for t, v in
-            answer_correct(all_logits(np.stack(list(hp.values()))), hpos, index, tasks, held).items() if len(v)}
+            answer_correct(readout(np.stack(list(hp.values())))[0], hpos, index, tasks, held).items() if len(v)}
   run.logger.log(STAGE, total, out)
   run.logger.flush()
   run.timings[STAGE] = time.time() - t0
