@@ -24,8 +24,9 @@ phase: a fresh head reading the tokens by ``then_pool`` (the miniature: their *m
 mark the lesion in the token that holds it but not to say *where* or *what* in the features themselves; the decoder,
 whose attention averages the tokens' features (RoPE moves the scores, not the values), reads those features. Under
 the mean head the tower has to carry the findings in what a uniform average of its tokens gives (from scratch it
-cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (off, also
-in the miniature: over three seeds it moved the table by less than the seeds' spread) the second phase adds a
+cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (off by
+default, on in the miniature: alone it moved the table by less than three seeds' spread, with the miniature's
+three passes over the lesion tasks +2.0 points, WORKSPACE.md) the second phase adds a
 position pretext: two linear heads shared by all tokens read each merged token's own row and column from its
 features alone (cross-entropy, added to the task loss). Why: the decoder cannot tell the image tokens' places apart
 by their positions -- at the miniature's width M-RoPE turns the height section by at most 0.032 rad per token and
