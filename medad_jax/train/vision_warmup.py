@@ -163,12 +163,13 @@ def tower_logits(clf, pv, meta):
 @nnx.jit
 def tower_readout(clf, pv, meta):
   """The heads' logits and, with the position pretext, each token's row and column logits: one program for the
-  end-of-stage readout (each separately jitted function and chunk shape was a compile of its own, ~3 s each)."""
+  end-of-stage readout (each separately jitted function and chunk shape was a compilation of its own)."""
   feats = clf.features(pv, meta)
   return clf.read(feats), (clf.position_logits(feats) if clf.position is not None else None)
 
 
-READOUT_CHUNK = 256   # images per readout call; the last chunk is padded to it (one compiled shape)
+READOUT_CHUNK = 32    # images per readout call, the last chunk padded to it (one compiled shape); the tower
+                      # attends over a chunk's patches packed (quadratic in their count): 256 images took ~7 s
 
 
 # --------------------------------------------------------------------------------------------------- labels
