@@ -36,8 +36,8 @@ it; the tower itself has 2D RoPE, i.e. relative positions only. Measured in WORK
 parts). The warm-up itself is off by default and on in the miniature;
 never useful with a pretrained checkpoint (whose tower already sees). It runs on one device, unsharded: with
 several processes each trains its own copy on the same data, seed and order (deterministic on one kind of CPU).
-The heavy two-process launcher test (``tests/test_launch_multiprocess.py``, ``-m heavy``) now runs through it but
-has not been re-run since it was added.
+The heavy two-process launcher test (``tests/test_launch_multiprocess.py``, ``-m heavy``) runs through it; its
+five tests pass (2026-12-03).
 
 ``bench/probe.py --arch vit`` trains a fresh tower under the same head (the ceiling it measures is this stage's).
 """
