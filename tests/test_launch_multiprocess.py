@@ -2,7 +2,8 @@
 ``python -m medad_jax.launch --config=congrpo`` with tiny overrides through SFT, Con-GRPO and evaluation.
 
 * the metrics (every logged value but wall times) and the evaluation table agree within 1e-5;
-* each process read a disjoint half of every stage's examples, and together exactly what one process read;
+* each process read its own half of every global batch of every stage, and together exactly what one process read
+  (a question the epoch repeats can fall to both);
 * only process 0 wrote into the run directory outside orbax's ``checkpoints/``;
 * SIGTERM to process 1 alone mid-SFT stops both at the same step with one checkpoint (exit 0); the same command
   again resumes and ends where the uninterrupted two-process run did.
