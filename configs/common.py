@@ -180,6 +180,10 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       # Patches-per-image buckets for a MedAD directory, chosen from its own image sizes with the least padding
       # (medad_jax/data/buckets.py): at most this many compiled programs per sequence-length bucket.
       'patch_buckets': 4,
+      # Padded prompt lengths of the sampler's batches (Con-GRPO's rollouts and the evaluation), comma-separated,
+      # ascending ('' = medad_jax.train.pipeline.PROMPT_LENGTH_BUCKETS): each bucket a batch falls into compiles
+      # its own prefill, decode, log-prob and update programs.
+      'prompt_length_buckets': '',
   })
 
 
@@ -435,14 +439,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.sft.batch_size % config.sft.num_microbatches:
       _fail('sft.num_microbatches', config.sft.num_microbatches, f'a divisor of sft.batch_size={config.sft.batch_size}')
     _positive(config, 'sft.group_by_length', allow_zero=True, integer=True)
-    text = config.sft.length_buckets or ''
-    try:
-      buckets = [int(x) for x in text.split(',') if x.strip()]
-    except ValueError:
-      buckets = None
-    if buckets is None or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
-      _fail('sft.length_buckets', text, "comma-separated positive token counts in ascending order, e.g. "
-            "'128,160,192,256' (or '' for the default buckets)")
+    _buckets(config, 'sft.length_buckets')
   for stage in ('sft', 'rl'):
     if stage in config and config[stage].get('task_repeats'):
       from medad_jax.data.schema import parse_task_repeats
@@ -524,6 +521,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config, 'log.every_steps', integer=True)
 
 
+def _buckets(config, key: str, prefix: str = '') -> None:
+  """``config.<key>``: token-count buckets, comma-separated and ascending ('' = the pipeline's defaults)."""
+  text = _get(config, key) or ''
+  try:
+    buckets = [int(x) for x in text.split(',') if x.strip()]
+  except ValueError:
+    buckets = None
+  if buckets is None or any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+    _fail(prefix + key, text, "comma-separated positive token counts in ascending order, e.g. "
+          "'128,160,192,256' (or '' for the default buckets)")
+
+
 def _validate_data(d) -> None:
   """``config.data``: sizes the processor and the planner rely on, before any run directory exists."""
   v = d.image_size
@@ -543,6 +552,8 @@ def _validate_data(d) -> None:
       _fail('data.tasks', d.tasks, f'comma-separated task names among {TASKS} (unknown: {bad})')
   if 'policy' in d:
     _choice(d, 'policy', ('strict', 'skip'), prefix='data.')  # = medad_jax.data.loader.POLICIES
+  if 'prompt_length_buckets' in d:
+    _buckets(d, 'prompt_length_buckets', prefix='data.')
   if 'patch_buckets' in d and not (isinstance(d.patch_buckets, int) and d.patch_buckets >= 1):
     _fail('data.patch_buckets', d.patch_buckets, 'an integer >= 1')
   if 'max_image_pixels' in d and not isinstance(d.max_image_pixels, int):

@@ -77,6 +77,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
   config.data.test_fraction = 0.15
   config.data.synth_lesion_scale = 1.5   # lesions x 1.5: what a CNN needs to clear every target at 84 px (probe)
   config.data.answer_format = 'option'   # <answer>Chest</answer>: no text-to-letter lookup to learn from scratch
+  config.data.prompt_length_buckets = '80,128,256'  # the prompts are 52-78 tokens: one compiled set of rollout,
+                                         # update and evaluation programs (the default buckets 64 / 96 compiled two)
   config.judge.prompt_format = 'policy'  # the frozen SFT policy reads question + thought in its own format
   if 'vision_warmup' in config:
     config.vision_warmup.enabled = True  # the random tower learns to see first (no pretrained encoder here)

@@ -85,6 +85,11 @@ def test_length_buckets_and_grouping_settings_are_checked_by_name():
     config.sft.length_buckets = bad
     with pytest.raises(ValueError, match=r'config\.sft\.length_buckets = .*ascending order'):
       common.validate(config)
+  for bad in ('96,80', 'x'):
+    config = sft.get_config()
+    config.data.prompt_length_buckets = bad
+    with pytest.raises(ValueError, match=r'config\.data\.prompt_length_buckets = .*ascending order'):
+      common.validate(config)
   config = sft.get_config()
   config.sft.group_by_length = -1
   with pytest.raises(ValueError, match=r'config\.sft\.group_by_length = -1'):
@@ -113,4 +118,29 @@ def test_the_configured_buckets_pad_the_sft_batch(tmp_path):
   with config.unlocked():
     config.sft.length_buckets = f'{longest},{longest + 8}'
   assert feed.sft_batch(run, examples)['input_ids_BT'].shape[1] == longest
+  run.logger.close()
+
+
+def test_the_configured_prompt_buckets_pad_the_sampler_batch(tmp_path):
+  """Rollout and evaluation prompts are padded to the smallest ``data.prompt_length_buckets`` entry that holds the
+  longest prompt of the batch; '' keeps the pipeline's default buckets."""
+  from configs import congrpo
+  from medad_jax.train import feed, pipeline as pl
+  config = congrpo.get_config()
+  with config.unlocked():
+    config.model.preset = 'tiny'
+    config.data.synth_images = 10
+    config.data.image_size = 56
+    config.data.read_threads = 1
+    config.data.cache_dir = str(tmp_path / 'cache')
+    config.data.prompt_length_buckets = ''
+  run = pl.setup(config, str(tmp_path / 'run'))
+  examples = [pl.prompt_preprocess(run.processor)(run.data.train[i]) for i in range(3)]
+  longest = max(len(e['input_ids']) for e in examples)
+  default_T = feed.prompt_batch(run, examples, 4).input_ids_PT.shape[1]
+  assert default_T == min(b for b in pl.PROMPT_LENGTH_BUCKETS if b >= longest)
+  with config.unlocked():
+    config.data.prompt_length_buckets = f'{longest - 1},{longest + 3},{default_T + 64}'
+  pb = feed.prompt_batch(run, examples, 4)
+  assert pb.input_ids_PT.shape == (4, longest + 3)
   run.logger.close()

@@ -42,11 +42,20 @@ def dataset(run: pl.Run, source, *, name: str, global_batch: int, preprocess, se
                                      lengths=lengths, group_by_length=group_by_length)
 
 
+def _bucket_list(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(int(x) for x in (text or '').split(',') if x.strip()) or default
+
+
 def length_buckets(config) -> tuple[int, ...]:
   """The SFT sequence-length buckets: ``config.sft.length_buckets`` (comma-separated, ascending) or the pipeline's
   default :data:`pipeline.SFT_LENGTH_BUCKETS`."""
-  text = (config.sft.get('length_buckets') or '') if 'sft' in config else ''
-  return tuple(int(x) for x in text.split(',') if x.strip()) or pl.SFT_LENGTH_BUCKETS
+  return _bucket_list(config.sft.get('length_buckets') if 'sft' in config else '', pl.SFT_LENGTH_BUCKETS)
+
+
+def prompt_length_buckets(config) -> tuple[int, ...]:
+  """The sampler's prompt-length buckets (rollouts, evaluation): ``config.data.prompt_length_buckets`` or the
+  pipeline's default :data:`pipeline.PROMPT_LENGTH_BUCKETS`."""
+  return _bucket_list(config.data.get('prompt_length_buckets'), pl.PROMPT_LENGTH_BUCKETS)
 
 
 # ----------------------------------------------------------------------------------------------------- SFT
@@ -86,13 +95,14 @@ def prompt_batch(run: pl.Run, examples: list[dict], num_prompts: int):
   arrays across processes, split over the mesh's batch axes; host arrays for one process)."""
   cfg = run.model_cfg
   buckets = run.patch_buckets
+  lengths = prompt_length_buckets(run.config)
   if distributed.process_count() == 1:
-    return pl.prompt_batch(examples, cfg, num_prompts=num_prompts, patch_buckets=buckets)
+    return pl.prompt_batch(examples, cfg, num_prompts=num_prompts, patch_buckets=buckets, length_buckets=lengths)
   from medad_jax.sampling.prompts import pick_bucket, prepare_prompts
   grids = [np.asarray(ex['image_grid_thw']).reshape(-1, 3) for ex in examples]
   need = distributed.agree_max({'tokens': max(len(ex['input_ids']) for ex in examples),
                                 'patches': max(int(g.prod(-1).max()) for g in grids)})
-  T = pick_bucket(need['tokens'], pl.PROMPT_LENGTH_BUCKETS, 'prompt length (tokens)')
+  T = pick_bucket(need['tokens'], lengths, 'prompt length (tokens)')
   L = pick_bucket(need['patches'], buckets, 'image patches per image')
   pb = prepare_prompts(cfg, [ex['input_ids'] for ex in examples],
                        pixel_values=np.concatenate([ex['pixel_values'] for ex in examples]),

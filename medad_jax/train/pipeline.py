@@ -367,13 +367,14 @@ def list_batch(elements: Sequence[dict]) -> list[dict]:
 
 
 def prompt_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, num_prompts: int | None = None,
-                 patch_buckets: Sequence[int] | None = None):
-  """Prompt-only processor outputs -> the sampler's ``PromptBatch`` (padded to ``num_prompts`` rows)."""
+                 patch_buckets: Sequence[int] | None = None, length_buckets: Sequence[int] = PROMPT_LENGTH_BUCKETS):
+  """Prompt-only processor outputs -> the sampler's ``PromptBatch`` (padded to ``num_prompts`` rows, and to the
+  smallest of ``length_buckets`` that holds the longest prompt)."""
   from medad_jax.sampling.prompts import DEFAULT_PATCH_BUCKETS, prepare_prompts
   return prepare_prompts(cfg, [ex['input_ids'] for ex in examples],
                          pixel_values=np.concatenate([ex['pixel_values'] for ex in examples]),
                          image_grid_thw=np.concatenate([ex['image_grid_thw'] for ex in examples]),
-                         length_buckets=PROMPT_LENGTH_BUCKETS, num_prompts=num_prompts,
+                         length_buckets=length_buckets, num_prompts=num_prompts,
                          patch_buckets=patch_buckets or DEFAULT_PATCH_BUCKETS)
 
 
