@@ -261,8 +261,12 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'group_by_length': 0,       # k > 0: every k batches' examples regrouped by length (less padding; the
                                   # examples of an epoch are the same; distributed.length_grouped)
       'length_buckets': '',       # padded sequence lengths, e.g. '128,160,192,256' ('': pipeline.SFT_LENGTH_BUCKETS)
+      'target_buckets': '',       # padded answer-token counts per row, where the LM head runs ('':
+                                  # pipeline.TARGET_LENGTH_BUCKETS)
       'task_repeats': '',         # e.g. 'anomaly_detection=3,lesion_localization=3': each question of a named task
                                   # that many times per epoch, the rest once (a data-mixture weight; pipeline.sft_records)
+      'compile_ahead': True,      # with the vision warm-up (one process): the step's length buckets compile on a
+                                  # background thread while the warm-up runs (train/precompile.py); same results
       'optim': optim_config(lr),
   })
 
@@ -440,6 +444,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail('sft.num_microbatches', config.sft.num_microbatches, f'a divisor of sft.batch_size={config.sft.batch_size}')
     _positive(config, 'sft.group_by_length', allow_zero=True, integer=True)
     _buckets(config, 'sft.length_buckets')
+    _buckets(config, 'sft.target_buckets')
   for stage in ('sft', 'rl'):
     if stage in config and config[stage].get('task_repeats'):
       from medad_jax.data.schema import parse_task_repeats

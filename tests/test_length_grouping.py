@@ -85,11 +85,13 @@ def test_length_buckets_and_grouping_settings_are_checked_by_name():
     config.sft.length_buckets = bad
     with pytest.raises(ValueError, match=r'config\.sft\.length_buckets = .*ascending order'):
       common.validate(config)
-  for bad in ('96,80', 'x'):
-    config = sft.get_config()
-    config.data.prompt_length_buckets = bad
-    with pytest.raises(ValueError, match=r'config\.data\.prompt_length_buckets = .*ascending order'):
-      common.validate(config)
+  for key in ('data.prompt_length_buckets', 'sft.target_buckets'):
+    for bad in ('96,80', 'x'):
+      config = sft.get_config()
+      section, name = key.split('.')
+      config[section][name] = bad
+      with pytest.raises(ValueError, match=rf'config\.{section}\.{name} = .*ascending order'):
+        common.validate(config)
   config = sft.get_config()
   config.sft.group_by_length = -1
   with pytest.raises(ValueError, match=r'config\.sft\.group_by_length = -1'):
@@ -118,6 +120,15 @@ def test_the_configured_buckets_pad_the_sft_batch(tmp_path):
   with config.unlocked():
     config.sft.length_buckets = f'{longest},{longest + 8}'
   assert feed.sft_batch(run, examples)['input_ids_BT'].shape[1] == longest
+  # the answer tokens (where the LM head runs): the default buckets, then sft.target_buckets
+  answer = max(int(np.asarray(e['loss_mask'])[1:].sum()) for e in examples)
+  assert feed.sft_batch(run, examples)['target_pos_BM'].shape[1] == min(
+      b for b in pl.TARGET_LENGTH_BUCKETS if b >= answer)
+  with config.unlocked():
+    config.sft.target_buckets = f'{answer - 1},{answer + 2}'
+  batch = feed.sft_batch(run, examples)
+  assert batch['target_pos_BM'].shape[1] == answer + 2
+  assert batch['target_mask_BM'].sum() == sum(int(np.asarray(e['loss_mask'])[1:].sum()) for e in examples)
   run.logger.close()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any, Callable
 
 import jax
@@ -204,17 +205,19 @@ class JittedStep:
 
     self._fn = counted
     self._compiled: dict = {}
+    self._lock = threading.Lock()   # a program may be compiled ahead on another thread (train/precompile.py)
 
   def _get(self, state, batch):
     key = (jax.tree.structure(state), jax.tree.structure(batch))
-    if key not in self._compiled:
-      kw = dict(donate_argnums=0) if self._donate else {}
-      if self.mesh is not None:
-        ssh = tree_shardings(state, self.mesh)
-        kw.update(in_shardings=(ssh, batch_shardings(batch, self.mesh)),
-                  out_shardings=(ssh, NamedSharding(self.mesh, P())))
-      self._compiled[key] = jax.jit(self._fn, **kw)
-    return self._compiled[key]
+    with self._lock:
+      if key not in self._compiled:
+        kw = dict(donate_argnums=0) if self._donate else {}
+        if self.mesh is not None:
+          ssh = tree_shardings(state, self.mesh)
+          kw.update(in_shardings=(ssh, batch_shardings(batch, self.mesh)),
+                    out_shardings=(ssh, NamedSharding(self.mesh, P())))
+        self._compiled[key] = jax.jit(self._fn, **kw)
+      return self._compiled[key]
 
   def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     return self._get(state, batch)(state, batch)

@@ -52,6 +52,12 @@ def length_buckets(config) -> tuple[int, ...]:
   return _bucket_list(config.sft.get('length_buckets') if 'sft' in config else '', pl.SFT_LENGTH_BUCKETS)
 
 
+def target_buckets(config) -> tuple[int, ...]:
+  """The SFT answer-token buckets (``M``, the positions the LM head computes per row): ``config.sft.target_buckets``
+  or the pipeline's default :data:`pipeline.TARGET_LENGTH_BUCKETS`."""
+  return _bucket_list(config.sft.get('target_buckets') if 'sft' in config else '', pl.TARGET_LENGTH_BUCKETS)
+
+
 def prompt_length_buckets(config) -> tuple[int, ...]:
   """The sampler's prompt-length buckets (rollouts, evaluation): ``config.data.prompt_length_buckets`` or the
   pipeline's default :data:`pipeline.PROMPT_LENGTH_BUCKETS`."""
@@ -68,18 +74,18 @@ def sft_batch(run: pl.Run, examples: list[dict]) -> dict:
   decodes only its own images."""
   cfg = run.model_cfg
   buckets = run.patch_buckets
-  lengths = length_buckets(run.config)
+  lengths, targets = length_buckets(run.config), target_buckets(run.config)
   if distributed.process_count() == 1:
-    return pl.sft_batch(examples, cfg, buckets=lengths, patch_buckets=buckets)
+    return pl.sft_batch(examples, cfg, buckets=lengths, patch_buckets=buckets, target_buckets=targets)
   from medad_jax.sampling.prompts import pick_bucket
   need = distributed.agree_max({
       'tokens': max(len(ex['input_ids']) for ex in examples),
       'targets': max(1, max(int(np.asarray(ex['loss_mask'])[1:].astype(bool).sum()) for ex in examples)),
       'patches': max(int(np.asarray(ex['image_grid_thw']).reshape(-1, 3).prod(-1).max()) for ex in examples)})
   T = pick_bucket(need['tokens'], lengths, 'SFT example length (tokens)')
-  M = pick_bucket(need['targets'], pl.TARGET_LENGTH_BUCKETS, 'target tokens of one example')
+  M = pick_bucket(need['targets'], targets, 'target tokens of one example')
   L = pick_bucket(need['patches'], buckets, 'image patches per image')
-  local = pl.sft_batch(examples, cfg, buckets=(T,), patch_buckets=(L,))
+  local = pl.sft_batch(examples, cfg, buckets=(T,), patch_buckets=(L,), target_buckets=(M,))
   for key, fill in (('target_pos_BM', 0), ('target_ids_BM', cfg.pad_token_id), ('target_mask_BM', 0)):
     x = local[key]
     if x.shape[1] < M:   # this process's longest answer fell in a smaller bucket than another's

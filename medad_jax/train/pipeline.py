@@ -309,13 +309,14 @@ def patch_buckets(config, cfg: Qwen25VLConfig, data: 'Data | None' = None, proce
 
 
 def sft_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, buckets: Sequence[int] = SFT_LENGTH_BUCKETS,
-              patch_buckets: Sequence[int] | None = None) -> dict:
+              patch_buckets: Sequence[int] | None = None,
+              target_buckets: Sequence[int] = TARGET_LENGTH_BUCKETS) -> dict:
   """Processor outputs (with ``loss_mask``) -> the SFT step's batch (``update.SFT_KEYS`` + images + targets).
 
   Images are laid out per row, each padded to its own patch bucket (``sampling/prompts.py``), so the vision tower
   runs per image and a microbatch of rows owns its images. ``target_pos_BM`` / ``target_ids_BM`` /
   ``target_mask_BM`` list, per row, the positions that predict an assistant token (``M`` = a bucket of the longest
-  answer), so the step computes LM-head logits only there.
+  answer among ``target_buckets``), so the step computes LM-head logits only there.
   """
   from medad_jax.model.rope_index import rope_index
   from medad_jax.processor import pad_batch
@@ -327,7 +328,7 @@ def sft_batch(examples: Sequence[dict], cfg: Qwen25VLConfig, buckets: Sequence[i
   loss = np.asarray(b['loss_mask']).astype(bool).copy()
   loss[:, 0] = False  # the first token has no prediction
   n_tgt = loss.sum(1)
-  M = pick_bucket(max(1, int(n_tgt.max())), TARGET_LENGTH_BUCKETS, 'target tokens of one example')
+  M = pick_bucket(max(1, int(n_tgt.max())), target_buckets, 'target tokens of one example')
   B = ids.shape[0]
   pos = np.zeros((B, M), np.int32)
   tids = np.full((B, M), cfg.pad_token_id, np.int32)

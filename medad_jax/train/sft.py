@@ -20,10 +20,10 @@ import time
 
 import jax
 
-from medad_jax import rundir
+from medad_jax import distributed, rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
 from medad_jax.rl import update as U
-from medad_jax.train import feed, pipeline as pl, vision_warmup
+from medad_jax.train import feed, pipeline as pl, precompile, vision_warmup
 
 log = logging.getLogger(__name__)
 STAGE = 'sft'
@@ -37,22 +37,53 @@ def num_steps(config, num_examples: int) -> int:
   return pl.num_steps(s.epochs, num_examples, s.batch_size, s.max_steps)
 
 
-def init_state(run: pl.Run, total_steps: int, *, warm: bool = False):
+def init_state(run: pl.Run, total_steps: int, *, warm: bool = False, before_warmup=None):
   """-> ``(graphdef, state, tx, schedule)`` of a fresh SFT run (placed on the mesh). ``warm``: run the vision
-  warm-up stage on the base first (``vision_warmup.enabled``; False where a checkpoint replaces the weights)."""
+  warm-up stage on the base first (``vision_warmup.enabled``; False where a checkpoint replaces the weights).
+  ``before_warmup(graphdef, state, tx, schedule)``: called, when the warm-up runs, with a state of the same
+  shapes built before it (the values are the unwarmed base's: for compiling ahead, not for training)."""
   config = run.config
-  model = vision_warmup.base_model(run, warm=warm)
+  model = vision_warmup.base_model(run, warm=False)
+  tx, sched = U.optimizer_from_config(config.sft.optim, total_steps)
+  if warm and vision_warmup.enabled(config):
+    if before_warmup is not None:
+      from flax import nnx
+      before_warmup(*_train_state(run, nnx.clone(model), tx), tx, sched)
+    vision_warmup.warm_up(run, model)
+  return (*_train_state(run, model, tx), tx, sched)
+
+
+def _train_state(run: pl.Run, model, tx):
+  """``model`` (+ LoRA adapters unless ``sft.trainable='all'``) -> ``(graphdef, state)`` placed on the mesh."""
+  config = run.config
   if config.sft.trainable == 'lora':
     from medad_jax.model.lora import apply_lora
     from flax import nnx
     lcfg = pl.lora_config(config)
     apply_lora(model, lcfg, rngs=nnx.Rngs(lcfg.seed))
-  tx, sched = U.optimizer_from_config(config.sft.optim, total_steps)
   graphdef, state = U.init_train_state(model, tx, trainable=config.sft.trainable, seed=config.seed)
   mesh = run.mesh_or_none()
   if mesh is not None:
     state = U.place_state(state, mesh)
-  return graphdef, state, tx, sched
+  return graphdef, state
+
+
+def example_batches(run: pl.Run, records, lengths) -> list[tuple[str, dict]]:
+  """One batch of ``sft.batch_size`` rows for each length bucket a batch of the epoch can fall into (the bucket of
+  each example's own length), padded to it: the shapes the step will be called with, to compile them ahead. Each
+  holds the longest examples that fit its bucket, so its answer-token bucket is the one long answers give."""
+  from medad_jax.sampling.prompts import pick_bucket
+  config = run.config
+  buckets = feed.length_buckets(config)
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  prep = pl.sft_preprocess(run.processor, config.data.answer_format)
+  out = []
+  for T in sorted({pick_bucket(n, buckets, 'SFT example length (tokens)') for n in lengths}):
+    rows = [i for i in order if lengths[i] <= T][-config.sft.batch_size:]
+    examples = [prep(records[i]) for i in rows]
+    out.append((f'T={T}', pl.sft_batch(examples, run.model_cfg, buckets=(T,), patch_buckets=run.patch_buckets,
+                                        target_buckets=feed.target_buckets(config))))
+  return out
 
 
 def checkpointer(run: pl.Run) -> Checkpointer:
@@ -69,10 +100,27 @@ def train(run: pl.Run) -> Result:
   records, lengths = pl.sft_records(run)
   total = num_steps(config, len(records))
   ckpt = checkpointer(run)
-  # A run resuming its SFT checkpoint has its warmed-up tower in it: the warm-up runs only on a fresh start.
-  graphdef, state, tx, sched = init_state(run, total, warm=ckpt.latest_step() is None)
   mesh = run.mesh_or_none()
-  step_fn = U.make_sft_step(graphdef, tx, U.SFTConfig.from_config(config.sft), mesh=mesh, lr_schedule=sched)
+
+  def make_step(graphdef, tx, sched):
+    return U.make_sft_step(graphdef, tx, U.SFTConfig.from_config(config.sft), mesh=mesh, lr_schedule=sched)
+
+  ahead = {}
+
+  def compile_ahead(graphdef, state, tx, sched):
+    """The step's programs for every length bucket, compiled while the warm-up runs (train/precompile.py)."""
+    if not config.sft.get('compile_ahead', True) or lengths is None or distributed.process_count() > 1:
+      return   # (several processes: the example batches are this process's rows; the step sees global batches)
+    ahead.update(graphdef=graphdef, step_fn=make_step(graphdef, tx, sched), pre=precompile.Precompiler(STAGE))
+    for name, batch in example_batches(run, records, lengths):
+      ahead['pre'].submit(name, ahead['step_fn'].lower, precompile.abstract(state),
+                          precompile.abstract(U.put_batch(batch, mesh)))
+
+  # A run resuming its SFT checkpoint has its warmed-up tower in it: the warm-up runs only on a fresh start.
+  graphdef, state, tx, sched = init_state(run, total, warm=ckpt.latest_step() is None, before_warmup=compile_ahead)
+  if ahead:
+    ahead['pre'].join()
+  step_fn = ahead['step_fn'] if ahead and ahead['graphdef'] == graphdef else make_step(graphdef, tx, sched)
 
   # ---------------------------------------------------------------------------------------------- data
   # This process's rows of every global batch (the same batches for any process count; medad_jax/train/feed.py).
