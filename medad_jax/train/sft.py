@@ -19,6 +19,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from medad_jax import distributed, rundir
 from medad_jax.checkpointing import Checkpointer, PreemptionGuard
@@ -68,19 +69,36 @@ def _train_state(run: pl.Run, model, tx):
   return graphdef, state
 
 
-def example_batches(run: pl.Run, records, lengths) -> list[tuple[str, dict]]:
-  """One batch of ``sft.batch_size`` rows for each length bucket a batch of the epoch can fall into (the bucket of
-  each example's own length), padded to it: the shapes the step will be called with, to compile them ahead. Each
-  holds the longest examples that fit its bucket, so its answer-token bucket is the one long answers give."""
+def likely_buckets(lengths, buckets, batch_size: int, steps: int) -> list[int]:
+  """The length buckets at least one of ``steps`` shuffled batches of ``batch_size`` examples is expected to fall
+  into: a batch's bucket is its longest example's, and ``P(longest <= T) = F(T) ** batch_size`` with ``F`` the
+  share of examples of at most ``T`` tokens (a bucket only long examples reach is rare in batches of 8)."""
   from medad_jax.sampling.prompts import pick_bucket
+  n = np.asarray(lengths)
+  used = sorted({pick_bucket(int(x), buckets, 'SFT example length (tokens)') for x in set(n.tolist())})
+  out, below = [], 0.0
+  for T in used:
+    at_most = float((n <= T).mean()) ** batch_size
+    if steps * (at_most - below) >= 1.0:
+      out.append(T)
+    below = at_most
+  return out
+
+
+def example_batches(run: pl.Run, records, lengths, steps: int) -> list[tuple[str, dict]]:
+  """One batch of ``sft.batch_size`` rows for each length bucket the run's batches are likely to fall into
+  (:func:`likely_buckets`; every bucket its examples reach when ``sft.group_by_length`` sorts the batches), padded
+  to it: the shapes the step will be called with, to compile them ahead. Each holds the longest examples that fit
+  its bucket, so its answer-token bucket is the one long answers give."""
   config = run.config
-  buckets = feed.length_buckets(config)
+  B = config.sft.batch_size
+  grouped = config.sft.get('group_by_length', 0) > 0
+  buckets = likely_buckets(lengths, feed.length_buckets(config), 1 if grouped else B, steps)
   order = sorted(range(len(lengths)), key=lambda i: lengths[i])
   prep = pl.sft_preprocess(run.processor, config.data.answer_format)
   out = []
-  for T in sorted({pick_bucket(n, buckets, 'SFT example length (tokens)') for n in lengths}):
-    rows = [i for i in order if lengths[i] <= T][-config.sft.batch_size:]
-    examples = [prep(records[i]) for i in rows]
+  for T in buckets:
+    examples = [prep(records[i]) for i in [i for i in order if lengths[i] <= T][-B:]]
     out.append((f'T={T}', pl.sft_batch(examples, run.model_cfg, buckets=(T,), patch_buckets=run.patch_buckets,
                                         target_buckets=feed.target_buckets(config))))
   return out
@@ -112,7 +130,7 @@ def train(run: pl.Run) -> Result:
     if not config.sft.get('compile_ahead', True) or lengths is None or distributed.process_count() > 1:
       return   # (several processes: the example batches are this process's rows; the step sees global batches)
     ahead.update(graphdef=graphdef, step_fn=make_step(graphdef, tx, sched), pre=precompile.Precompiler(STAGE))
-    for name, batch in example_batches(run, records, lengths):
+    for name, batch in example_batches(run, records, lengths, total):
       ahead['pre'].submit(name, ahead['step_fn'].lower, precompile.abstract(state),
                           precompile.abstract(U.put_batch(batch, mesh)))
 
