@@ -48,7 +48,8 @@ throw-away head on the training split's answers, 30 passes over its tokens flatt
 position pretext -- the stand-in for a pretrained vision encoder), SFT of every weight but that tower
 (``sft.trainable='decoder'``) at lr 1e-3 (cosine, 30 warmup steps, batch 8, one epoch in which the anomaly, lesion
 and pathology questions come three times = 1,168 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8
-LoRA adapters at lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens, the ``local`` judge =
+LoRA adapters at lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens (prompts padded to one
+bucket of 80 tokens: one compiled set of rollout and update programs), the ``local`` judge =
 the frozen SFT policy (RL adapters off) reading the question and the thought in its own format
 (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test split,
 next to the blind answer-prior baseline, and the final policy again on shuffled images (``eval.image_control``).
