@@ -83,3 +83,30 @@ def test_sft_compiles_its_steps_during_the_warm_up_and_trains_the_same_weights(t
 
 if __name__ == '__main__':
   pytest.main([__file__])
+
+
+def test_con_grpo_compiles_each_program_once(tmp_path, monkeypatch):
+  """Con-GRPO from a finished SFT run (``--config.sft.checkpoint``): its rollout sampler and update each compile one
+  program for all its steps. The RL state is placed on the device at once; before, the restored weights were and
+  the fresh adapters were not, and every program compiled again for the second step, once the update's outputs
+  were all placed."""
+  from medad_jax import launch
+  from medad_jax.train import congrpo
+  real, seen = congrpo.train, {}
+
+  def recording(*a, **k):
+    _EVENTS.clear()
+    out = real(*a, **k)
+    seen.update({p: len(_compiles(p)) for p in ('jit(counted)', 'jit(prefill)', 'jit(decode)')})
+    return out
+
+  monkeypatch.setattr(congrpo, 'train', recording)
+  tiny = ['model.preset=tiny', 'data.synth_images=20', 'data.image_size=56', 'data.read_threads=1',
+          'vision_warmup.enabled=False', 'sft.max_steps=2', 'rl.prompts_per_step=2', 'rl.group_size=2',
+          'rl.max_steps=3', 'sampling.max_new_tokens=8', 'eval.enabled=False', 'ckpt.async_save=False',
+          'mesh.devices=1', 'log.tensorboard=False']
+  common = [f'--config.data.cache_dir={tmp_path / "cache"}', *[f'--config.{o}' for o in tiny]]
+  launch.main(['launch', '--config=congrpo:sft_only', f'--workdir={tmp_path / "sft"}', *common])
+  launch.main(['launch', '--config=congrpo', f'--workdir={tmp_path / "rl"}',
+               f'--config.sft.checkpoint={tmp_path / "sft"}', *common])
+  assert seen == {'jit(counted)': 1, 'jit(prefill)': 1, 'jit(decode)': 1}

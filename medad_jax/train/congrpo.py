@@ -67,6 +67,11 @@ def init_state(run: pl.Run, base_model: nnx.Module, total_steps: int):
   mesh = run.mesh_or_none()
   if mesh is not None:
     state = U.place_state(state, mesh)
+  else:
+    # Every leaf committed to the device, as the update's outputs are. The fresh adapters and moments are not (the
+    # base's weights may be), and the first step's programs -- sampler, judge, update -- keyed on that mix would
+    # all compile a second time for the next step (~16 s in the miniature; WORKSPACE.md).
+    state = jax.device_put(state, jax.devices()[0])
   return graphdef, state, tx, sched
 
 
