@@ -53,6 +53,18 @@ def test_a_failed_compilation_ahead_is_logged_and_left_to_the_caller(caplog):
   assert 'compiling bad ahead failed (TypeError: no such shape)' in caplog.text
 
 
+def test_likely_buckets_by_hand():
+  """7 examples of 10 tokens and one of 20, buckets 16 / 32, batches of 2: a batch's longest example is at most 16
+  tokens with probability (7/8)^2 = 0.766, so 4 batches are expected to put 0.94 < 1 into the 32 bucket, 5 put
+  1.17."""
+  from medad_jax.train.sft import likely_buckets
+  lengths = [10] * 7 + [20]
+  assert likely_buckets(lengths, (16, 32), 2, 4) == [16]
+  assert likely_buckets(lengths, (16, 32), 2, 5) == [16, 32]
+  assert likely_buckets(lengths, (16, 32), 1, 8) == [16, 32]   # one example a batch: its own bucket
+  assert likely_buckets(lengths, (16, 32, 64), 2, 1000) == [16, 32]   # no example reaches 64
+
+
 def _sft(tmp_path, name: str, ahead: bool):
   from medad_jax.testing.configs import tiny_miniature
   from medad_jax.train import pipeline as pl, sft

@@ -126,7 +126,8 @@ def train(run: pl.Run) -> Result:
   ahead = {}
 
   def compile_ahead(graphdef, state, tx, sched):
-    """The step's programs for every length bucket, compiled while the warm-up runs (train/precompile.py)."""
+    """The step's programs for the length buckets the batches are likely to fall into, compiled while the warm-up
+    runs (train/precompile.py)."""
     if not config.sft.get('compile_ahead', True) or lengths is None or distributed.process_count() > 1:
       return   # (several processes: the example batches are this process's rows; the step sees global batches)
     ahead.update(graphdef=graphdef, step_fn=make_step(graphdef, tx, sched), pre=precompile.Precompiler(STAGE))
