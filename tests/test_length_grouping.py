@@ -135,23 +135,15 @@ def test_the_configured_buckets_pad_the_sft_batch(tmp_path):
 def test_the_configured_prompt_buckets_pad_the_sampler_batch(tmp_path):
   """Rollout and evaluation prompts are padded to the smallest ``data.prompt_length_buckets`` entry that holds the
   longest prompt of the batch; '' keeps the pipeline's default buckets."""
-  from configs import congrpo
+  from medad_jax.testing.configs import tiny_miniature
   from medad_jax.train import feed, pipeline as pl
-  config = congrpo.get_config()
-  with config.unlocked():
-    config.model.preset = 'tiny'
-    config.data.synth_images = 10
-    config.data.image_size = 56
-    config.data.read_threads = 1
-    config.data.cache_dir = str(tmp_path / 'cache')
-    config.data.prompt_length_buckets = ''
+  config = tiny_miniature(str(tmp_path / 'cache'), images=10, prompt_length_buckets='')
   run = pl.setup(config, str(tmp_path / 'run'))
   examples = [pl.prompt_preprocess(run.processor)(run.data.train[i]) for i in range(3)]
   longest = max(len(e['input_ids']) for e in examples)
   default_T = feed.prompt_batch(run, examples, 4).input_ids_PT.shape[1]
   assert default_T == min(b for b in pl.PROMPT_LENGTH_BUCKETS if b >= longest)
-  with config.unlocked():
-    config.data.prompt_length_buckets = f'{longest - 1},{longest + 3},{default_T + 64}'
+  config.data.prompt_length_buckets = f'{longest - 1},{longest + 3},{default_T + 64}'
   pb = feed.prompt_batch(run, examples, 4)
   assert pb.input_ids_PT.shape == (4, longest + 3)
   run.logger.close()
