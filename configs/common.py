@@ -328,6 +328,8 @@ def eval_config(*, seeds: tuple[int, ...] = (0,), batch_size: int = 32) -> ml_co
       'include_sft': True,        # congrpo: also evaluate pi_SFT (the RL model with its adapters off)
       'image_control': False,     # also evaluate the final policy with every question's image swapped for another
                                   # test image (evaluate.ImageShuffled): proof the answers are read from the pixels
+      'group_by_task': True,      # batches of one task's questions (evaluate.by_task): a batch decodes until its
+                                  # longest answer ends, and one task's answers are of similar length
       'endpoint_api_key_env': '',
   })
 

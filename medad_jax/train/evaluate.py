@@ -226,6 +226,8 @@ def run_eval(run: pl.Run, generator: Generator, judge, *, name: str, preprocess=
     completions_dir = os.path.join(run.workdir, 'eval', 'completions')
   config = run.config
   source = eval_records(run) if records is None else records
+  if config.eval.get('group_by_task', False):
+    source = by_task(source)
   n = len(source)
   bs = eval_batch_size(run)
   mesh = run.mesh_or_none()
@@ -310,6 +312,31 @@ def eval_records(run: pl.Run) -> Sequence:
   records = run.data.test if config.eval.split == 'test' else run.data.train
   n = len(records) if config.eval.max_examples <= 0 else min(len(records), config.eval.max_examples)
   return records if n == len(records) else [records[i] for i in range(n)]
+
+
+class Reordered(collections.abc.Sequence):
+  """``records`` read in the order ``order`` (a view: nothing is loaded twice)."""
+
+  def __init__(self, records: Sequence, order: Sequence[int]):
+    self.records, self.order = records, [int(i) for i in order]
+
+  def __len__(self) -> int:
+    return len(self.order)
+
+  def __getitem__(self, i):
+    return self.records[self.order[i]]
+
+
+def by_task(records: Sequence) -> Reordered:
+  """``records`` grouped by task in Table 1's order, each task's questions in their split order.
+
+  A batch then holds one task's questions (the last of a task shares its batch with the next), whose answers are
+  of similar length, and the sampler decodes until the batch's longest answer ends: the miniature's greedy
+  evaluation decodes ~26 % fewer steps. Each question's prompt and image are its own, so greedy answers do not
+  depend on the order (WORKSPACE.md, "The embedded default run")."""
+  rank = {t: k for k, (t, _) in enumerate(TABLE1)}
+  tasks = [records[i].task for i in range(len(records))]
+  return Reordered(records, sorted(range(len(records)), key=lambda i: (rank.get(tasks[i], len(rank)), i)))
 
 
 class ImageShuffled(collections.abc.Sequence):
