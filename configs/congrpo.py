@@ -55,7 +55,7 @@ the frozen SFT policy (RL adapters off) reading the question and the thought in 
 next to the blind answer-prior baseline, and the final policy again on shuffled images (``eval.image_control``).
 Three training seeds on a 2-core AMD EPYC with AVX-512 switched off (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``): pi_SFT
 80.44 +- 2.30 %, SFT + Con-GRPO 80.89 +- 2.18 %, shuffled-image control 24.98 % (chance 25 %, answer prior 45.73 %);
-637.7 s for seed 0 from scratch on that machine (688-765 s by the hour before the compile cuts of 2026-12-03;
+637.7-664.3 s for seed 0 from scratch on that machine (688-765 s by the hour before the cuts of 2026-12-03;
 WORKSPACE.md "The embedded default run" has the table, the times and what it does not reach yet).
 """
 
