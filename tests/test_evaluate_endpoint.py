@@ -280,8 +280,9 @@ def test_launcher_scores_a_served_policy(data, tmp_path):
   assert row['mean']['consistency_rate'] == 1.0  # the rule judge reads the thought's conclusion: the answer
   with open(tmp_path / 'right' / 'eval' / 'completions' / 'served-vlm-seed0.jsonl') as f:
     rows = [json.loads(line) for line in f]
-  assert [x['id'] for x in rows] == [r.id for r in data.records]
-  assert [x['completion'] for x in rows] == [correct(pl.record_meta(r)['question']) for r in data.records]
+  asked = list(evaluate.by_task(data.records))   # the questions grouped by task (eval.group_by_task)
+  assert [x['id'] for x in rows] == [r.id for r in asked]
+  assert [x['completion'] for x in rows] == [correct(pl.record_meta(r)['question']) for r in asked]
 
   with FakeSGLangServer(verdict_fn=lambda _: '<think>Guessing the first option.</think><answer>A</answer>') as srv:
     launch_eval(data, str(tmp_path / 'always_a'), srv.url)
