@@ -1,11 +1,11 @@
 """Compiling the next stage's programs on a background thread while the current stage computes.
 
 A stage's first steps each wait for XLA to compile a program: in the embedded default run SFT compiles one step
-program per length bucket (five, ~3.6 s each on 2 cores), in the middle of its first steps. When a stage before
-it runs long (the vision warm-up: thousands of ~20 ms steps that keep about one core busy), those compilations can
-run beside it instead: ``jitted.lower(*abstract_args).compile()`` on another thread fills the same in-memory cache
-that the later call ``jitted(*args)`` reads, so the stage finds its programs ready and computes exactly what it
-would have computed (the same programs, compiled earlier).
+program per length bucket (five, 2.8-4.2 s each on 2 cores), in the middle of its first steps. When a stage before
+it runs long (the vision warm-up: thousands of ~25 ms steps), those compilations can run beside it instead:
+``jitted.lower(*abstract_args).compile()`` on another thread fills the same in-memory cache that the later call
+``jitted(*args)`` reads, so the stage finds its programs ready and computes exactly what it would have computed
+(the same programs, compiled earlier).
 
     pre = Precompiler('sft')
     pre.submit('step T=128', step_fn.lower, abstract(state), abstract(batch))   # returns at once
@@ -14,8 +14,9 @@ would have computed (the same programs, compiled earlier).
 
 Only shapes known ahead are compiled; a batch of another shape compiles when it comes, as without this module. A
 compilation that fails here is logged and left to the stage, which compiles that program itself (and raises there
-if it must). JAX traces and compiles thread-safely; XLA:CPU's compiler takes one core, so this pays where the
-running stage leaves a core idle (measured in WORKSPACE.md "The embedded default run").
+if it must). JAX traces and compiles thread-safely. The compiler competes for the cores with the running stage: on
+2 cores the net gain is a few seconds (WORKSPACE.md "The embedded default run"); it is larger where the running
+stage leaves cores idle.
 """
 
 from __future__ import annotations
