@@ -184,6 +184,11 @@ def data_config(source: str = 'synth', *, synth_images: int = 200, image_size: i
       # ascending ('' = medad_jax.train.pipeline.PROMPT_LENGTH_BUCKETS): each bucket a batch falls into compiles
       # its own prefill, decode, log-prob and update programs.
       'prompt_length_buckets': '',
+      # > 0: this fraction of the training split's images (drawn by a hash of their ids: the same images for
+      # every training seed) is held out of the vision warm-up and SFT, and Con-GRPO draws its prompts from
+      # their questions only -- images the SFT policy has not seen (medad_jax.train.pipeline.train_part);
+      # 0: every stage reads the whole training split.
+      'rl_holdout': 0.0,
   })
 
 

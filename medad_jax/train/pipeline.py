@@ -123,14 +123,50 @@ def data_tasks(config) -> tuple[str, ...]:
   return tuple(sorted({t.strip() for t in (config.data.get('tasks') or '').split(',') if t.strip()}))
 
 
-def _record_tasks(source) -> list[str]:
-  """The task of each question of ``source``, in order (each image's example read once where the source can)."""
+def _record_field(source, field: str) -> list[str]:
+  """``field`` (``task``, ``image_id``) of each question of ``source``, in order (each image's example read once
+  where the source can)."""
   from medad_jax.data.lengths import Subset
   if isinstance(source, Subset):
-    inner = _record_tasks(source.source)
+    inner = _record_field(source.source, field)
     return [inner[i] for i in source.indices]
   records = source.iter_records() if hasattr(source, 'iter_records') else (source[i] for i in range(len(source)))
-  return [r.task for r in records]
+  return [getattr(r, field) for r in records]
+
+
+def _record_tasks(source) -> list[str]:
+  return _record_field(source, 'task')
+
+
+def holdout_split(image_ids: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+  """Question indices ``(kept, held_out)``: the questions of ``round(fraction * images)`` of the distinct images
+  held out, the images ranked by the SHA-1 of their id -- a draw that depends on the ids only (the same images
+  for every training seed, process count and record order); ``fraction`` in [0, 1)."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'config.data.rl_holdout = {fraction!r}: expected a fraction in [0, 1)')
+  images = sorted(set(image_ids), key=lambda i: (hashlib.sha1(i.encode()).hexdigest(), i))
+  held = set(images[:round(fraction * len(images))])
+  kept = [q for q, i in enumerate(image_ids) if i not in held]
+  return kept, [q for q, i in enumerate(image_ids) if i in held]
+
+
+def train_part(run: 'Run', stage: str):
+  """-> ``(source, lengths)`` of the training split a stage reads: with ``data.rl_holdout`` > 0, the vision
+  warm-up and SFT (``stage='sft'``) read the questions of the images not held out, Con-GRPO (``'rl'``) those of
+  the held-out images; otherwise both read the whole split. ``lengths``: tokens per record (None where the run
+  has none)."""
+  from medad_jax.data.lengths import Subset
+  if stage not in ('sft', 'rl'):
+    raise ValueError(f'stage {stage!r}: expected sft or rl')
+  train, lengths = run.data.train, run.data.lengths.get('train')
+  fraction = float(run.config.data.get('rl_holdout') or 0.0)
+  if not fraction:
+    return train, lengths
+  kept, held = holdout_split(_record_field(train, 'image_id'), fraction)
+  index = kept if stage == 'sft' else held
+  if not index:
+    raise ValueError(f'config.data.rl_holdout = {fraction}: no {stage} questions left of {len(train)}')
+  return Subset(train, index), None if lengths is None else [lengths[i] for i in index]
 
 
 def _only_tasks(source, tasks: tuple[str, ...]):
@@ -160,17 +196,17 @@ def task_mixture(source, lengths, repeats: dict[str, int]):
 
 
 def sft_records(run: 'Run'):
-  """-> ``(source, lengths)`` an SFT epoch reads: the train split, each question of a task in
+  """-> ``(source, lengths)`` an SFT epoch reads: the training split's SFT part (:func:`train_part`), each question of a task in
   ``sft.task_repeats`` repeated that many times (a data-mixture weight: the copies are spread over the epoch by
   its shuffle), and its tokens per record (None where the run has no lengths)."""
-  return task_mixture(run.data.train, run.data.lengths.get('train'), task_repeats(run.config, 'sft'))
+  return task_mixture(*train_part(run, 'sft'), task_repeats(run.config, 'sft'))
 
 
 def rl_records(run: 'Run'):
-  """The questions Con-GRPO draws its prompts from: the train split, each question of a task in
+  """The questions Con-GRPO draws its prompts from: the training split's RL part (:func:`train_part`), each question of a task in
   ``rl.task_repeats`` that many times (tasks the SFT policy has already learned give groups of equal rewards,
   which carry no advantage and which dynamic sampling draws again)."""
-  return task_mixture(run.data.train, None, task_repeats(run.config, 'rl'))[0]
+  return task_mixture(train_part(run, 'rl')[0], None, task_repeats(run.config, 'rl'))[0]
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer

@@ -292,7 +292,8 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   from medad_jax.train.evaluate import TABLE1
   c = run.config.vision_warmup
   t0 = time.time()
-  train = _records(run.data.train)
+  from medad_jax.train.pipeline import train_part
+  train = _records(train_part(run, 'sft')[0])
   tasks = [t for t, _ in TABLE1 if any(r.task == t for r in train)]
   labels, index, ids, y = answer_labels(train, tasks)
   patches, grid = _patches(run, train)
