@@ -40,14 +40,14 @@ Any single field is a one-line override, e.g. ``--config.rl.beta=0.0 --config.re
 Miniature (the default, no variant): what differs from the paper because of scale, set in ``apply_miniature``: the
 ``mini`` Qwen2.5-VL architecture (4.7M parameters, randomly initialised: there is no pretrained base), a BPE
 tokenizer of ~1.5k tokens learned from the synthetic training split's conversations as the chat template renders
-them, medad-synth with 1,000 images of 84 px (9 image tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what
-a CNN needs to read every task above its prior), 850 train / 150 test images (4,250 / 750 questions), answers
+them, medad-synth with 1,500 images of 84 px (9 image tokens each), lesions x 1.5 (``data.synth_lesion_scale``: what
+a CNN needs to read every task above its prior), 1,350 train / 150 test images (6,750 / 750 questions), answers
 written as the option text (``data.answer_format='option'``: a model trained from scratch in minutes does not learn
 to look up an option's letter), a vision warm-up before SFT (``vision_warmup``: the random tower trained under a
-throw-away head on the training split's answers, 30 passes over its tokens flattened, then 15 over their mean with a
-position pretext -- the stand-in for a pretrained vision encoder), SFT of every weight but that tower
+throw-away head on the training split's answers, 20 passes over its tokens flattened, then 10 over their
+mean with a position pretext -- the stand-in for a pretrained vision encoder), SFT of every weight but that tower
 (``sft.trainable='decoder'``) at lr 1e-3 (cosine, 30 warmup steps, batch 8, one epoch in which the anomaly, lesion
-and pathology questions come three times = 1,168 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8
+and pathology questions come twice = 1,350 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8
 LoRA adapters at lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens (prompts padded to one
 bucket of 80 tokens: one compiled set of rollout and update programs), the ``local`` judge =
 the frozen SFT policy (RL adapters off) reading the question and the thought in its own format
@@ -74,8 +74,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
   config.model = common.model_config('mini')
   config.data.image_size = 84            # 3x3 merged patches = 9 image tokens (56 px: 4 tokens, 112 px: 16 -- both
                                          # measured worse in this budget, WORKSPACE.md)
-  config.data.synth_images = 1000        # 850 train / 150 test images = 4,250 / 750 questions
-  config.data.test_fraction = 0.15
+  config.data.synth_images = 1500        # 1,350 train / 150 test images = 6,750 / 750 questions (1,000 images: the
+  config.data.test_fraction = 0.1        # same steps' SFT read the lesion tasks worse, WORKSPACE.md)
   config.data.synth_lesion_scale = 1.5   # lesions x 1.5: what a CNN needs to clear every target at 84 px (probe)
   config.data.answer_format = 'option'   # <answer>Chest</answer>: no text-to-letter lookup to learn from scratch
   config.data.prompt_length_buckets = '80,128,256'  # the prompts are 52-78 tokens: one compiled set of rollout,
@@ -83,7 +83,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
   config.judge.prompt_format = 'policy'  # the frozen SFT policy reads question + thought in its own format
   if 'vision_warmup' in config:
     config.vision_warmup.enabled = True  # the random tower learns to see first (no pretrained encoder here)
-    config.vision_warmup.then_epochs = 15  # then 15 passes under a mean-pool head: the findings in the features
+    config.vision_warmup.epochs = 20     # 20 passes over the 1,350 training images (~ the steps of 30 over 850)
+    config.vision_warmup.then_epochs = 10  # then 10 passes under a mean-pool head: the findings in the features
                                            # a decoder's attention averages (WORKSPACE.md "pixel ceilings")
     config.vision_warmup.then_position = True  # ... with a position pretext: each token's row and column read
                                            # from its own features (the place a pretrained encoder's tokens carry)
@@ -92,9 +93,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
                                          # not yet read the lesion would overwrite it; WORKSPACE.md)
     config.sft.batch_size = 8
     config.sft.epochs = 1                # one epoch in which ...
-    config.sft.task_repeats = ('anomaly_detection=3,lesion_localization=3,'  # ... the three lesion tasks' questions
-                               'pathology_characterization=3')  # come 3 times, anatomy and modality once: 1,168 steps
-                                         # (with the pretext 79.8 +- 1.2 % against 77.6 +- 0.6, WORKSPACE.md)
+    config.sft.task_repeats = ('anomaly_detection=2,lesion_localization=2,'  # ... the three lesion tasks' questions
+                               'pathology_characterization=2')  # come twice, anatomy and modality once: 1,350 steps
     config.sft.optim.lr = 1e-3
     config.sft.optim.schedule = 'cosine'
     config.sft.optim.warmup_steps = 30
@@ -107,9 +107,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
     config.rl.prompts_per_step = 4       # 4 prompts x G = 8 = 32 rollouts per step
     config.rl.optim.lr = 1e-3            # LoRA adapters from zero: 1e-4 moved the policy by a KL of 3e-5 in 20 steps
     config.rl.max_steps = 30
-    config.rl.task_repeats = ('anomaly_detection=3,lesion_localization=3,'  # the prompts weighed as SFT's epoch:
-                              'pathology_characterization=3')  # the tasks not yet learned 3 of every 11 prompts
-                                         # each (from the same SFT, 3 seeds: 79.8 +- 1.2 -> 81.0 +- 0.8 %, WORKSPACE.md)
+    config.rl.task_repeats = ('anomaly_detection=2,lesion_localization=2,'  # the prompts weighed as SFT's epoch:
+                              'pathology_characterization=2')  # the tasks not yet learned 2 of every 8 prompts each
     # no DAPO dynamic sampling (``rl.dynamic_sampling``, redrawing groups without reward variance): from the same
     # three SFT policies, without it the final policy reads 80.9 +- 2.2 % against 80.4 +- 1.6 with it (lesion 61.1
     # against 59.3), and Con-GRPO draws 30 batches instead of 65-73 (WORKSPACE.md "The embedded default run")
@@ -129,12 +128,14 @@ def apply_quick(config: ml_collections.ConfigDict) -> None:
   and SFT recipe, two tasks, fewer passes and steps, and the ``micro`` decoder (WORKSPACE.md "The embedded default
   run", the ``quick`` parts, has the measurements of each setting)."""
   config.model.preset = 'micro'          # mini's vision tower under a 2-layer decoder of width 128: SFT ~3x faster
+  config.data.synth_images = 1000        # the data the check was measured on (850 train / 150 test images; the
+  config.data.test_fraction = 0.15       # default's 1,500 would make SFT's 400 steps a smaller share of an epoch)
   config.data.tasks = 'anomaly_detection,lesion_localization'  # 2 of the 5 questions per image; the region labels
                                          # train the tower's warm-up on presence too (anomaly detection alone does not)
-  config.vision_warmup.epochs = 10       # 10 + 5 passes instead of 30 + 15
+  config.vision_warmup.epochs = 10       # 10 + 5 passes over 850 images instead of 20 + 10 over 1,350
   config.vision_warmup.then_epochs = 5
   config.vision_warmup.then_position = False
-  config.sft.max_steps = 400             # instead of the default's 1,168
+  config.sft.max_steps = 400             # instead of the default's 1,350
   config.sft.epochs = 2                  # (not reached: an epoch is 425 steps)
   config.sft.task_repeats = 'anomaly_detection=3'  # 3 of every 4 examples ask for anomaly detection, the task the
                                          # check reads (the lesion questions are there for the warm-up's labels)
