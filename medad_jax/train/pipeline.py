@@ -197,15 +197,15 @@ def task_mixture(source, lengths, repeats: dict[str, int]):
 
 def sft_records(run: 'Run'):
   """-> ``(source, lengths)`` an SFT epoch reads: the training split's SFT part (:func:`train_part`), each
-  question of a task in ``sft.task_repeats`` repeated that many times (a data-mixture weight: the copies are spread over the epoch by
-  its shuffle), and its tokens per record (None where the run has no lengths)."""
+  question of a task in ``sft.task_repeats`` repeated that many times (a data-mixture weight: the copies are
+  spread over the epoch by its shuffle), and its tokens per record (None where the run has no lengths)."""
   return task_mixture(*train_part(run, 'sft'), task_repeats(run.config, 'sft'))
 
 
 def rl_records(run: 'Run'):
   """The questions Con-GRPO draws its prompts from: the training split's RL part (:func:`train_part`), each
-  question of a task in ``rl.task_repeats`` that many times (tasks the SFT policy has already learned give groups of equal rewards,
-  which carry no advantage and which dynamic sampling draws again)."""
+  question of a task in ``rl.task_repeats`` that many times (tasks the SFT policy has already learned give
+  groups of equal rewards, which carry no advantage and which dynamic sampling draws again)."""
   return task_mixture(train_part(run, 'rl')[0], None, task_repeats(run.config, 'rl'))[0]
 
 
