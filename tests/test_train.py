@@ -27,7 +27,7 @@ OVERRIDES = ['model.preset=tiny', 'data.synth_images=40', 'data.image_size=56', 
              'mesh.devices=1', 'log.tensorboard=False', 'ckpt.async_save=False',
              # the recipe this test was written for: 6 plain epochs of all weights, no vision warm-up
              'sft.epochs=6', 'sft.trainable=all', 'vision_warmup.enabled=False', 'sft.task_repeats=',
-             'rl.task_repeats=']
+             'rl.task_repeats=', 'data.test_fraction=0.15']
 
 
 def format_rate(run, model, n=16):
