@@ -20,10 +20,10 @@ CONTROL = 0.03  # the image-shuffled control may exceed the prior by at most thi
 
 def test_a_quick_run_reads_anomaly_detection_from_the_pixels(tmp_path):
   """Fixed seed 0; the ``quick`` variant's data (1,000 medad-synth images, lesions x 1.5, 84 px; 850 train / 150
-  test), its anomaly-detection and lesion-localisation questions only. The 150 anomaly test questions, answered greedily:
-  the blind prior ("Yes", the training split's most frequent answer) is right for 86 of them (57.3 %); the policy
-  must reach the prior + 8 points, and the same policy shown other test images (``evaluate.ImageShuffled``) at most
-  the prior + 3: the answers come from the pixels. This command on a 2-core AMD EPYC (AVX-512; WORKSPACE.md "The
+  test), its anomaly-detection and lesion-localisation questions only. The 150 anomaly test questions, answered
+  greedily: the blind prior ("Yes", the training split's most frequent answer) is right for 86 of them (57.3 %); the
+  policy must reach the prior + 8 points, and the same policy shown other test images (``evaluate.ImageShuffled``) at
+  most the prior + 3: the answers come from the pixels. This command on a 2-core AMD EPYC (AVX-512; WORKSPACE.md "The
   embedded default run", the ``quick`` parts), seeds 0 / 1 / 2: 66.7 / 70.0 / 72.0 %, shuffled images 56.7 / 49.3 /
   48.0 %, 130-138 s each (the ``micro`` decoder; with ``mini`` it took 215-234 s); this test 131 s under pytest."""
   from medad_jax.train.evaluate import PRIOR_NAME, control_name

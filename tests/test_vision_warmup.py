@@ -126,11 +126,11 @@ def test_bad_warmup_settings_fail_before_any_work():
 @pytest.mark.heavy  # ~2 minutes; CI's learning test is the whole policy's (tests/test_quick_run.py), whose
                     # shorter warm-up it runs first
 def test_warm_up_reads_anomaly_detection_on_held_out_images(tmp_path):
-  """A learning test of stage 0 on the embedded default's data of 2026-12-03 (1,000 medad-synth images, lesions
-  x 1.5, 84 px; fixed seed): the warm-up of that default (30 passes over the 850 training images under the flat head, then 15 under the
-  mean head; ~1.5-2 minutes on 2 cores), then the last heads (one per task, trained together) answer the 150
-  anomaly-detection questions of the *test* split. It must beat the blind answer prior (57.3 %: "Yes" is right for
-  86 of the 150) by at least 10 points. Measured on a 2-core Xeon: 82.0 % (with the position pretext,
+  """A learning test of stage 0 on the embedded default's data of 2026-12-03 (1,000 medad-synth images, lesions x 1.5,
+  84 px; fixed seed): the warm-up of that default (30 passes over the 850 training images under the flat head, then 15
+  under the mean head; ~1.5-2 minutes on 2 cores), then the last heads (one per task, trained together) answer the 150
+  anomaly-detection questions of the *test* split. It must beat the blind answer prior (57.3 %: "Yes" is right for 86
+  of the 150) by at least 10 points. Measured on a 2-core Xeon: 82.0 % (with the position pretext,
   ``then_position=True``: 82.7 %; the flat phase alone: 76.7 %; 10 flat passes: 64.7 %)."""
   from configs import congrpo
   from medad_jax.train import pipeline as pl
