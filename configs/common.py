@@ -245,6 +245,8 @@ def vision_warmup_config(*, epochs: int = 30, batch_size: int = 8, lr: float = 1
       'then_pool': 'mean',        # (the average a decoder attending uniformly receives; WORKSPACE.md)
       'then_position': False,     # True: in that phase each merged token also learns its own row and column
                                   # (two linear heads shared by all tokens): the position pretext
+      'noise': 0.0,               # > 0: each step's images get Gaussian noise of this std on their normalised
+                                  # patches (a fresh draw per step: the head never sees one image twice alike)
       'optim': ml_collections.ConfigDict({'lr': lr, 'weight_decay': 1e-4}),
   })
 
@@ -522,6 +524,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _positive(config, f'vision_warmup.{k}', integer=True)
     _positive(config, 'vision_warmup.optim.lr')
     _positive(config, 'vision_warmup.optim.weight_decay', allow_zero=True)
+    _positive(config, 'vision_warmup.noise', allow_zero=True)
   if 'eval' in config:
     _choice(config, 'eval.policy', POLICY_SOURCES)
     if not len(config.eval.seeds):

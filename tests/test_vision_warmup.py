@@ -109,6 +109,42 @@ def test_warm_up_trains_the_policys_tower_in_place(tmp_path):
     np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(w[...]))
 
 
+def test_noisy_step_is_the_step_on_the_noised_images():
+  """``vision_warmup.noise``: the step's loss is the plain step's on ``pv + noise * N(0, 1)`` drawn from the step's
+  key -- the same key the same images, another key other ones -- and the update is the one of those images."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from medad_jax.model.config import Qwen25VLConfig
+  from medad_jax.model.vision import VisionTransformer, vision_meta
+
+  cfg = Qwen25VLConfig.tiny().vision
+  grid = np.array([1, 4, 4])
+  meta = jax.tree.map(jnp.asarray, vision_meta(np.tile(grid, (2, 1)), cfg))
+  P = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+  pv = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, P)), jnp.float32)
+  y = jnp.asarray([[0], [2]], jnp.int32)
+  key = jax.random.key(3)
+
+  def fresh():
+    clf = vw.TowerClassifier(VisionTransformer(cfg, rngs=nnx.Rngs(0)), 4, [3], nnx.Rngs(0), pool='mean')
+    return clf, nnx.Optimizer(clf, optax.adamw(1e-2), wrt=nnx.Param)
+
+  noised = pv + 0.5 * jax.random.normal(key, pv.shape, pv.dtype)
+  c1, o1 = fresh()
+  got = float(vw.noisy_step(0.5)(c1, o1, pv, meta, key, y))
+  c2, o2 = fresh()
+  want = float(vw.tower_step(c2, o2, noised, meta, y))
+  assert got == pytest.approx(want, rel=1e-6)
+  for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(c1, nnx.Param)), nnx.to_flat_state(nnx.state(c2, nnx.Param))):
+    np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-6, atol=1e-7)
+  c3, o3 = fresh()
+  clean = float(vw.tower_step(c3, o3, pv, meta, y))
+  c4, o4 = fresh()
+  other = float(vw.noisy_step(0.5)(c4, o4, pv, meta, jax.random.key(4), y))
+  assert abs(got - clean) > 1e-6 and abs(got - other) > 1e-6   # (ln 3 at init: the noise moves it ~1e-5)
+
+
 def test_bad_warmup_settings_fail_before_any_work():
   from configs import common, congrpo
   config = congrpo.get_config(None)
@@ -120,6 +156,11 @@ def test_bad_warmup_settings_fail_before_any_work():
   with config.unlocked():
     config.vision_warmup.pool = 'median'
   with pytest.raises(ValueError, match='vision_warmup.pool'):
+    common.validate(config)
+  config = congrpo.get_config(None)
+  with config.unlocked():
+    config.vision_warmup.noise = -0.1
+  with pytest.raises(ValueError, match='vision_warmup.noise'):
     common.validate(config)
 
 

@@ -18,16 +18,18 @@ What it sees: every training image as the processor gives it to the policy (the 
 split (``answer_labels``). Nothing of the test split, no benchmark-specific rule: it reads any MedAD-format
 multiple-choice data. The head (:class:`TowerClassifier`): the tower's merged image tokens of one image,
 flattened, a dense layer (ReLU), one linear head per task; loss = sum over tasks of the mean cross-entropy.
-AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images. Then, with ``then_epochs`` > 0, a second
-phase: a fresh head reading the tokens by ``then_pool`` (the miniature: their *mean*) trains the same tower for
-``then_epochs`` passes. Why: the flat head knows each token's position by its weight index, so the tower learns to
-mark the lesion in the token that holds it but not to say *where* or *what* in the features themselves; the decoder,
-whose attention averages the tokens' features (RoPE moves the scores, not the values), reads those features. Under
-the mean head the tower has to carry the findings in what a uniform average of its tokens gives (from scratch it
-cannot: the lesion's gradient is diluted ninefold; after the flat phase it can). With ``then_position`` (off by
-default, on in the miniature: alone it moved the table by less than three seeds' spread, with the miniature's
-three passes over the lesion tasks +2.0 points, WORKSPACE.md) the second phase adds a
-position pretext: two linear heads shared by all tokens read each merged token's own row and column from its
+AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images; with ``vision_warmup.noise`` > 0 each
+step's images get Gaussian noise of that std on their normalised patches, a fresh draw per step (without it the
+head reads its training images far better than test images: WORKSPACE.md, the part of 2026-12-04, later).
+Then, with ``then_epochs`` > 0, a second phase: a fresh head reading the tokens by ``then_pool`` (the miniature:
+their *mean*) trains the same tower for ``then_epochs`` passes. Why: the flat head knows each token's position by
+its weight index, so the tower learns to mark the lesion in the token that holds it but not to say *where* or *what*
+in the features themselves; the decoder, whose attention averages the tokens' features (RoPE moves the scores, not
+the values), reads those features. Under the mean head the tower has to carry the findings in what a uniform average
+of its tokens gives (from scratch it cannot: the lesion's gradient is diluted ninefold; after the flat phase it
+can). With ``then_position`` (off by default, on in the miniature: alone it moved the table by less than three
+seeds' spread, with the miniature's three passes over the lesion tasks +2.0 points, WORKSPACE.md) the second phase
+adds a position pretext: two linear heads shared by all tokens read each merged token's own row and column from its
 features alone (cross-entropy, added to the task loss). Why: the decoder cannot tell the image tokens' places apart
 by their positions -- at the miniature's width M-RoPE turns the height section by at most 0.032 rad per token and
 the width section by at most 1.8e-4 (``rope_theta`` 1e6, head dimension 64), nothing across a 3 x 3 grid -- so
@@ -153,6 +155,14 @@ def tower_step(clf, opt, pv, meta, y):
   loss, grads = nnx.value_and_grad(_loss)(clf, pv, meta, y)
   opt.update(clf, grads)
   return loss
+
+
+def noisy_step(noise: float):
+  """:func:`tower_step` on images with Gaussian noise of std ``noise`` added to their normalised patches, drawn
+  from the step's ``key`` (``vision_warmup.noise``: every pass shows the head a new version of each image)."""
+  def step(clf, opt, pv, meta, key, y):
+    return tower_step(clf, opt, pv + noise * jax.random.normal(key, pv.shape, pv.dtype), meta, y)
+  return step
 
 
 @nnx.jit
@@ -309,12 +319,18 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
     raise ValueError(f'vision_warmup.then_position: the images have {grid[0]} temporal patches; the position '
                      'pretext reads a single frame\'s token grid')
   metas = {}
+  noise = float(c.get('noise', 0.0))
+  steps = [num_steps(e, len(y), c.batch_size) for _, e, _ in phases]
+  keys = iter(jax.random.split(jax.random.key(run.config.seed), sum(steps)))   # one per step (``noise``)
 
   def inputs(rows, pv=None):
     b = len(rows)
     if b not in metas:
       metas[b] = jax.tree.map(jnp.asarray, vision_meta(np.tile(np.asarray(grid), (b, 1)), vcfg))
     return jnp.asarray((pv_NLP if pv is None else pv)[rows]), metas[b]
+
+  def train_inputs(rows):
+    return inputs(rows) + ((next(keys),) if noise > 0 else ())
 
   def readout(pv):
     """-> (logits per task, row logits, column logits or None) of the images ``pv``, in chunks of one shape."""
@@ -329,7 +345,7 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
       return logits, None, None
     return logits, cat([p[1][0] for p in parts]), cat([p[1][1] for p in parts])
 
-  total = sum(num_steps(e, len(y), c.batch_size) for _, e, _ in phases)
+  total = sum(steps)
   run.logger.total_steps[STAGE] = total
   every = max(run.config.log.every_steps, total // 100)   # thousands of small steps: about 100 lines
   done = 0
@@ -344,8 +360,9 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
       if (done + step) % every == 0 or done + step == total:
         run.logger.log(STAGE, done + step, {'loss': loss})
 
-    fit(clf, tower_step, inputs, y, epochs=epochs, batch_size=c.batch_size, lr=c.optim.lr,
-        weight_decay=c.optim.weight_decay, seed=run.config.seed, on_step=on_step)
+    fit(clf, noisy_step(noise) if noise > 0 else tower_step, train_inputs, y, epochs=epochs,
+        batch_size=c.batch_size, lr=c.optim.lr, weight_decay=c.optim.weight_decay, seed=run.config.seed,
+        on_step=on_step)
     done += num_steps(epochs, len(y), c.batch_size)
   # Accuracy per task, each question answered as the probe does (the head is discarded afterwards).
   first_row: dict[str, int] = {}
