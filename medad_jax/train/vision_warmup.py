@@ -19,8 +19,8 @@ split (``answer_labels``). Nothing of the test split, no benchmark-specific rule
 multiple-choice data. The head (:class:`TowerClassifier`): the tower's merged image tokens of one image,
 flattened, a dense layer (ReLU), one linear head per task; loss = sum over tasks of the mean cross-entropy.
 AdamW, ``vision_warmup.epochs`` seeded passes of ``batch_size`` images; with ``vision_warmup.noise`` > 0 each
-step's images get Gaussian noise of that std on their normalised patches, a fresh draw per step (without it the
-head reads its training images far better than test images: WORKSPACE.md, the part of 2026-12-04, later).
+step's images get Gaussian noise of that std on their normalised patches, a fresh draw per step (a regulariser: the
+head reads its training images far better than test images; WORKSPACE.md, the part of 2026-12-04, later).
 Then, with ``then_epochs`` > 0, a second phase: a fresh head reading the tokens by ``then_pool`` (the miniature:
 their *mean*) trains the same tower for ``then_epochs`` passes. Why: the flat head knows each token's position by
 its weight index, so the tower learns to mark the lesion in the token that holds it but not to say *where* or *what*
