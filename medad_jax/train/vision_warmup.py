@@ -321,7 +321,7 @@ def warm_up(run, model: nnx.Module, *, held_out: Sequence | None = None) -> dict
   metas = {}
   noise = float(c.get('noise', 0.0))
   steps = [num_steps(e, len(y), c.batch_size) for _, e, _ in phases]
-  keys = iter(jax.random.split(jax.random.key(run.config.seed), sum(steps)))   # one per step (``noise``)
+  keys = iter(jax.random.split(jax.random.key(run.config.seed), sum(steps)) if noise > 0 else ())  # one a step
 
   def inputs(rows, pv=None):
     b = len(rows)
