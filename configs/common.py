@@ -270,7 +270,7 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'length_buckets': '',       # padded sequence lengths, e.g. '128,160,192,256' ('': pipeline.SFT_LENGTH_BUCKETS)
       'target_buckets': '',       # padded answer-token counts per row, where the LM head runs ('':
                                   # pipeline.TARGET_LENGTH_BUCKETS)
-      'task_repeats': '',         # e.g. 'anomaly_detection=3,lesion_localization=3': each question of a named task
+      'task_repeats': '',         # e.g. 'anomaly_detection=3,anatomy_identification=0.5': each question of a named task
                                   # that many times per epoch, the rest once (a data-mixture weight; pipeline.sft_records)
       'compile_ahead': True,      # with the vision warm-up (one process): the step's length buckets compile on a
                                   # background thread while the warm-up runs (train/precompile.py); same results
@@ -460,8 +460,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       try:
         parse_task_repeats(config[stage].task_repeats)
       except ValueError as e:
-        _fail(f'{stage}.task_repeats', config[stage].task_repeats, f"comma-separated TASK=COUNT, e.g. "
-              f"'anomaly_detection=3,lesion_localization=3' ({e})")
+        _fail(f'{stage}.task_repeats', config[stage].task_repeats, f"comma-separated TASK=WEIGHT, e.g. "
+              f"'anomaly_detection=3,anatomy_identification=0.5' ({e})")
   if 'rl' in config:
     _choice(config, 'rl.ratio_to', RATIO_TO)
     _choice(config, 'rl.aggregation', AGGREGATIONS)

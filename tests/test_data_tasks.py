@@ -56,10 +56,12 @@ def test_task_repeats_weigh_the_sft_epoch_by_task(tmp_path):
 
 
 @pytest.mark.parametrize('text, match', [
-    ('lesion_detection=2', r"sft\.task_repeats.*'lesion_detection=2' is not TASK=COUNT"),
-    ('anomaly_detection=0', r"sft\.task_repeats.*count of 'anomaly_detection' is '0'"),
-    ('anomaly_detection=1.5', r"sft\.task_repeats.*count of 'anomaly_detection' is '1\.5'"),
-    ('anomaly_detection', r"sft\.task_repeats.*'anomaly_detection' is not TASK=COUNT"),
+    ('lesion_detection=2', r"sft\.task_repeats.*'lesion_detection=2' is not TASK=WEIGHT"),
+    ('anomaly_detection=0', r"sft\.task_repeats.*weight of 'anomaly_detection' is '0'"),
+    ('anomaly_detection=0.0', r"sft\.task_repeats.*weight of 'anomaly_detection' is '0\.0'"),
+    ('anomaly_detection=-1', r"sft\.task_repeats.*weight of 'anomaly_detection' is '-1'"),
+    ('anomaly_detection=1e3', r"sft\.task_repeats.*weight of 'anomaly_detection' is '1e3'"),
+    ('anomaly_detection', r"sft\.task_repeats.*'anomaly_detection' is not TASK=WEIGHT"),
     ('anomaly_detection=2,anomaly_detection=3', r"sft\.task_repeats.*named twice"),
 ])
 @pytest.mark.parametrize('stage', ['sft', 'rl'])
@@ -68,6 +70,33 @@ def test_bad_task_repeats_fail_before_any_work(tmp_path, text, match, stage):
   config[stage].task_repeats = text
   with pytest.raises(ValueError, match=match.replace('sft', stage)):
     common.validate(config)
+
+
+def test_a_fractional_weight_keeps_that_share_of_a_tasks_questions_by_their_ids(tmp_path):
+  """``anatomy_identification=0.5``: half that task's questions once, the others not at all; ``2.25``: every
+  question twice and a quarter of them a third time. The share is chosen by the questions' ids: the same whatever
+  the record order."""
+  import collections
+  import types
+  config = _config(tmp_path, '')
+  data = pl.build_data(config)
+  n = len(data.train)
+  tasks = collections.Counter(data.train[i].task for i in range(n))
+  config.sft.task_repeats = 'anatomy_identification=0.5,lesion_localization=2.25'
+  source, _ = pl.sft_records(types.SimpleNamespace(config=config, data=data))
+  got = collections.Counter(source[i].id for i in range(len(source)))
+  by_task = collections.defaultdict(collections.Counter)
+  for i in range(n):
+    by_task[data.train[i].task][got[data.train[i].id]] += 1
+  anat, les = tasks['anatomy_identification'], tasks['lesion_localization']
+  assert by_task['anatomy_identification'] == {1: round(0.5 * anat), 0: anat - round(0.5 * anat)}
+  assert by_task['lesion_localization'] == {3: round(0.25 * les), 2: les - round(0.25 * les)}
+  assert all(set(by_task[t]) == {1} for t in tasks if t not in ('anatomy_identification', 'lesion_localization'))
+  # the same questions chosen from the split read backwards
+  from medad_jax.data.lengths import Subset
+  rev = Subset(data.train, list(range(n))[::-1])
+  again = pl.task_mixture(rev, None, pl.task_repeats(config))[0]
+  assert collections.Counter(again[i].id for i in range(len(again))) == got
 
 
 def test_rl_task_repeats_weigh_the_prompts_by_task(tmp_path):

@@ -37,21 +37,22 @@ LETTERS: tuple[str, ...] = ('A', 'B', 'C', 'D')
 SPLITS: tuple[str, ...] = ('train', 'validation', 'test')
 
 
-def parse_task_repeats(text: str) -> dict[str, int]:
-  """``'anomaly_detection=3,lesion_localization=3'`` -> ``{task: repeats}`` (a task's weight in a data mixture:
-  its questions appear that many times per epoch; tasks not named, once). Raises ``ValueError`` naming the item."""
+def parse_task_repeats(text: str) -> dict[str, float]:
+  """``'anomaly_detection=3,anatomy_identification=0.5'`` -> ``{task: weight}`` (a task's weight in a data mixture:
+  its questions appear that many times per epoch, a fractional part meaning that share of them once more --
+  ``pipeline.task_mixture``; tasks not named, once). Raises ``ValueError`` naming the item."""
   out = {}
   for item in (x.strip() for x in (text or '').split(',')):
     if not item:
       continue
     task, sep, value = (x.strip() for x in item.partition('='))
     if not sep or task not in TASKS:
-      raise ValueError(f'{item!r} is not TASK=COUNT with TASK one of {", ".join(TASKS)}')
-    if not value.isdigit() or int(value) < 1:
-      raise ValueError(f'the count of {task!r} is {value!r}; expected a whole number >= 1')
+      raise ValueError(f'{item!r} is not TASK=WEIGHT with TASK one of {", ".join(TASKS)}')
+    if not re.fullmatch(r'\d+(\.\d*)?|\.\d+', value) or float(value) <= 0:
+      raise ValueError(f'the weight of {task!r} is {value!r}; expected a number > 0 (e.g. 2 or 0.5)')
     if task in out:
       raise ValueError(f'{task!r} is named twice')
-    out[task] = int(value)
+    out[task] = float(value)
   return out
 
 

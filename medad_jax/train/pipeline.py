@@ -174,7 +174,7 @@ def _only_tasks(source, tasks: tuple[str, ...]):
   return Subset(source, [i for i, t in enumerate(_record_tasks(source)) if t in tasks])
 
 
-def task_repeats(config, stage: str = 'sft') -> dict[str, int]:
+def task_repeats(config, stage: str = 'sft') -> dict[str, float]:
   """``config.<stage>.task_repeats`` parsed (:func:`medad_jax.data.schema.parse_task_repeats`); ``stage`` is
   ``'sft'`` (the SFT epoch) or ``'rl'`` (Con-GRPO's prompts)."""
   from medad_jax.data.schema import parse_task_repeats
@@ -185,13 +185,23 @@ def task_repeats(config, stage: str = 'sft') -> dict[str, int]:
     raise ValueError(f'config.{stage}.task_repeats = {text!r}: {e}') from None
 
 
-def task_mixture(source, lengths, repeats: dict[str, int]):
+def task_mixture(source, lengths, repeats: dict[str, float]):
   """-> ``(source, lengths)`` with each record of a task in ``repeats`` that many times (a data-mixture weight:
-  a shuffled epoch spreads the copies), the others once; ``source`` itself when ``repeats`` is empty."""
+  a shuffled epoch spreads the copies), the others once; ``source`` itself when ``repeats`` is empty.
+
+  A weight ``k + f`` (``0 <= f < 1``) gives each of the task's questions ``k`` copies and ``round(f * n)`` of its
+  ``n`` questions one more: those first by the SHA-1 of their ids, so the same questions for every training seed,
+  process count and record order (0.5: half the task's questions, once each)."""
   from medad_jax.data.lengths import Subset
   if not repeats:
     return source, lengths
-  index = [i for i, t in enumerate(_record_tasks(source)) for _ in range(repeats.get(t, 1))]
+  tasks, ids = _record_tasks(source), _record_field(source, 'id')
+  extra = set()
+  for task, weight in repeats.items():
+    mine = sorted((q for q, t in enumerate(tasks) if t == task),
+                  key=lambda q: (hashlib.sha1(ids[q].encode()).hexdigest(), q))
+    extra.update(mine[:round((weight % 1) * len(mine))])
+  index = [q for q, t in enumerate(tasks) for _ in range(int(repeats.get(t, 1)) + (q in extra))]
   return Subset(source, index), None if lengths is None else [lengths[i] for i in index]
 
 
