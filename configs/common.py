@@ -270,8 +270,9 @@ def sft_config(*, lr: float = 1e-4, epochs: int = 2, batch_size: int = 64) -> ml
       'length_buckets': '',       # padded sequence lengths, e.g. '128,160,192,256' ('': pipeline.SFT_LENGTH_BUCKETS)
       'target_buckets': '',       # padded answer-token counts per row, where the LM head runs ('':
                                   # pipeline.TARGET_LENGTH_BUCKETS)
-      'task_repeats': '',         # e.g. 'anomaly_detection=3,anatomy_identification=0.5': each question of a named task
-                                  # that many times per epoch, the rest once (a data-mixture weight; pipeline.sft_records)
+      'task_repeats': '',         # e.g. 'anomaly_detection=3,anatomy_identification=0.5': a named task's questions
+                                  # that many times per epoch (0.5: half of them), the rest once (a data-mixture
+                                  # weight; pipeline.task_mixture)
       'compile_ahead': True,      # with the vision warm-up (one process): the step's length buckets compile on a
                                   # background thread while the warm-up runs (train/precompile.py); same results
       'optim': optim_config(lr),
