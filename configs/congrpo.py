@@ -47,8 +47,9 @@ to look up an option's letter), a vision warm-up before SFT (``vision_warmup``: 
 throw-away head on the training split's answers, 20 passes over its tokens flattened, then 10 over their
 mean with a position pretext -- the stand-in for a pretrained vision encoder), SFT of every weight but that tower
 (``sft.trainable='decoder'``) at lr 1e-3 (cosine, 30 warmup steps, batch 8, one epoch in which the anomaly, lesion
-and pathology questions come twice = 1,350 steps, padded to buckets of 16 tokens), Con-GRPO with fresh rank-8
-LoRA adapters at lr 1e-3 for 30 steps of 4 prompts x G = 8, completions of at most 96 tokens (prompts padded to one
+and pathology questions come twice and half the anatomy and modality questions once = 1,181 steps, padded to
+buckets of 16 tokens), Con-GRPO with fresh rank-8 LoRA adapters at lr 1e-3 for 30 steps of 4 prompts x G = 8 drawn
+from the same mixture, completions of at most 96 tokens (prompts padded to one
 bucket of 80 tokens: one compiled set of rollout and update programs), the ``local`` judge =
 the frozen SFT policy (RL adapters off) reading the question and the thought in its own format
 (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test split,
@@ -67,6 +68,9 @@ ABLATIONS = ('rl_only', 'sft_only', 'acc_only', 'con_only', 'fmt_focused', 'acc_
              'balanced')
 ALGORITHMS = ('eq8', 'gspo', 'dr_grpo', 'dapo', 'tis', 'evidence')
 VARIANTS = ('paper', 'quick') + ALGORITHMS + ABLATIONS
+# The miniature's task mixture (``sft.task_repeats`` and ``rl.task_repeats``; ``pipeline.task_mixture``).
+MIXTURE = ('anomaly_detection=2,lesion_localization=2,pathology_characterization=2,anatomy_identification=0.5,'
+           'modality_classification=0.5')
 
 
 def apply_miniature(config: ml_collections.ConfigDict) -> None:
@@ -93,8 +97,9 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
                                          # not yet read the lesion would overwrite it; WORKSPACE.md)
     config.sft.batch_size = 8
     config.sft.epochs = 1                # one epoch in which ...
-    config.sft.task_repeats = ('anomaly_detection=2,lesion_localization=2,'  # ... the three lesion tasks' questions
-                               'pathology_characterization=2')  # come twice, anatomy and modality once: 1,350 steps
+    config.sft.task_repeats = MIXTURE    # ... the three lesion tasks' questions come twice, half the anatomy and
+                                         # modality questions once: 1,181 steps (all of them once: 1,350 steps;
+                                         # WORKSPACE.md compares the two)
     config.sft.optim.lr = 1e-3
     config.sft.optim.schedule = 'cosine'
     config.sft.optim.warmup_steps = 30
@@ -107,8 +112,8 @@ def apply_miniature(config: ml_collections.ConfigDict) -> None:
     config.rl.prompts_per_step = 4       # 4 prompts x G = 8 = 32 rollouts per step
     config.rl.optim.lr = 1e-3            # LoRA adapters from zero: 1e-4 moved the policy by a KL of 3e-5 in 20 steps
     config.rl.max_steps = 30
-    config.rl.task_repeats = ('anomaly_detection=2,lesion_localization=2,'  # the prompts weighed as SFT's epoch:
-                              'pathology_characterization=2')  # the tasks not yet learned 2 of every 8 prompts each
+    config.rl.task_repeats = MIXTURE     # the prompts weighed as SFT's epoch: the tasks not yet learned 2 of every
+                                         # 7 prompts each
     # no DAPO dynamic sampling (``rl.dynamic_sampling``, redrawing groups without reward variance): from the same
     # three SFT policies, without it the final policy reads 80.9 +- 2.2 % against 80.4 +- 1.6 with it (lesion 61.1
     # against 59.3), and Con-GRPO draws 30 batches instead of 65-73 (WORKSPACE.md "The embedded default run")
@@ -135,7 +140,7 @@ def apply_quick(config: ml_collections.ConfigDict) -> None:
   config.vision_warmup.epochs = 10       # 10 + 5 passes over 850 images instead of 20 + 10 over 1,350
   config.vision_warmup.then_epochs = 5
   config.vision_warmup.then_position = False
-  config.sft.max_steps = 400             # instead of the default's 1,350
+  config.sft.max_steps = 400             # instead of the default's 1,181
   config.sft.epochs = 2                  # (not reached: an epoch is 425 steps)
   config.sft.task_repeats = 'anomaly_detection=3'  # 3 of every 4 examples ask for anomaly detection, the task the
                                          # check reads (the lesion questions are there for the warm-up's labels)
