@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 import time
 
@@ -374,11 +375,53 @@ def main(argv: list[str]) -> dict:
   return run_training(config, workdir)
 
 
+# glibc's malloc serves every block above 32 MiB (its largest mmap threshold) from a fresh mmap, faulted in 4 KiB page
+# by page, and XLA:CPU allocates its temporaries at every program call: the miniature's SFT step took ~42,000 minor
+# page faults, and the default run spent ~13 % of its CPU time in the kernel (WORKSPACE.md "The embedded default
+# run"). glibc >= 2.35's tunable below makes malloc advise transparent huge pages on those maps (2 MiB faults).
+# Tunables are read only at process start, so the launcher re-executes itself once with it (same command line, same
+# PID); MEDAD_JAX_HUGEPAGES=0, or GLIBC_TUNABLES already naming the tunable, leaves the process as it is. A hand
+# replacement for an allocator swap (tcmalloc / jemalloc by LD_PRELOAD), which pip cannot install.
+HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
+
+
+def huge_page_env(environ, libc: tuple[str, str]) -> dict | None:
+  """-> the environment to re-execute with (``environ`` plus :data:`HUGEPAGE_TUNABLE` in ``GLIBC_TUNABLES``), or
+  None to run as is; ``libc``: ``platform.libc_ver()``."""
+  name, version = libc
+  try:
+    new_enough = name == 'glibc' and tuple(int(v) for v in version.split('.')[:2]) >= (2, 35)
+  except ValueError:
+    new_enough = False
+  tunables = environ.get('GLIBC_TUNABLES', '')
+  if (not new_enough or environ.get('MEDAD_JAX_HUGEPAGES', '1') == '0'
+      or HUGEPAGE_TUNABLE.partition('=')[0] in tunables):
+    return None
+  return dict(environ, GLIBC_TUNABLES=':'.join(t for t in (tunables, HUGEPAGE_TUNABLE) if t))
+
+
+def reexec_with_huge_pages() -> None:
+  """Re-executes this process's command line with :func:`huge_page_env`'s environment where it gives one (the
+  command-line entry points call it first: ``launch``, ``sweep``)."""
+  env = huge_page_env(os.environ, platform.libc_ver()) if platform.system() == 'Linux' else None
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def log_malloc_tunables() -> None:
+  log.info('malloc: GLIBC_TUNABLES=%r (the launcher adds %s on glibc >= 2.35 unless MEDAD_JAX_HUGEPAGES=0)',
+           os.environ.get('GLIBC_TUNABLES', ''), HUGEPAGE_TUNABLE)
+
+
 def cli():
   if any(a in ('-h', '--help', '--helpfull') for a in sys.argv[1:]):
     sys.stdout.write(__doc__)
     return
+  reexec_with_huge_pages()
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(name)s] %(message)s')
+  log_malloc_tunables()
   # orbax / TFDS / grain report every step through absl at INFO; keep the progress line readable
   for noisy in ('absl', 'jax', 'orbax', 'tensorflow_datasets', 'etils', 'grain', 'httpx'):
     logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -395,7 +395,10 @@ def main(argv: Sequence[str]) -> dict:
 
 
 def cli():
+  from medad_jax import launch
+  launch.reexec_with_huge_pages()   # the runs are in-process: the malloc tunable must be set for this one
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname).1s %(name)s] %(message)s')
+  launch.log_malloc_tunables()
   for noisy in ('absl', 'jax', 'orbax', 'tensorflow_datasets', 'etils', 'grain', 'httpx'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
