@@ -54,10 +54,10 @@ bucket of 80 tokens: one compiled set of rollout and update programs), the ``loc
 the frozen SFT policy (RL adapters off) reading the question and the thought in its own format
 (``judge.prompt_format='policy'``), greedy evaluation of pi_SFT and of the final policy on the whole test split,
 next to the blind answer-prior baseline, and the final policy again on shuffled images (``eval.image_control``).
-Three training seeds on a 2-core Intel Xeon with AVX-512 switched off (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``):
-pi_SFT 82.13 +- 1.34 %, SFT + Con-GRPO 81.96 +- 0.99 %, shuffled-image control 24.89 % (chance 25 %, answer prior
-47.47 %); 450.5 s for seed 0 from scratch on that machine (results differ by machine as seeds do;
-WORKSPACE.md "The embedded default run" has the table, the times and what it does not reach yet).
+Three training seeds on a 2-core AMD EPYC with AVX-512 switched off (``XLA_FLAGS=--xla_cpu_max_isa=AVX2``): pi_SFT
+80.04 +- 0.82 %, SFT + Con-GRPO 80.58 +- 1.01 %, shuffled-image control 25.69 % (chance 25 %, answer prior 47.47 %);
+570.8 s for seed 0 from scratch on that machine (results differ by machine as seeds do; WORKSPACE.md "The embedded
+default run" has the table, the times and what it does not reach yet).
 """
 
 import ml_collections
