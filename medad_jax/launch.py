@@ -380,8 +380,8 @@ def main(argv: list[str]) -> dict:
 # page faults, and the default run spent ~13 % of its CPU time in the kernel (WORKSPACE.md "The embedded default
 # run"). glibc >= 2.35's tunable below makes malloc advise transparent huge pages on those maps (2 MiB faults).
 # Tunables are read only at process start, so the launcher re-executes itself once with it (same command line, same
-# PID); MEDAD_JAX_HUGEPAGES=0, or GLIBC_TUNABLES already naming the tunable, leaves the process as it is. A hand
-# replacement for an allocator swap (tcmalloc / jemalloc by LD_PRELOAD), which pip cannot install.
+# PID); MEDAD_JAX_HUGEPAGES=0, or GLIBC_TUNABLES already naming the tunable, leaves the process as it is. Chosen
+# over an allocator swap (tcmalloc / jemalloc by LD_PRELOAD): those are system packages, not the project's pins.
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 
